@@ -1,0 +1,26 @@
+"""fastdiff: fast, trustworthy sampling for diffusion models.
+
+Models follow the k-diffusion/EDM convention ``model(x, sigma, **cond) -> D(x; sigma)``.
+"""
+
+from fastdiff import denoisers, guidance, metrics, models, ode, ops, schedules, solvers
+from fastdiff.guidance import Guidance
+from fastdiff.sampler import SampleStats, count_nfe, sample
+from fastdiff.solvers import SOLVERS
+
+__version__ = "0.1.0"
+__all__ = [
+    "Guidance",
+    "SOLVERS",
+    "SampleStats",
+    "count_nfe",
+    "denoisers",
+    "guidance",
+    "metrics",
+    "models",
+    "ode",
+    "ops",
+    "sample",
+    "schedules",
+    "solvers",
+]

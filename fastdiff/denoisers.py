@@ -1,0 +1,211 @@
+"""Adapters that turn networks into fastdiff's model convention ``model(x, sigma, **cond) -> D(x; sigma)``.
+
+fastdiff works in the variance-exploding (EDM) form ``x = x0 + sigma * eps``. A variance-preserving model with
+``alpha_bar`` sees ``x_vp = sqrt(alpha_bar) * x`` with ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``; a
+rectified-flow model sees ``x_t = (1 - t) x0 + t eps = x / (1 + sigma)`` with ``t = sigma / (1 + sigma)``.
+
+Every adapter takes ``x`` of shape ``[B, ...]`` and ``sigma`` as a ``[B]`` tensor or a scalar, and returns
+``D`` with the shape of ``x`` in the network's output dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fastdiff import schedules
+
+PREDICTIONS = ("eps", "v", "x0")
+
+
+def _sigma_batch(sigma, x: torch.Tensor) -> torch.Tensor:
+    """``sigma`` as a float tensor of shape ``[B]`` on x's device."""
+    s = torch.as_tensor(sigma, device=x.device)
+    s = s.to(torch.promote_types(x.dtype, torch.float32))
+    if s.ndim == 0:
+        s = s.expand(x.shape[0])
+    if s.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a scalar or have shape [{x.shape[0]}], got {tuple(s.shape)}")
+    return s
+
+
+def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape(v.shape + (1,) * (x.ndim - 1))
+
+
+def _output(out) -> torch.Tensor:
+    """A network's output tensor: diffusers returns an object with ``.sample``, some networks a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"the network returned {type(out).__name__}; expected a tensor (or an object with .sample)")
+
+
+def _check_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    return prediction
+
+
+def _vp_to_denoised(prediction: str, out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """D from a VP network's output; ``x`` is the VE state and ``sigma`` is already broadcast to it."""
+    out = out.to(torch.promote_types(out.dtype, x.dtype))
+    if prediction == "eps":
+        return x - sigma * out
+    if prediction == "v":
+        # v = sqrt(ab) eps - sqrt(1 - ab) x0  =>  x0 = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) v
+        return x / (1 + sigma**2) - sigma / torch.sqrt(1 + sigma**2) * out
+    return out
+
+
+class VPDenoiser(nn.Module):
+    """A discrete-time VP network (DDPM, diffusers UNets) given by its ``alphas_cumprod``.
+
+    The network is called as ``net(x_vp, t, **cond)`` with the fractional timestep ``t`` whose noise level is
+    ``sigma``: the timestep grid is interpolated linearly in ``log(sigma)`` (as k-diffusion does), so grid
+    sigmas map to exact integer timesteps. With ``quantize=True`` the timestep is rounded to the grid instead.
+
+    Args:
+        net: the network; its output may be a tensor, a tuple, or an object with ``.sample``.
+        alphas_cumprod: ``[T]`` cumulative products of ``1 - beta`` (``scheduler.alphas_cumprod`` in diffusers).
+        prediction: ``"eps"``, ``"v"`` or ``"x0"``, what the network predicts.
+    """
+
+    def __init__(self, net: Callable, alphas_cumprod: torch.Tensor, prediction: str = "eps", quantize: bool = False):
+        super().__init__()
+        self.net = net
+        self.prediction = _check_prediction(prediction)
+        self.quantize = quantize
+        ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        if ab.ndim != 1 or ab.numel() < 2 or not ((ab > 0) & (ab < 1)).all():
+            raise ValueError("alphas_cumprod must be a 1-D tensor of at least 2 values in (0, 1)")
+        sig = ((1 - ab) / ab).sqrt()
+        if not (sig[1:] > sig[:-1]).all():
+            raise ValueError("alphas_cumprod must be strictly decreasing (noise grows with the timestep)")
+        self.register_buffer("sigmas", sig, persistent=False)
+        self.register_buffer("log_sigmas", sig.log(), persistent=False)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional timestep for each sigma; raises for sigmas outside the model's grid."""
+        s = torch.as_tensor(sigma, dtype=torch.float64, device=self.log_sigmas.device)
+        lo, hi = self.sigma_min, self.sigma_max
+        if ((s < lo * (1 - 1e-5)) | (s > hi * (1 + 1e-5))).any():
+            raise ValueError(
+                f"sigma {s.min().item():g}..{s.max().item():g} lies outside the model's range [{lo:g}, {hi:g}]"
+            )
+        log_s = s.clamp(lo, hi).log()
+        idx = torch.searchsorted(self.log_sigmas, log_s).clamp(1, len(self.log_sigmas) - 1)
+        l0, l1 = self.log_sigmas[idx - 1], self.log_sigmas[idx]
+        t = (idx - 1) + (log_s - l0) / (l1 - l0)
+        return t.round() if self.quantize else t
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Noise level of fractional timesteps, interpolated in ``log(sigma)``."""
+        t = torch.as_tensor(t, dtype=torch.float64, device=self.log_sigmas.device)
+        i0 = t.floor().long().clamp(0, len(self.sigmas) - 2)
+        frac = t - i0
+        return ((1 - frac) * self.log_sigmas[i0] + frac * self.log_sigmas[i0 + 1]).exp()
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        s = _sigma_batch(sigma, x)
+        t = self.sigma_to_t(s).to(s.dtype).to(x.device)
+        sb = _expand(s, x)
+        out = _output(self.net(x / torch.sqrt(1 + sb**2), t, **cond))
+        return _vp_to_denoised(self.prediction, out, x, sb)
+
+
+class VPContinuousDenoiser(nn.Module):
+    """A continuous-time VP network on the linear VP-SDE (Song et al. 2021), ``beta(t) = beta_min + t (beta_max -
+    beta_min)``. The network is called as ``net(x_vp, t * time_scale, **cond)`` with ``t`` in (0, 1];
+    EDM's VP models use ``time_scale = 999``."""
+
+    def __init__(
+        self,
+        net: Callable,
+        prediction: str = "eps",
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        time_scale: float = 1.0,
+    ):
+        super().__init__()
+        if not 0 <= beta_min < beta_max:
+            raise ValueError(f"need 0 <= beta_min < beta_max, got {beta_min}, {beta_max}")
+        self.net = net
+        self.prediction = _check_prediction(prediction)
+        self.beta_min, self.beta_max, self.time_scale = beta_min, beta_max, time_scale
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        s = _sigma_batch(sigma, x)
+        t = schedules.vp_sigma_to_t(s, self.beta_min, self.beta_max).to(s.dtype)
+        sb = _expand(s, x)
+        out = _output(self.net(x / torch.sqrt(1 + sb**2), t * self.time_scale, **cond))
+        return _vp_to_denoised(self.prediction, out, x, sb)
+
+
+class FlowDenoiser(nn.Module):
+    """A rectified-flow network (SD3/Flux style) predicting the velocity ``v = eps - x0`` of
+    ``x_t = (1 - t) x0 + t eps``. The network is called as ``net(x_t, t * time_scale, **cond)``; diffusers'
+    SD3 transformer takes ``time_scale = 1000``."""
+
+    def __init__(self, net: Callable, time_scale: float = 1.0):
+        super().__init__()
+        self.net = net
+        self.time_scale = time_scale
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        s = _sigma_batch(sigma, x)
+        t = s / (1 + s)
+        x_t = x / (1 + _expand(s, x))
+        v = _output(self.net(x_t, t * self.time_scale, **cond))
+        return x_t - _expand(t, x) * v.to(torch.promote_types(v.dtype, x.dtype))
+
+
+class EDMPrecond(nn.Module):
+    """EDM preconditioning (Karras et al. 2022, Table 1) around a raw network ``F``::
+
+        D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, **cond)
+        c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
+        c_in = 1 / sqrt(sigma^2 + sd^2),   c_noise = log(sigma) / 4
+    """
+
+    def __init__(self, net: Callable, sigma_data: float = 0.5):
+        super().__init__()
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        self.net = net
+        self.sigma_data = sigma_data
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        s = _sigma_batch(sigma, x)
+        sd = self.sigma_data
+        sb = _expand(s, x)
+        c_skip = sd**2 / (sb**2 + sd**2)
+        c_out = sb * sd / torch.sqrt(sb**2 + sd**2)
+        c_in = 1 / torch.sqrt(sb**2 + sd**2)
+        f = _output(self.net(c_in * x, s.log() / 4, **cond))
+        return c_skip * x + c_out * f.to(torch.promote_types(f.dtype, x.dtype))
+
+
+def discrete_sigmas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The VE sigmas of integer ``timesteps`` of a discrete VP schedule, followed by 0: the schedule a
+    diffusers scheduler steps through with those timesteps."""
+    ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    t = torch.as_tensor(timesteps).long().cpu()
+    sig = ((1 - ab[t]) / ab[t]).sqrt()
+    return torch.cat([sig, sig.new_zeros(1)])
+
+
+__all__ = ["VPDenoiser", "VPContinuousDenoiser", "FlowDenoiser", "EDMPrecond", "discrete_sigmas", "PREDICTIONS"]

@@ -1,0 +1,144 @@
+"""Noise schedules: decreasing sigmas that end in 0, in the variance-exploding (EDM) convention.
+
+Every constructor returns a float64 tensor of ``n + 1`` values, strictly decreasing, ending in 0, for ``n``
+solver steps. :func:`validate` checks a user-given schedule; :func:`save` and :func:`load` keep a (learned)
+schedule in a small JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+SCHEDULE_FORMAT = "fastdiff-schedule"
+
+
+def validate(sigmas: torch.Tensor | Sequence[float], *, name: str = "sigmas") -> torch.Tensor:
+    """Check a schedule and return it as a 1-D float64 tensor on its own device.
+
+    Refused with ``ValueError`` naming the problem: not 1-D, fewer than 2 entries, NaN or Inf, a negative
+    value, or not strictly decreasing. The last value may be 0 (a full solve) or positive (a partial one).
+    """
+    s = torch.as_tensor(sigmas)
+    if not (s.is_floating_point() or s.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{name} must be real numbers, got dtype {s.dtype}")
+    s = s.to(torch.float64)
+    if s.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D tensor, got shape {tuple(s.shape)}")
+    if s.numel() < 2:
+        raise ValueError(f"{name} needs at least 2 entries (one step), got {s.numel()}")
+    if not torch.isfinite(s).all():
+        bad = torch.nonzero(~torch.isfinite(s)).flatten().tolist()
+        raise ValueError(f"{name} contains NaN or Inf at positions {bad}")
+    if (s < 0).any():
+        raise ValueError(f"{name} contains negative values: {s[s < 0].tolist()}")
+    steps = s[1:] - s[:-1]
+    if (steps >= 0).any():
+        i = int(torch.nonzero(steps >= 0)[0])
+        raise ValueError(
+            f"{name} must be strictly decreasing, but {name}[{i}]={s[i].item():g} <= {name}[{i + 1}]={s[i + 1].item():g}"
+        )
+    return s
+
+
+def _check_range(n: int, sigma_min: float, sigma_max: float) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of steps n must be a positive integer, got {n!r}")
+    if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+
+
+def _append_zero(s: torch.Tensor) -> torch.Tensor:
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """EDM schedule (Karras et al. 2022): uniform in ``sigma**(1/rho)``, then 0. Shape ``[n + 1]``, float64."""
+    _check_range(n, sigma_min, sigma_max)
+    if rho <= 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    s = (hi + ramp * (lo - hi)) ** rho
+    return _append_zero(s)
+
+
+def logsnr_uniform(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Uniform in log-SNR, i.e. in ``log(sigma)`` (DPM-Solver's ``logSNR``), then 0. Shape ``[n + 1]``, float64."""
+    _check_range(n, sigma_min, sigma_max)
+    s = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+    return _append_zero(s)
+
+
+def vp_sigma_to_t(sigma: torch.Tensor, beta_min: float = 0.1, beta_max: float = 20.0) -> torch.Tensor:
+    """Time t in (0, 1] of the continuous linear VP-SDE at which its noise level equals ``sigma``."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    d = beta_max - beta_min
+    return (-beta_min + torch.sqrt(beta_min**2 + 2 * d * torch.log1p(sigma**2))) / d
+
+
+def vp_t_to_sigma(t: torch.Tensor, beta_min: float = 0.1, beta_max: float = 20.0) -> torch.Tensor:
+    """Noise level sigma = sqrt(1/alpha_bar(t) - 1) of the continuous linear VP-SDE at time ``t``."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return torch.sqrt(torch.expm1(0.5 * (beta_max - beta_min) * t**2 + beta_min * t))
+
+
+def time_uniform(
+    n: int, sigma_min: float, sigma_max: float, beta_min: float = 0.1, beta_max: float = 20.0
+) -> torch.Tensor:
+    """Uniform in the time of the linear VP-SDE (DPM-Solver's ``time_uniform``), then 0.
+
+    The times are those at which the VP-SDE with ``beta_min``/``beta_max`` reaches ``sigma_max`` and
+    ``sigma_min``. Shape ``[n + 1]``, float64.
+    """
+    _check_range(n, sigma_min, sigma_max)
+    t_hi, t_lo = vp_sigma_to_t(torch.tensor([sigma_max, sigma_min]), beta_min, beta_max).tolist()
+    t = torch.linspace(t_hi, t_lo, n, dtype=torch.float64)
+    return _append_zero(vp_t_to_sigma(t, beta_min, beta_max))
+
+
+SCHEDULES = {"karras": karras, "logsnr_uniform": logsnr_uniform, "time_uniform": time_uniform}
+
+
+def get(name: str, n: int, sigma_min: float, sigma_max: float, **kwargs) -> torch.Tensor:
+    """A schedule by name (``karras``, ``logsnr_uniform``, ``time_uniform``) or from a JSON file path."""
+    if name in SCHEDULES:
+        return SCHEDULES[name](n, sigma_min, sigma_max, **kwargs)
+    if name.endswith(".json"):
+        return load(name)
+    raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)} or a .json schedule file")
+
+
+def save(path: str | os.PathLike, sigmas: torch.Tensor, **metadata) -> None:
+    """Write a schedule as JSON, atomically (a temporary file, then a rename)."""
+    s = validate(sigmas)
+    payload = {"format": SCHEDULE_FORMAT, "version": 1, "sigmas": s.tolist(), "metadata": metadata}
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load(path: str | os.PathLike) -> torch.Tensor:
+    """Read a schedule written by :func:`save` (for example a learned LD3 schedule) and validate it."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"schedule file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"schedule file {path} is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != SCHEDULE_FORMAT or "sigmas" not in payload:
+        raise ValueError(f"{path} is not a fastdiff schedule file (expected format {SCHEDULE_FORMAT!r})")
+    return validate(payload["sigmas"], name=f"sigmas in {path}")
