@@ -5,7 +5,8 @@ Data ``x0 ~ sum_k pi_k N(mu_k, diag(s_k^2))``. Under noise ``x = x0 + sigma eps`
 
     D(x; sigma) = sum_k gamma_k(x) [mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k)].
 
-Conditioning on a class keeps only the components of that class. This makes the mixture the test oracle of
+Conditioning on a class keeps only the components of that class; the label -1 is the "null" class, the whole
+mixture, so that conditional and unconditional passes can share one batched call. This makes the mixture the test oracle of
 every solver, and the built-in model of ``fastdiff sample --model gmm``.
 """
 
@@ -24,7 +25,8 @@ class GaussianMixture(nn.Module):
         means: ``[K, dim]`` component means.
         stds: ``[K]`` or ``[K, dim]`` component standard deviations (> 0).
         weights: ``[K]`` mixture weights (normalised here); uniform by default.
-        classes: ``[K]`` integer class of each component, for class-conditional use.
+        classes: ``[K]`` integer class of each component, for class-conditional use. ``class_labels=-1``
+            (per sample) means no class: the whole mixture.
 
     ``x`` may have any shape ``[B, ...]`` with ``prod(...) == dim``. Arithmetic runs in float64 when ``x`` is
     float64, else in float32.
@@ -69,9 +71,9 @@ class GaussianMixture(nn.Module):
         if self.classes is None:
             raise ValueError("this mixture has no classes; call it without class_labels")
         y = torch.as_tensor(class_labels, device=device).long().reshape(-1).expand(batch)
-        if ((y < 0) | (y >= self.num_classes)).any():
-            raise ValueError(f"class_labels must lie in [0, {self.num_classes}), got {y.unique().tolist()}")
-        keep = self.classes.to(device)[None, :] == y[:, None]
+        if ((y < -1) | (y >= self.num_classes)).any():
+            raise ValueError(f"class_labels must lie in [-1, {self.num_classes}), got {y.unique().tolist()}")
+        keep = (self.classes.to(device)[None, :] == y[:, None]) | (y[:, None] == -1)
         # Renormalise within the class; -inf removes the other components.
         lw = lw.masked_fill(~keep, -math.inf)
         return lw - torch.logsumexp(lw, dim=1, keepdim=True)

@@ -1,0 +1,124 @@
+"""Limited-interval guidance: exact NFE accounting, endpoints, equivalences, and the guided ODE itself."""
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import Guidance, schedules
+from fastdiff.ode import reference_sample
+
+
+class Spy:
+    """Wraps a model and records (sigma, class label of the first sample, batch size) of every call."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, x, sigma, class_labels=None):
+        label = None if class_labels is None else int(torch.as_tensor(class_labels).reshape(-1)[0])
+        self.calls.append((float(sigma[0]), label, x.shape[0]))
+        return self.model(x, sigma, class_labels=class_labels)
+
+
+def _labels(n):
+    return {"class_labels": torch.arange(n) % 4}
+
+
+@pytest.mark.parametrize("solver", sorted(fastdiff.SOLVERS))
+def test_uncond_nfe_matches_plan(gmm, noise, solver):
+    s = schedules.karras(12, 0.002, 80.0)
+    g = Guidance(2.0, interval=(0.3, 3.0))
+    plan = g.plan(s)
+    spy = Spy(gmm)
+    _, stats = fastdiff.sample(spy, noise, s, solver=solver, guidance=g, cond=_labels(64), return_stats=True)
+    per_step = 1 if solver != "heun" else 2
+    assert stats.guided_steps == [i for i, p in enumerate(plan) if p]
+    assert stats.nfe_uncond == per_step * sum(plan)  # the interval stays away from the last step
+    assert stats.nfe_cond == (2 * 12 - 1 if solver == "heun" else 12)
+    assert stats.nfe_uncond == sum(1 for _, label, _ in spy.calls if label is None)
+    assert fastdiff.count_nfe(solver, s, g) == (stats.nfe_cond, stats.nfe_uncond)
+
+
+def test_edm2_interval_on_32_heun_steps_needs_14_uncond_evaluations(gmm, noise):
+    # PAPERS.md: EDM2-S interval (0.28, 2.90] on 32 Heun steps, sigma 0.002..80, rho 7: 14 of 63 evaluations.
+    s = schedules.karras(32, 0.002, 80.0, rho=7.0)
+    g = Guidance(2.1, interval=(0.28, 2.90))
+    _, stats = fastdiff.sample(gmm, noise, s, solver="heun", guidance=g, cond=_labels(64), return_stats=True)
+    assert (stats.nfe_cond, stats.nfe_uncond) == (63, 14)
+
+
+def test_interval_endpoints(gmm, noise):
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5, 0.0], dtype=torch.float64)
+    # (lo, hi] on the step's start sigma: 3.0 is in, 1.0 is out.
+    assert Guidance(2.0, interval=(1.0, 3.0)).plan(s) == [False, True, True, False, False]
+    assert Guidance(2.0, interval=(0.0, 100.0)).plan(s) == [True] * 5
+    assert Guidance(2.0, interval=(2.0, 2.0)).plan(s) == [False] * 5
+    assert Guidance(2.0, steps=(1, 3)).plan(s) == [False, True, True, True, False]
+    assert Guidance(2.0).plan(s) == [True] * 5
+
+
+def test_heun_uses_the_start_decision_for_both_stages(gmm, noise):
+    s = torch.tensor([4.0, 3.0, 1.0, 0.5, 0.0], dtype=torch.float64)
+    spy = Spy(gmm)
+    fastdiff.sample(spy, noise, s, solver="heun", guidance=Guidance(2.0, interval=(2.0, 3.5)), cond=_labels(64))
+    uncond_sigmas = [sig for sig, label, _ in spy.calls if label is None]
+    # Step 1 starts at 3.0 (inside) and ends at 1.0 (outside): both of its evaluations are guided.
+    assert uncond_sigmas == [3.0, 1.0]
+
+
+def test_scale_one_equals_no_guidance(gmm, noise):
+    s = schedules.karras(8, 0.002, 80.0)
+    a, st = fastdiff.sample(gmm, noise, s, guidance=Guidance(1.0), cond=_labels(64), return_stats=True)
+    b = fastdiff.sample(gmm, noise, s, cond=_labels(64))
+    assert torch.equal(a, b) and st.nfe_uncond == 0
+
+
+def test_batched_and_separate_passes_agree(gmm, noise):
+    s = schedules.karras(8, 0.002, 80.0)
+    cond, uncond = _labels(64), {"class_labels": torch.full((64,), -1)}
+    kw = dict(cond=cond, uncond=uncond, return_stats=True, solver="heun")
+    a, sa = fastdiff.sample(gmm, noise, s, guidance=Guidance(3.0, batch=True), **kw)
+    b, sb = fastdiff.sample(gmm, noise, s, guidance=Guidance(3.0, batch=False), **kw)
+    assert torch.allclose(a, b, atol=1e-12)
+    assert (sa.nfe_cond, sa.nfe_uncond) == (sb.nfe_cond, sb.nfe_uncond)
+    assert sa.forward_calls == sa.nfe_cond and sb.forward_calls == sb.nfe
+    # Keyword sets that differ cannot be concatenated: two calls, same answer as the null-class batch.
+    c, sc = fastdiff.sample(gmm, noise, s, guidance=Guidance(3.0), cond=cond, return_stats=True, solver="heun")
+    assert torch.allclose(a, c, atol=1e-12) and sc.forward_calls == sc.nfe
+
+
+def test_separate_unconditional_model(gmm, noise):
+    s = schedules.karras(8, 0.002, 80.0)
+    small = Spy(gmm)
+    g = Guidance(2.0, interval=(0.5, 10.0), uncond_model=small)
+    out, stats = fastdiff.sample(gmm, noise, s, guidance=g, cond=_labels(64), return_stats=True)
+    assert len(small.calls) == stats.nfe_uncond == sum(g.plan(s)) > 0
+    same = fastdiff.sample(gmm, noise, s, guidance=Guidance(2.0, interval=(0.5, 10.0)), cond=_labels(64))
+    assert torch.allclose(out, same, atol=1e-12)
+
+
+def test_guided_sampling_converges_to_the_guided_ode(gmm, noise):
+    s = schedules.karras(128, 0.002, 80.0)
+    g = Guidance(2.5, interval=(0.3, 3.0))
+    x = noise * 80.0
+    out = fastdiff.sample(gmm, x, s, solver="dpmpp_2m", guidance=g, cond=_labels(64))
+    ref = reference_sample(gmm, x, s, guidance=g, cond=_labels(64))
+    assert (out - ref).norm(dim=1).mean() < 2e-3
+
+
+def test_guidance_errors():
+    with pytest.raises(ValueError, match="sigma_lo=3.0 > sigma_hi=1.0"):
+        Guidance(2.0, interval=(3.0, 1.0))
+    with pytest.raises(ValueError, match="start=4 > stop=2"):
+        Guidance(2.0, steps=(4, 2))
+    with pytest.raises(ValueError, match="either as sigmas"):
+        Guidance(2.0, interval=(0.1, 1.0), steps=(0, 1))
+    with pytest.raises(ValueError, match="finite number"):
+        Guidance(float("nan"))
+    with pytest.raises(ValueError, match="must be a pair"):
+        Guidance(2.0, interval=0.5)
+
+
+def test_guidance_without_cond_is_refused(gmm, noise):
+    with pytest.raises(ValueError, match="guidance needs cond"):
+        fastdiff.sample(gmm, noise, schedules.karras(4, 0.1, 10.0), guidance=Guidance(2.0))
