@@ -25,7 +25,8 @@ def validate(sigmas: torch.Tensor | Sequence[float], *, name: str = "sigmas") ->
     Refused with ``ValueError`` naming the problem: not 1-D, fewer than 2 entries, NaN or Inf, a negative
     value, or not strictly decreasing. The last value may be 0 (a full solve) or positive (a partial one).
     """
-    s = torch.as_tensor(sigmas)
+    # Python numbers go straight to float64: torch's default float32 would round a learned schedule.
+    s = sigmas if isinstance(sigmas, torch.Tensor) else torch.tensor(sigmas, dtype=torch.float64)
     if not (s.is_floating_point() or s.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"{name} must be real numbers, got dtype {s.dtype}")
     s = s.to(torch.float64)

@@ -16,6 +16,7 @@ Final step to sigma = 0, as each method's authors do it:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -380,4 +381,10 @@ def get(solver: str | Solver, **options) -> Solver:
         return solver
     if not isinstance(solver, str) or solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
-    return SOLVERS[solver](**options)
+    cls = SOLVERS[solver]
+    params = inspect.signature(cls.__init__).parameters.values()
+    accepted = [p.name for p in params if p.name != "self" and p.kind == p.POSITIONAL_OR_KEYWORD]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"solver {solver!r} has no option {', '.join(unknown)}; its options: {accepted or 'none'}")
+    return cls(**options)

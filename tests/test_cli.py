@@ -1,0 +1,52 @@
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fastdiff.cli import main
+
+
+def test_sample_prints_nfe_time_error_and_distance(capsys, tmp_path):
+    png = tmp_path / "plot.png"
+    rc = main(["sample", "--solver", "heun", "--steps", "8", "--guidance", "2.0", "--interval", "0.3,3.0",
+               "--n", "300", "--out", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    nfe = re.search(r"NFE\s+(\d+) per sample \((\d+) conditional \+ (\d+) unconditional\)", out)
+    assert nfe and int(nfe[1]) == int(nfe[2]) + int(nfe[3]) and int(nfe[2]) == 15 and int(nfe[3]) > 0
+    assert re.search(r"wall time\s+[\d.]+ ms", out)
+    err = re.search(r"error vs exact solve\s+mean ([\d.e+-]+)", out)
+    assert err and 0 < float(err[1]) < 1
+    assert re.search(r"sliced W2 to data\s+[\d.]+", out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_more_steps_give_smaller_error(capsys):
+    errors = []
+    for steps in ("4", "32"):
+        main(["sample", "--solver", "dpmpp_2m", "--steps", steps, "--n", "200"])
+        errors.append(float(re.search(r"mean ([\d.e+-]+)", capsys.readouterr().out)[1]))
+    assert errors[1] < errors[0] / 10
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["sample", "--steps", "0"], "--steps must be >= 1"),
+        (["sample", "--interval", "3,1", "--guidance", "2"], "sigma_lo=3.0 > sigma_hi=1.0"),
+        (["sample", "--schedule", "cosine"], "unknown schedule 'cosine'"),
+        (["sample", "--solver", "unipc", "-O", "order=7"], "unipc order must be 1, 2 or 3"),
+        (["sample", "--solver", "euler", "-O", "order=2"], "solver 'euler' has no option order; its options: none"),
+    ],
+)
+def test_errors_are_reported_not_raised(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_and_module_entry_point():
+    res = subprocess.run([sys.executable, "-m", "fastdiff", "sample", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0
+    for flag in ("--model", "--solver", "--steps", "--schedule", "--guidance", "--interval", "--seed", "--out"):
+        assert flag in res.stdout
