@@ -152,16 +152,18 @@ def dpmpp_2m_coefficients(sigmas: Sequence[float], i: int) -> Coefficients:
     return s1 / s0, [c * (1 + 1 / (2 * r)), -c / (2 * r)]
 
 
-def dpmpp_3m_coefficients(sigmas: Sequence[float], i: int, legacy: bool = False) -> Coefficients:
+def dpmpp_3m_coefficients(sigmas: Sequence[float], i: int, corrected: bool = False) -> Coefficients:
     """DPM-Solver++(3M) (Lu et al. 2022) over ``[D_i, D_{i-1}, D_{i-2}]``. Warm start: first order at step 0,
     2M at step 1; the step to 0 is first order.
 
     With ``D(lambda)`` expanded to second order, the exact exponential integrator needs the second divided
-    difference ``d2 ~ h^2 D''`` with weight ``-phi_3``. The multistep update in DPM-Solver, diffusers
-    (``multistep_dpm_solver_third_order_update``) and k-diffusion (``sample_dpmpp_3m_sde``) uses
-    ``(d1_0 - d1_1) / (r0 + r1) ~ h^2 D'' / 2`` there, half the term, which leaves a local error of
-    ``O(h^3)`` (tests/test_solvers.py measures it). fastdiff uses the full term (local error ``O(h^4)``);
-    ``legacy=True`` reproduces the published implementations exactly.
+    difference ``d2 ~ h^2 D''`` with weight ``-phi_3``. The multistep update published in DPM-Solver, diffusers
+    (``multistep_dpm_solver_third_order_update``) and k-diffusion (``sample_dpmpp_3m_sde``) puts
+    ``(d1_0 - d1_1) / (r0 + r1) ~ h^2 D'' / 2`` there, half the term, so it integrates a quadratic ``D`` only
+    half right and its local error is ``O(h^3)`` (tests/test_solvers.py measures both). fastdiff follows the
+    published update by default, so that it reproduces what users run today; ``corrected=True`` uses the full
+    term (local error ``O(h^4)``). On the Gaussian-mixture benchmark the published update is the more accurate
+    of the two at every NFE up to 64 (BENCHMARKS.md).
     """
     s0, s1 = sigmas[i], sigmas[i + 1]
     if i < 2 or s1 == 0:
@@ -175,7 +177,7 @@ def dpmpp_3m_coefficients(sigmas: Sequence[float], i: int, legacy: bool = False)
     d1_1 = [0.0, 1 / r1, -1 / r1]
     diff = [p - q for p, q in zip(d1_0, d1_1)]
     d1 = [p + q * r0 / (r0 + r1) for p, q in zip(d1_0, diff)]
-    d2 = [(1 if legacy else 2) * q / (r0 + r1) for q in diff]
+    d2 = [(2 if corrected else 1) * q / (r0 + r1) for q in diff]
     phi_1 = -math.expm1(-h)
     phi_2 = math.expm1(-h) / h + 1
     phi_3 = phi_2 / h - 0.5
@@ -211,17 +213,17 @@ class DPMSolverPP2M(_Multistep):
 
 
 class DPMSolverPP3M(_Multistep):
-    """DPM-Solver++(3M), data prediction. ``legacy=True`` matches diffusers and k-diffusion bit for bit in
-    exact arithmetic; the default is third order (see :func:`dpmpp_3m_coefficients`)."""
+    """DPM-Solver++(3M), data prediction, as published (diffusers, k-diffusion); ``corrected=True`` for the
+    full second-order term (see :func:`dpmpp_3m_coefficients`)."""
 
     name = "dpmpp_3m"
     keep = 2
 
-    def __init__(self, legacy: bool = False):
-        self.legacy = legacy
+    def __init__(self, corrected: bool = False):
+        self.corrected = corrected
 
     def coefficients(self, sigmas, i):
-        return dpmpp_3m_coefficients(sigmas, i, self.legacy)
+        return dpmpp_3m_coefficients(sigmas, i, self.corrected)
 
 
 # ------------------------------------------------------------------------------------------------------ iPNDM

@@ -63,7 +63,7 @@ CASES = [
     (
         "DPMSolverMultistepScheduler",
         dict(algorithm_type="dpmsolver++", solver_order=3, final_sigmas_type="zero"),
-        solvers.DPMSolverPP3M(legacy=True), "vp", 16,
+        "dpmpp_3m", "vp", 16,
     ),
     (
         "UniPCMultistepScheduler",

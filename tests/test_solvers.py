@@ -42,6 +42,7 @@ GLOBAL = [
     ("heun", {}, 2.0, "exact"),
     ("dpmpp_2m", {}, 2.0, "exact"),
     ("dpmpp_3m", {}, 2.3, "at_least"),
+    ("dpmpp_3m", {"corrected": True}, 2.3, "at_least"),
     ("ipndm", {}, 2.3, "at_least"),
     ("unipc", {}, 2.3, "at_least"),
     ("unipc", {"variant": "bh1"}, 2.3, "at_least"),
@@ -110,8 +111,8 @@ LOCAL = [
     ("ddim", {}, 0, 2, _lambda_grid, "step"),
     ("heun", {}, 0, 3, _lambda_grid, "step"),
     ("dpmpp_2m", {}, 1, 3, _lambda_grid, "step"),
-    ("dpmpp_3m", {}, 2, 4, _lambda_grid, "step"),
-    ("dpmpp_3m", {"legacy": True}, 2, 3, _lambda_grid, "step"),  # the published update: half the D'' term
+    ("dpmpp_3m", {}, 2, 3, _lambda_grid, "step"),  # the published update keeps half the D'' term
+    ("dpmpp_3m", {"corrected": True}, 2, 4, _lambda_grid, "step"),
     ("ipndm", {"max_order": 2}, 1, 3, _sigma_grid, "step"),
     ("ipndm", {"max_order": 3}, 2, 4, _sigma_grid, "step"),
     ("ipndm", {"max_order": 4}, 3, 5, _sigma_grid, "step"),
