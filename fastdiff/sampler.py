@@ -159,9 +159,12 @@ def sample(
             d_uncond = call(uncond_model, xi, sigma, uncond, "unconditional model")
         return Denoised(d_cond, d_uncond, guidance.scale)
 
-    state = solver.start()
+    restart = guidance is not None and guidance.restart
+    state, first = solver.start(), 0
     for step_i in tqdm(range(n_steps), disable=not progress, desc=f"fastdiff {solver.name}", leave=False):
-        x_next, denoised = solver.step(step_i, x, sig, evaluate, state)
+        if restart and step_i > 0 and plan[step_i] != plan[step_i - 1]:
+            state, first = solver.start(), step_i  # see Guidance(restart=...)
+        x_next, denoised = solver.step(step_i - first, x, sig[first:], evaluate, state)
         if callback is not None:
             callback(
                 {"i": step_i, "sigma": sig[step_i], "sigma_next": sig[step_i + 1], "x": x, "x_next": x_next,

@@ -1,5 +1,6 @@
 """Limited-interval guidance: exact NFE accounting, endpoints, equivalences, and the guided ODE itself."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,6 +105,25 @@ def test_guided_sampling_converges_to_the_guided_ode(gmm, noise):
     out = fastdiff.sample(gmm, x, s, solver="dpmpp_2m", guidance=g, cond=_labels(64))
     ref = reference_sample(gmm, x, s, guidance=g, cond=_labels(64))
     assert (out - ref).norm(dim=1).mean() < 2e-3
+
+
+@pytest.mark.parametrize("solver,order", [("dpmpp_2m", 2.0), ("unipc", 2.5), ("ipndm", 2.5)])
+def test_multistep_solvers_keep_their_order_under_interval_guidance(gmm, noise, solver, order):
+    x, cond = noise[:32] * 80.0, _labels(32)
+    steps = [24, 48, 96, 192]
+    errs = {True: [], False: []}
+    for n in steps:
+        s = schedules.karras(n, 0.002, 80.0)
+        ref = reference_sample(gmm, x, s, guidance=Guidance(3.0, interval=(0.3, 3.0)), cond=cond)
+        for restart in (True, False):
+            g = Guidance(3.0, interval=(0.3, 3.0), restart=restart)
+            out = fastdiff.sample(gmm, x, s, solver=solver, guidance=g, cond=cond)
+            errs[restart].append((out - ref).norm(dim=1).mean().item())
+    slope = lambda e: -float(np.polyfit(np.log(steps), np.log(e), 1)[0])  # noqa: E731
+    assert slope(errs[True]) > order - 0.2, errs[True]
+    # Without the restart the finest step pair converges at first order: history crosses the switch.
+    last = np.log(errs[False][-2] / errs[False][-1]) / np.log(2)
+    assert last < 1.5 and errs[True][-1] < errs[False][-1] / 2, errs
 
 
 def test_guidance_errors():
