@@ -53,12 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="gmm", choices=sorted(models.MODELS), help="built-in model")
     s.add_argument("--solver", default="dpmpp_2m", choices=sorted(solvers.SOLVERS), help="ODE solver")
     s.add_argument(
-        "--option", "-O", type=_option, action="append", default=[], metavar="KEY=VALUE",
+        "--option",
+        "-O",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="solver option, repeatable, e.g. -O order=3 -O variant=bh1 for unipc, -O max_order=3 for ipndm",
     )
     s.add_argument("--steps", type=int, default=6, help="solver steps N (the schedule has N+1 sigmas)")
     s.add_argument(
-        "--schedule", default="karras",
+        "--schedule",
+        default="karras",
         help="karras, logsnr_uniform, time_uniform, or a .json schedule file written by fastdiff.schedules.save",
     )
     s.add_argument("--sigma-min", type=float, default=0.002, help="smallest nonzero sigma")
@@ -66,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rho", type=float, default=7.0, help="rho of the karras schedule")
     s.add_argument("--guidance", type=float, default=None, metavar="W", help="classifier-free guidance scale w")
     s.add_argument(
-        "--interval", type=_pair, default=None, metavar="LO,HI",
+        "--interval",
+        type=_pair,
+        default=None,
+        metavar="LO,HI",
         help="guide only steps whose start sigma lies in (LO, HI]; default: every step",
     )
     s.add_argument("--unconditional", action="store_true", help="sample the whole mixture, not class-conditionally")
@@ -115,9 +124,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print(f"NFE            {stats.nfe} per sample ({stats.nfe_cond} conditional + {stats.nfe_uncond} unconditional)")
     print(f"wall time      {wall * 1e3:.1f} ms for {args.n} samples ({args.dtype}, {x.device})")
     print(f"error vs exact solve   mean {err.mean():.3e}  max {err.max():.3e}  (L2 per sample; RK45, rtol 1e-10)")
-    print(
-        f"sliced W2 to data      {sw:.4f}  (exact ODE solve: {sw_ref:.4f}; two draws of the data: {sw_floor:.4f})"
-    )
+    print(f"sliced W2 to data      {sw:.4f}  (exact ODE solve: {sw_ref:.4f}; two draws of the data: {sw_floor:.4f})")
     if args.out is not None:
         _plot(args, out.double(), ref, data, labels)
         print(f"wrote {args.out}")

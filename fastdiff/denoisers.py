@@ -176,9 +176,9 @@ class FlowDenoiser(nn.Module):
 class EDMPrecond(nn.Module):
     """EDM preconditioning (Karras et al. 2022, Table 1) around a raw network ``F``::
 
-        D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, **cond)
-        c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
-        c_in = 1 / sqrt(sigma^2 + sd^2),   c_noise = log(sigma) / 4
+    D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, **cond)
+    c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
+    c_in = 1 / sqrt(sigma^2 + sd^2),   c_noise = log(sigma) / 4
     """
 
     def __init__(self, net: Callable, sigma_data: float = 0.5):

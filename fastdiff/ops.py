@@ -58,7 +58,8 @@ def _say_missing_once() -> None:
     global _warned_missing
     if not _warned_missing:
         _warned_missing = True
-        log.warning("fastdiff._C is not available (%s); using the pure-torch reference ops", _EXT_ERROR)
+        why = _EXT_ERROR if _C is None else "built without CUDA"
+        log.warning("fastdiff._C is not available (%s); using the pure-torch reference ops", why)
 
 
 def guided_step_reference(
@@ -115,17 +116,17 @@ def _check_args(x, d_cond, d_uncond, history, b) -> None:
 
 
 def _kernel_backend_for(tensors: list[torch.Tensor]) -> str | None:
-    """The compiled backend able to run these tensors, or None when only the reference can."""
+    """The compiled backend whose kernel fits these tensors, or None when only the reference does."""
     x = tensors[0]
     if x.dtype not in (torch.float32, torch.float64) or any(t.dtype != x.dtype for t in tensors):
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None  # the compiled ops have no backward yet; the reference is differentiable
-    if x.device.type == "cpu":
-        return "cpu"
-    if x.device.type == "cuda" and _C is not None and _C.with_cuda:
-        return "cuda"
-    return None
+    return x.device.type if x.device.type in ("cpu", "cuda") else None
+
+
+def _built(backend: str) -> bool:
+    return _C is not None and (backend == "cpu" or bool(_C.with_cuda))
 
 
 def guided_step(
@@ -154,19 +155,21 @@ def guided_step(
         return guided_step_reference(x, d_cond, d_uncond, history, a, b, w, hx, hd)
 
     backend = _kernel_backend_for(tensors)
-    if forced is not None:
+    if forced is not None and (backend != forced or not _built(forced)):
         if _C is None:
-            raise RuntimeError(f"FASTDIFF_BACKEND={forced} but fastdiff._C is not available: {_EXT_ERROR}")
-        if backend != forced:
-            raise RuntimeError(
-                f"FASTDIFF_BACKEND={forced} cannot run this call (x: {x.dtype} on {x.device}; the compiled "
-                "kernels need one float32/float64 dtype for all inputs, tensors on the backend's device, and no "
-                "autograd)"
+            why = f"fastdiff._C is not available: {_EXT_ERROR}"
+        elif backend != forced:
+            why = (
+                f"this call (x: {x.dtype} on {x.device}) needs the {backend or 'torch'} backend; the compiled "
+                "kernels take one float32/float64 dtype for all inputs, tensors on their device, and no autograd"
             )
-    if backend is None:
-        return guided_step_reference(x, d_cond, d_uncond, history, a, b, w, hx, hd)
-    if _C is None:
+        else:
+            why = "fastdiff._C was built without CUDA"
+        raise RuntimeError(f"FASTDIFF_BACKEND={forced} cannot run: {why}")
+    if backend is not None and not _built(backend):
         _say_missing_once()
+        backend = None
+    if backend is None:
         return guided_step_reference(x, d_cond, d_uncond, history, a, b, w, hx, hd)
 
     xc = x.contiguous()

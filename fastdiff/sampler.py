@@ -41,8 +41,6 @@ def count_nfe(solver: str | Solver, sigmas, guidance: Guidance | None = None) ->
 
 
 def _check_output(out: Any, x: torch.Tensor, what: str) -> torch.Tensor:
-    if hasattr(out, "sample") and not isinstance(out, torch.Tensor):  # diffusers output objects
-        out = out.sample
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{what} returned {type(out).__name__}, expected a tensor D(x; sigma)")
     if out.shape != x.shape:
@@ -132,9 +130,7 @@ def sample(
     uncond = dict(uncond or {})
     stats = SampleStats(steps=n_steps, guided_steps=[i for i, g in enumerate(plan) if g])
     uncond_model = guidance.uncond_model if guidance is not None and guidance.uncond_model is not None else model
-    batched = (
-        guidance is not None and guidance.batch and uncond_model is model and _batchable(cond, uncond, x.shape[0])
-    )
+    batched = guidance is not None and guidance.batch and uncond_model is model and _batchable(cond, uncond, x.shape[0])
     sigma_dtype = torch.promote_types(x.dtype, torch.float32)
     step_i = 0
 
@@ -167,8 +163,14 @@ def sample(
         x_next, denoised = solver.step(step_i - first, x, sig[first:], evaluate, state)
         if callback is not None:
             callback(
-                {"i": step_i, "sigma": sig[step_i], "sigma_next": sig[step_i + 1], "x": x, "x_next": x_next,
-                 "denoised": denoised}
+                {
+                    "i": step_i,
+                    "sigma": sig[step_i],
+                    "sigma_next": sig[step_i + 1],
+                    "x": x,
+                    "x_next": x_next,
+                    "denoised": denoised,
+                }
             )
         x = x_next
     return (x, stats) if return_stats else x

@@ -43,7 +43,8 @@ def validate(sigmas: torch.Tensor | Sequence[float], *, name: str = "sigmas") ->
     if (steps >= 0).any():
         i = int(torch.nonzero(steps >= 0)[0])
         raise ValueError(
-            f"{name} must be strictly decreasing, but {name}[{i}]={s[i].item():g} <= {name}[{i + 1}]={s[i + 1].item():g}"
+            f"{name} must be strictly decreasing, but {name}[{i}]={s[i].item():g} <= "
+            f"{name}[{i + 1}]={s[i + 1].item():g}"
         )
     return s
 

@@ -94,7 +94,7 @@ class Euler(Solver):
 
 class DDIM(Euler):
     """Deterministic DDIM (eta = 0). In the VE data-prediction form its update equals Euler's exactly
-    (Song et al. 2021; Karras et al. 2022, Sec. 3), so it shares Euler's coefficients."""
+    (Song et al. 2021; Karras et al. 2022), so it shares Euler's coefficients."""
 
     name = "ddim"
 
@@ -105,8 +105,8 @@ class DDIM(Euler):
 def heun_coefficients(s0: float, s1: float) -> tuple[Coefficients, Coefficients]:
     """EDM Heun: predictor ``x~ = Euler(x, D)``; corrector over ``[D~, D]`` (D~ = D(x~; s1))::
 
-        x' = x + (s1 - s0) / 2 * (d + d~),  d = (x - D)/s0,  d~ = (x~ - D~)/s1
-           = (s1/s0) x - (s1 - s0)/(2 s1) D~ + (s1 - s0)/2 * (1/s1 - 2/s0) D
+    x' = x + (s1 - s0) / 2 * (d + d~),  d = (x - D)/s0,  d~ = (x~ - D~)/s1
+       = (s1/s0) x - (s1 - s0)/(2 s1) D~ + (s1 - s0)/2 * (1/s1 - 2/s0) D
     """
     predictor = euler_coefficients(s0, s1)
     dt = s1 - s0

@@ -40,9 +40,16 @@ def test_extension_rejects_mismatched_tensors():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_sources_compile_with_nvcc(tmp_path):
     # The flags torch's extension build passes: no implicit half/bfloat16 conversions.
-    flags = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-             "-D__CUDA_NO_HALF2_OPERATORS__", "-std=c++17", "-O3"]
+    flags = [
+        "-D__CUDA_NO_HALF_OPERATORS__",
+        "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__",
+        "-std=c++17",
+        "-O3",
+    ]
     for cu in sorted((ROOT / "csrc").glob("*.cu")):
-        res = subprocess.run(["nvcc", *flags, "-c", str(cu), "-o", str(tmp_path / (cu.stem + ".o"))],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            ["nvcc", *flags, "-c", str(cu), "-o", str(tmp_path / (cu.stem + ".o"))], capture_output=True, text=True
+        )
         assert res.returncode == 0, res.stderr

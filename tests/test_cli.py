@@ -9,8 +9,23 @@ from fastdiff.cli import main
 
 def test_sample_prints_nfe_time_error_and_distance(capsys, tmp_path):
     png = tmp_path / "plot.png"
-    rc = main(["sample", "--solver", "heun", "--steps", "8", "--guidance", "2.0", "--interval", "0.3,3.0",
-               "--n", "300", "--out", str(png)])
+    rc = main(
+        [
+            "sample",
+            "--solver",
+            "heun",
+            "--steps",
+            "8",
+            "--guidance",
+            "2.0",
+            "--interval",
+            "0.3,3.0",
+            "--n",
+            "300",
+            "--out",
+            str(png),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     nfe = re.search(r"NFE\s+(\d+) per sample \((\d+) conditional \+ (\d+) unconditional\)", out)

@@ -50,8 +50,10 @@ def test_discrete_vp_timestep_mapping(gmm):
     assert torch.allclose(t, torch.tensor([0.0, 10.0, 500.0, 999.0], dtype=torch.float64), atol=1e-9)
     mid = torch.tensor([12.25, 640.5], dtype=torch.float64)
     assert torch.allclose(den.sigma_to_t(den.t_to_sigma(mid)), mid, atol=1e-9)
-    assert torch.equal(denoisers.VPDenoiser(lambda x, t: x, ab, quantize=True).sigma_to_t(den.t_to_sigma(mid)),
-                       torch.tensor([12.0, 640.0], dtype=torch.float64))
+    assert torch.equal(
+        denoisers.VPDenoiser(lambda x, t: x, ab, quantize=True).sigma_to_t(den.t_to_sigma(mid)),
+        torch.tensor([12.0, 640.0], dtype=torch.float64),
+    )
     with pytest.raises(ValueError, match="outside the model's range"):
         den.sigma_to_t(torch.tensor([grid[-1] * 1.5]))
 

@@ -58,29 +58,39 @@ CASES = [
     (
         "DPMSolverMultistepScheduler",
         dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", final_sigmas_type="zero"),
-        "dpmpp_2m", "vp", 10,
+        "dpmpp_2m",
+        "vp",
+        10,
     ),
     (
         "DPMSolverMultistepScheduler",
         dict(algorithm_type="dpmsolver++", solver_order=3, final_sigmas_type="zero"),
-        "dpmpp_3m", "vp", 16,
+        "dpmpp_3m",
+        "vp",
+        16,
     ),
     (
         "UniPCMultistepScheduler",
         dict(solver_order=2, solver_type="bh2", final_sigmas_type="zero"),
-        solvers.UniPC(order=2, variant="bh2"), "vp", 10,
+        solvers.UniPC(order=2, variant="bh2"),
+        "vp",
+        10,
     ),
     (
         "UniPCMultistepScheduler",
         dict(solver_order=3, solver_type="bh2", final_sigmas_type="zero"),
-        solvers.UniPC(order=3, variant="bh2"), "vp", 16,
+        solvers.UniPC(order=3, variant="bh2"),
+        "vp",
+        16,
     ),
     # diffusers' bh1 returns NaN on a step to exactly 0 (B_h = -h = -inf times a zero residual), so bh1 is
     # compared on its other ending: a last step to the smallest training sigma.
     (
         "UniPCMultistepScheduler",
         dict(solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min"),
-        solvers.UniPC(order=3, variant="bh1"), "vp", 10,
+        solvers.UniPC(order=3, variant="bh1"),
+        "vp",
+        10,
     ),
 ]
 
@@ -89,8 +99,11 @@ CASES = [
 @pytest.mark.parametrize("cls,opts,solver,space,steps", CASES, ids=lambda v: v if isinstance(v, str) else None)
 def test_matches_diffusers(gmm, prediction, cls, opts, solver, space, steps):
     sched = getattr(diffusers, cls)(
-        **BETAS, prediction_type="epsilon" if prediction == "eps" else "v_prediction",
-        timestep_spacing="leading", steps_offset=1, **opts
+        **BETAS,
+        prediction_type="epsilon" if prediction == "eps" else "v_prediction",
+        timestep_spacing="leading",
+        steps_offset=1,
+        **opts,
     )
     ab = sched.alphas_cumprod.double()
     net = MixtureNet(gmm, ab, prediction)
@@ -108,8 +121,9 @@ def test_matches_diffusers(gmm, prediction, cls, opts, solver, space, steps):
 
 def test_parity_tolerance_detects_a_wrong_solver(gmm):
     """The tolerance is tight enough to tell DPM-Solver++(2M) from Euler on this problem."""
-    sched = diffusers.DPMSolverMultistepScheduler(**BETAS, timestep_spacing="leading", steps_offset=1,
-                                                  final_sigmas_type="zero")
+    sched = diffusers.DPMSolverMultistepScheduler(
+        **BETAS, timestep_spacing="leading", steps_offset=1, final_sigmas_type="zero"
+    )
     ab = sched.alphas_cumprod.double()
     net = MixtureNet(gmm, ab, "eps")
     expected = _run_diffusers(sched, net, 10, _noise())

@@ -6,8 +6,8 @@ Data ``x0 ~ sum_k pi_k N(mu_k, diag(s_k^2))``. Under noise ``x = x0 + sigma eps`
     D(x; sigma) = sum_k gamma_k(x) [mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k)].
 
 Conditioning on a class keeps only the components of that class; the label -1 is the "null" class, the whole
-mixture, so that conditional and unconditional passes can share one batched call. This makes the mixture the test oracle of
-every solver, and the built-in model of ``fastdiff sample --model gmm``.
+mixture, so that conditional and unconditional passes can share one batched call. This makes the mixture the
+test oracle of every solver, and the built-in model of ``fastdiff sample --model gmm``.
 """
 
 from __future__ import annotations
