@@ -18,6 +18,7 @@ that cannot run the call raises instead of falling back.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ BACKENDS = ("torch", "cpu", "cuda")
 MAX_HISTORY = 3  # csrc/step_math.h: kMaxHistory
 
 try:
-    from fastdiff import _C
+    _C = importlib.import_module("fastdiff._C")
 
     _EXT_ERROR: str | None = None
 except ImportError as exc:  # a build with FASTDIFF_SKIP_EXT=1, or a broken one
