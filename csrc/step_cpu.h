@@ -2,6 +2,6 @@
 #include "step_math.h"
 
 namespace fastdiff {
-template <typename T>
-void guided_step_cpu(const StepArgs<T>& s);
+template <typename TX, typename TD, typename Acc>
+void guided_step_cpu(const StepArgs<TX, TD, Acc>& s);
 }

@@ -2,7 +2,8 @@
 #include "step_math.h"
 
 namespace fastdiff {
-// Launches on `stream` (a cudaStream_t); returns the cudaError_t of the launch as an int.
-template <typename T>
-int guided_step_cuda(const StepArgs<T>& s, void* stream);
+// Launches on `stream` (a cudaStream_t); returns the cudaError_t of the launch as an int. TX and TD are the
+// CUDA storage types (float, double, __half, __nv_bfloat16); see step_math.h for the supported pairs.
+template <typename TX, typename TD, typename Acc>
+int guided_step_cuda(const StepArgs<TX, TD, Acc>& s, void* stream);
 }

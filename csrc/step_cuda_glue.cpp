@@ -3,20 +3,68 @@
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include "step_cuda.h"
 
 namespace fastdiff {
+namespace {
+
+// torch's storage types and CUDA's have the same layout; the kernels are written against CUDA's.
+template <typename T>
+struct Cuda {
+  using type = T;
+};
+template <>
+struct Cuda<c10::Half> {
+  using type = __half;
+};
+template <>
+struct Cuda<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
 
 template <typename T>
-void guided_step_cuda_on_current_stream(const StepArgs<T>& s, c10::Device device) {
+auto as_cuda(T* p) {
+  return reinterpret_cast<typename Cuda<std::remove_const_t<T>>::type*>(const_cast<std::remove_const_t<T>*>(p));
+}
+
+}  // namespace
+
+template <typename TX, typename TD, typename Acc>
+void guided_step_cuda_on_current_stream(const StepArgs<TX, TD, Acc>& s, c10::Device device) {
+  using CX = typename Cuda<TX>::type;
+  using CD = typename Cuda<TD>::type;
+  StepArgs<CX, CD, Acc> c{};
+  c.x = as_cuda(s.x);
+  c.d_cond = as_cuda(s.d_cond);
+  c.d_uncond = s.d_uncond ? as_cuda(s.d_uncond) : nullptr;
+  for (int k = 0; k < s.n_history; ++k) c.history[k] = as_cuda(s.history[k]);
+  c.n_history = s.n_history;
+  c.noise = s.noise ? as_cuda(s.noise) : nullptr;
+  c.a = s.a;
+  for (int k = 0; k <= kMaxHistory; ++k) c.b[k] = s.b[k];
+  c.w = s.w;
+  c.hx = s.hx;
+  c.hd = s.hd;
+  c.c_noise = s.c_noise;
+  c.x_out = as_cuda(s.x_out);
+  c.e_out = s.e_out ? as_cuda(s.e_out) : nullptr;
+  c.n = s.n;
   const c10::cuda::CUDAGuard guard(device);
-  const int err = guided_step_cuda(s, c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  const int err = guided_step_cuda(c, c10::cuda::getCurrentCUDAStream(device.index()).stream());
   TORCH_CHECK(err == 0, "guided_step: CUDA launch failed with error ", err);
 }
 
-template void guided_step_cuda_on_current_stream<float>(const StepArgs<float>&, c10::Device);
-template void guided_step_cuda_on_current_stream<double>(const StepArgs<double>&, c10::Device);
+template void guided_step_cuda_on_current_stream(const StepArgs<float, float, float>&, c10::Device);
+template void guided_step_cuda_on_current_stream(const StepArgs<float, c10::Half, float>&, c10::Device);
+template void guided_step_cuda_on_current_stream(const StepArgs<float, c10::BFloat16, float>&, c10::Device);
+template void guided_step_cuda_on_current_stream(const StepArgs<c10::Half, c10::Half, float>&, c10::Device);
+template void guided_step_cuda_on_current_stream(const StepArgs<c10::BFloat16, c10::BFloat16, float>&, c10::Device);
+template void guided_step_cuda_on_current_stream(const StepArgs<double, double, double>&, c10::Device);
 
 }  // namespace fastdiff

@@ -4,7 +4,8 @@
 #include "step_math.h"
 
 namespace fastdiff {
-// Runs guided_step_cuda on torch's current stream for `device`; raises on a launch error.
-template <typename T>
-void guided_step_cuda_on_current_stream(const StepArgs<T>& s, c10::Device device);
+// Runs guided_step_cuda on torch's current stream for `device`; raises on a launch error. TX and TD are
+// torch's storage types (float, double, c10::Half, c10::BFloat16).
+template <typename TX, typename TD, typename Acc>
+void guided_step_cuda_on_current_stream(const StepArgs<TX, TD, Acc>& s, c10::Device device);
 }

@@ -1,16 +1,23 @@
 // Per-element math of the guided solver step, shared by the CPU and CUDA paths so they cannot drift apart.
 //
 // Every deterministic solver step in data-prediction form is a linear combination
-//     x_next = a * x + b[0] * D + sum_{k>=1} b[k] * H[k-1]
+//     x_next = a * x + b[0] * D + sum_{k>=1} b[k] * H[k-1]  (+ c_noise * noise for stochastic variants)
 // where D is the (guided) denoised estimate of this evaluation, D = Du + w * (Dc - Du) inside the guidance
 // interval and D = Dc outside it, and H are history entries kept by multistep solvers. The op also returns
 // the new history entry E = hx * x + hd * D: D itself for data-prediction solvers (hx = 0, hd = 1), or the
 // derivative (x - D) / sigma for iPNDM's Adams-Bashforth form.
+//
+// Storage types: TX for the state, the history, the noise and both outputs; TD for the model outputs Dc and
+// Du. Supported pairs: (float, float|half|bfloat16), (half, half), (bfloat16, bfloat16), (double, double).
+// Arithmetic runs in Acc: double for double, float otherwise. No torch header here: this file is compiled
+// by nvcc on machines whose torch has no CUDA.
 #pragma once
 
 #include <cstdint>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #define FD_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define FD_HOST_DEVICE inline
@@ -21,31 +28,65 @@ namespace fastdiff {
 // History terms a single step may read besides the new D (iPNDM order 4 and UniPC order 3 need three).
 constexpr int kMaxHistory = 3;
 
-template <typename T>
+// Loads and stores through Acc. The generic forms serve float, double and the CPU's c10::Half/BFloat16
+// (which convert implicitly); CUDA's types need the intrinsics, since torch's build disables their implicit
+// conversions (__CUDA_NO_HALF_CONVERSIONS__, __CUDA_NO_BFLOAT16_CONVERSIONS__).
+template <typename Acc, typename T>
+FD_HOST_DEVICE Acc load(const T* p, int64_t i) {
+  return static_cast<Acc>(p[i]);
+}
+template <typename T, typename Acc>
+FD_HOST_DEVICE void store(T* p, int64_t i, Acc v) {
+  p[i] = static_cast<T>(v);
+}
+#if defined(__CUDACC__)
+template <>
+FD_HOST_DEVICE float load<float, __half>(const __half* p, int64_t i) {
+  return __half2float(p[i]);
+}
+template <>
+FD_HOST_DEVICE float load<float, __nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
+template <>
+FD_HOST_DEVICE void store<__half, float>(__half* p, int64_t i, float v) {
+  p[i] = __float2half_rn(v);
+}
+template <>
+FD_HOST_DEVICE void store<__nv_bfloat16, float>(__nv_bfloat16* p, int64_t i, float v) {
+  p[i] = __float2bfloat16_rn(v);
+}
+#endif
+
+template <typename TX, typename TD, typename Acc>
 struct StepArgs {
-  const T* x;
-  const T* d_cond;
-  const T* d_uncond;  // nullptr outside the guidance interval: D = d_cond
-  const T* history[kMaxHistory];
+  const TX* x;
+  const TD* d_cond;
+  const TD* d_uncond;  // nullptr outside the guidance interval: D = d_cond
+  const TX* history[kMaxHistory];
   int n_history;
-  T a;
-  T b[kMaxHistory + 1];
-  T w;
-  T hx;
-  T hd;
-  T* x_out;
-  T* e_out;  // may be nullptr when the caller keeps no history entry
+  const TX* noise;  // nullptr for deterministic steps
+  Acc a;
+  Acc b[kMaxHistory + 1];
+  Acc w;
+  Acc hx;
+  Acc hd;
+  Acc c_noise;
+  TX* x_out;
+  TX* e_out;  // may be nullptr when the caller keeps no history entry
   int64_t n;
 };
 
-template <typename T>
-FD_HOST_DEVICE void step_element(const StepArgs<T>& s, int64_t i) {
-  const T dc = s.d_cond[i];
-  const T d = s.d_uncond ? s.d_uncond[i] + s.w * (dc - s.d_uncond[i]) : dc;
-  T acc = s.a * s.x[i] + s.b[0] * d;
-  for (int k = 0; k < s.n_history; ++k) acc += s.b[k + 1] * s.history[k][i];
-  if (s.e_out) s.e_out[i] = s.hx * s.x[i] + s.hd * d;
-  s.x_out[i] = acc;
+template <typename TX, typename TD, typename Acc>
+FD_HOST_DEVICE void step_element(const StepArgs<TX, TD, Acc>& s, int64_t i) {
+  const Acc dc = load<Acc>(s.d_cond, i);
+  const Acc d = s.d_uncond ? load<Acc>(s.d_uncond, i) + s.w * (dc - load<Acc>(s.d_uncond, i)) : dc;
+  const Acc x = load<Acc>(s.x, i);
+  Acc acc = s.a * x + s.b[0] * d;
+  for (int k = 0; k < s.n_history; ++k) acc += s.b[k + 1] * load<Acc>(s.history[k], i);
+  if (s.noise) acc += s.c_noise * load<Acc>(s.noise, i);
+  if (s.e_out) store(s.e_out, i, s.hx * x + s.hd * d);
+  store(s.x_out, i, acc);
 }
 
 }  // namespace fastdiff

@@ -1,25 +1,35 @@
 """The one place that chooses a backend for fastdiff's ops.
 
-Every deterministic solver step is a linear combination (DESIGN.md)::
+Every solver step is a linear combination (DESIGN.md)::
 
     D      = d_uncond + w * (d_cond - d_uncond)      (D = d_cond when d_uncond is None)
-    x_next = a * x + b[0] * D + sum_k b[k] * history[k - 1]
+    x_next = a * x + b[0] * D + sum_k b[k] * history[k - 1]  (+ c_noise * noise)
     E      = hx * x + hd * D                           (the new history entry)
 
 E is D itself for the data-prediction solvers (hx=0, hd=1) and the derivative (x - D) / sigma for iPNDM.
-
 :func:`guided_step_reference` is the pure-torch reference that every kernel is checked against.
 :func:`guided_step` dispatches to a compiled kernel where one fits the inputs, else to the reference.
 
-Backends: ``torch`` (the reference, always there), ``cpu`` (C++/OpenMP in ``fastdiff._C``) and ``cuda``
-(plain CUDA in ``fastdiff._C`` when it was built with CUDA). ``FASTDIFF_BACKEND`` forces one; a forced backend
-that cannot run the call raises instead of falling back.
+Backends:
+
+* ``torch``: the reference, always there, differentiable;
+* ``cpu``: C++/OpenMP in ``fastdiff._C``, for CPU tensors;
+* ``cuda``: plain CUDA in ``fastdiff._C`` when it was built with CUDA;
+* ``triton``: ``fastdiff.kernels.guided_step``, for CUDA tensors, and for CPU tensors under
+  ``TRITON_INTERPRET=1`` (how the tests run it).
+
+The kernels take the state (x, history, noise, outputs) in float32, float16, bfloat16 or float64 and the
+model outputs in the state dtype or, for a float32 state, in float16/bfloat16. Strided inputs are copied to
+contiguous ones first. ``FASTDIFF_BACKEND`` forces a backend; a forced backend that cannot run the call
+raises instead of falling back. Without a forced backend, CUDA tensors prefer ``cuda`` over ``triton``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
+import math
 import os
 from collections.abc import Sequence
 
@@ -27,17 +37,35 @@ import torch
 
 log = logging.getLogger("fastdiff")
 
-BACKENDS = ("torch", "cpu", "cuda")
+BACKENDS = ("torch", "cpu", "cuda", "triton")
 MAX_HISTORY = 3  # csrc/step_math.h: kMaxHistory
+KERNEL_DTYPES = {  # state dtype -> model-output dtypes the kernels take with it
+    torch.float32: (torch.float32, torch.float16, torch.bfloat16),
+    torch.float16: (torch.float16,),
+    torch.bfloat16: (torch.bfloat16,),
+    torch.float64: (torch.float64,),
+}
 
 try:
     _C = importlib.import_module("fastdiff._C")
-
     _EXT_ERROR: str | None = None
 except ImportError as exc:  # a build with FASTDIFF_SKIP_EXT=1, or a broken one
     _C = None
     _EXT_ERROR = str(exc)
 _warned_missing = False
+
+
+@functools.cache
+def _triton_kernel():
+    """The Triton launcher, or the ImportError text when triton cannot be used here."""
+    try:
+        return importlib.import_module("fastdiff.kernels.guided_step").guided_step
+    except ImportError as exc:
+        return str(exc)
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def extension_available() -> bool:
@@ -46,12 +74,14 @@ def extension_available() -> bool:
 
 
 def available_backends() -> list[str]:
-    """The backends that can run on this machine, in the order ``auto`` prefers them for their devices."""
+    """The backends that can run on this machine."""
     out = ["torch"]
     if _C is not None:
         out.append("cpu")
         if _C.with_cuda and torch.cuda.is_available():
             out.append("cuda")
+    if not isinstance(_triton_kernel(), str) and (torch.cuda.is_available() or _triton_interpreting()):
+        out.append("triton")
     return out
 
 
@@ -73,6 +103,8 @@ def guided_step_reference(
     w: float = 1.0,
     hx: float = 0.0,
     hd: float = 1.0,
+    noise: torch.Tensor | None = None,
+    c_noise: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch guided solver step, the reference for every kernel.
 
@@ -82,6 +114,7 @@ def guided_step_reference(
         d_uncond: unconditional estimate (same shape), or None outside the guidance interval.
         history: up to 3 earlier history entries, same shape.
         a, b, w, hx, hd: scalars; ``len(b) == len(history) + 1``.
+        noise, c_noise: an optional noise tensor (same shape) added with weight ``c_noise``.
 
     Returns:
         ``(x_next, E)``: ``x_next`` in ``x.dtype``; ``E = hx * x + hd * D`` in the promoted dtype of ``x`` and
@@ -96,16 +129,23 @@ def guided_step_reference(
     acc = a * xc + b[0] * d
     for bk, h in zip(b[1:], history):
         acc = acc + bk * h.to(ct)
+    if noise is not None:
+        acc = acc + c_noise * noise.to(ct)
     e = d if (hx == 0 and hd == 1) else hx * xc + hd * d
     return acc.to(x.dtype), e.to(torch.promote_types(x.dtype, d_cond.dtype))
 
 
-def _check_args(x, d_cond, d_uncond, history, b) -> None:
+def _check_args(x, d_cond, d_uncond, history, noise, coef) -> None:
     if len(history) > MAX_HISTORY:
         raise ValueError(f"guided_step: at most {MAX_HISTORY} history tensors, got {len(history)}")
-    if len(b) != len(history) + 1:
-        raise ValueError(f"guided_step: need len(b) == len(history) + 1, got {len(b)} and {len(history)}")
-    for name, t in [("d_cond", d_cond), ("d_uncond", d_uncond)] + [(f"history[{k}]", h) for k, h in enumerate(history)]:
+    if len(coef) != len(history) + 6:
+        raise ValueError(f"guided_step: need len(b) == len(history) + 1, got {len(coef) - 5} and {len(history)}")
+    if not all(math.isfinite(c) for c in coef):
+        raise ValueError(f"guided_step: coefficients must be finite, got {coef}")
+    if x.numel() == 0:
+        raise ValueError(f"guided_step: x is empty (shape {tuple(x.shape)})")
+    named = [("d_cond", d_cond), ("d_uncond", d_uncond), ("noise", noise)]
+    for name, t in named + [(f"history[{k}]", h) for k, h in enumerate(history)]:
         if t is None:
             continue
         if t.shape != x.shape:
@@ -116,18 +156,37 @@ def _check_args(x, d_cond, d_uncond, history, b) -> None:
             raise TypeError(f"guided_step: {name} must be a floating tensor, got {t.dtype}")
 
 
-def _kernel_backend_for(tensors: list[torch.Tensor]) -> str | None:
-    """The compiled backend whose kernel fits these tensors, or None when only the reference does."""
-    x = tensors[0]
-    if x.dtype not in (torch.float32, torch.float64) or any(t.dtype != x.dtype for t in tensors):
+def _kernel_fits(x, model_outputs, state_likes) -> bool:
+    """Whether the kernels take these dtypes, and no autograd is needed (the kernels have no backward yet)."""
+    td = model_outputs[0].dtype
+    if td not in KERNEL_DTYPES.get(x.dtype, ()) or any(t.dtype != td for t in model_outputs):
+        return False
+    if any(t.dtype != x.dtype for t in state_likes):
+        return False
+    tensors = [x, *model_outputs, *state_likes]
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _usable(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run tensors on ``device`` here, else the reason it cannot."""
+    if backend in ("cpu", "cuda"):
+        if backend != device.type:
+            return f"the {backend} backend takes {backend} tensors, these are on {device}"
+        if _C is None:
+            return f"fastdiff._C is not available: {_EXT_ERROR}"
+        if backend == "cuda" and not _C.with_cuda:
+            return "fastdiff._C was built without CUDA"
         return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None  # the compiled ops have no backward yet; the reference is differentiable
-    return x.device.type if x.device.type in ("cpu", "cuda") else None
-
-
-def _built(backend: str) -> bool:
-    return _C is not None and (backend == "cpu" or bool(_C.with_cuda))
+    if backend == "triton":
+        kernel = _triton_kernel()
+        if isinstance(kernel, str):
+            return f"triton cannot be imported: {kernel}"
+        if device.type == "cpu" and not _triton_interpreting():
+            return "triton runs CPU tensors only under TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"triton does not run tensors on {device}"
+        return None
+    return None
 
 
 def guided_step(
@@ -141,52 +200,61 @@ def guided_step(
     w: float = 1.0,
     hx: float = 0.0,
     hd: float = 1.0,
+    noise: torch.Tensor | None = None,
+    c_noise: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused guided solver step; same contract as :func:`guided_step_reference`.
 
     Shapes: every tensor ``[B, ...]`` like ``x``. Returns ``(x_next, E)``.
     """
     history = list(history)
-    _check_args(x, d_cond, d_uncond, history, b)
-    tensors = [x, d_cond] + ([d_uncond] if d_uncond is not None else []) + history
+    coef = [float(v) for v in (a, w, hx, hd, c_noise, *b)]
+    _check_args(x, d_cond, d_uncond, history, noise, coef)
     forced = os.environ.get("FASTDIFF_BACKEND", "").strip().lower() or None
     if forced is not None and forced not in BACKENDS:
         raise ValueError(f"FASTDIFF_BACKEND={forced!r} is not a backend; choose one of {BACKENDS}")
+    reference = functools.partial(guided_step_reference, x, d_cond, d_uncond, history, a, b, w, hx, hd, noise, c_noise)
     if forced == "torch":
-        return guided_step_reference(x, d_cond, d_uncond, history, a, b, w, hx, hd)
+        return reference()
 
-    backend = _kernel_backend_for(tensors)
-    if forced is not None and (backend != forced or not _built(forced)):
-        if _C is None:
-            why = f"fastdiff._C is not available: {_EXT_ERROR}"
-        elif backend != forced:
-            why = (
-                f"this call (x: {x.dtype} on {x.device}) needs the {backend or 'torch'} backend; the compiled "
-                "kernels take one float32/float64 dtype for all inputs, tensors on their device, and no autograd"
-            )
-        else:
-            why = "fastdiff._C was built without CUDA"
-        raise RuntimeError(f"FASTDIFF_BACKEND={forced} cannot run: {why}")
-    if backend is not None and not _built(backend):
-        _say_missing_once()
-        backend = None
-    if backend is None:
-        return guided_step_reference(x, d_cond, d_uncond, history, a, b, w, hx, hd)
+    model_outputs = [d_cond] + ([d_uncond] if d_uncond is not None else [])
+    fits = _kernel_fits(x, model_outputs, history + ([noise] if noise is not None else []))
+    if forced is not None:
+        why = _usable(forced, x.device)
+        if why is None and not fits:
+            why = f"x is {x.dtype} and d_cond {d_cond.dtype} (the kernels take {_dtype_help()}), or autograd is on"
+        if why is not None:
+            raise RuntimeError(f"FASTDIFF_BACKEND={forced} cannot run this call: {why}")
+        backend = forced
+    elif not fits:
+        return reference()
+    elif x.device.type == "cpu":
+        if _usable("cpu", x.device):
+            _say_missing_once()
+            return reference()
+        backend = "cpu"
+    else:
+        backend = next((bk for bk in ("cuda", "triton") if _usable(bk, x.device) is None), None)
+        if backend is None:
+            _say_missing_once()
+            return reference()
 
     xc = x.contiguous()
     x_out = torch.empty_like(xc)
     e_out = torch.empty_like(xc)
-    _C.guided_step(
-        xc,
+    args = (
         d_cond.contiguous(),
         d_uncond.contiguous() if d_uncond is not None else None,
         [h.contiguous() for h in history],
-        float(a),
-        [float(v) for v in b],
-        float(w),
-        float(hx),
-        float(hd),
-        x_out,
-        e_out,
+        noise.contiguous() if noise is not None else None,
     )
+    if backend == "triton":
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        _triton_kernel()(xc, *args, torch.tensor(coef, dtype=acc, device=x.device), x_out, e_out)
+    else:
+        _C.guided_step(xc, *args, coef, x_out, e_out)
     return x_out, e_out
+
+
+def _dtype_help() -> str:
+    return "; ".join(f"{s} state with {'/'.join(map(str, d))}" for s, d in KERNEL_DTYPES.items())

@@ -1,7 +1,13 @@
+import os
+
 import pytest
 import torch
 
-from fastdiff.models import builtin_gmm
+# Triton kernels run on CPU tensors through its interpreter, which must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fastdiff.models import builtin_gmm  # noqa: E402
 
 
 @pytest.fixture(scope="session")

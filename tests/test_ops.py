@@ -1,4 +1,4 @@
-"""The compiled guided step against the pure-torch reference (computed in float64)."""
+"""Every backend of the guided step against the pure-torch reference computed in float64."""
 
 import subprocess
 import sys
@@ -6,64 +6,88 @@ import sys
 import pytest
 import torch
 
-from fastdiff import ops
+import fastdiff
+from fastdiff import ops, schedules
 
 SHAPES = [(1,), (97,), (1025,), (4, 3, 17, 19)]
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+DTYPE_PAIRS = [(tx, td) for tx, tds in ops.KERNEL_DTYPES.items() for td in tds]
+KERNEL_BACKENDS = [b for b in ("cpu", "triton") if b in ops.available_backends()]
 
 
-def _inputs(shape, dtype, n_hist, seed=0):
+def _make(shape, dtype, g):
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype)
+
+
+def _case(shape, tx, td, full, seed=0):
+    """Inputs of one call: the full form (guidance, 3 history entries, noise, iPNDM-style E) or the minimal one."""
     g = torch.Generator().manual_seed(seed)
-    make = lambda: torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    return make(), make(), make(), [make() for _ in range(n_hist)]
+    x, dc = _make(shape, tx, g), _make(shape, td, g)
+    if not full:
+        return dict(x=x, d_cond=dc, d_uncond=None, history=[], noise=None), dict(a=0.7, b=[0.3])
+    return (
+        dict(x=x, d_cond=dc, d_uncond=_make(shape, td, g), history=[_make(shape, tx, g) for _ in range(3)],
+             noise=_make(shape, tx, g)),
+        dict(a=0.7, b=[0.3, -0.2, 0.15, 0.05], w=2.5, hx=0.4, hd=-0.4, c_noise=0.35),
+    )  # fmt: skip
 
 
-def _reference64(x, dc, du, hist, a, b, w, hx=0.0, hd=1.0):
-    f = lambda t: None if t is None else t.double()  # noqa: E731
-    return ops.guided_step_reference(f(x), f(dc), f(du), [f(h) for h in hist], a, b, w, hx, hd)
+def _reference(t, c, dtype=None):
+    cast = (lambda v: None if v is None else v.to(dtype)) if dtype else (lambda v: v)
+    return ops.guided_step_reference(
+        cast(t["x"]), cast(t["d_cond"]), cast(t["d_uncond"]), [cast(h) for h in t["history"]],
+        c["a"], c["b"], c.get("w", 1.0), c.get("hx", 0.0), c.get("hd", 1.0), cast(t["noise"]), c.get("c_noise", 0.0),
+    )  # fmt: skip
 
 
-@pytest.mark.skipif(not ops.extension_available(), reason="fastdiff._C not built")
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n_hist", [0, 1, 3])
-@pytest.mark.parametrize("guided", [False, True])
-def test_cpu_kernel_matches_reference(shape, dtype, n_hist, guided, monkeypatch):
-    monkeypatch.setenv("FASTDIFF_BACKEND", "cpu")
-    x, dc, du, hist = _inputs(shape, dtype, n_hist)
-    du = du if guided else None
-    a, b, w, hx, hd = 0.7, [0.3, -0.2, 0.15, 0.05][: n_hist + 1], 2.5, 0.4, -0.4
-    x_next, e = ops.guided_step(x, dc, du, hist, a=a, b=b, w=w, hx=hx, hd=hd)
-    rx, re = _reference64(x, dc, du, hist, a, b, w, hx, hd)
-    # Tolerance: twice the error of the same-dtype torch reference against float64 (the flash-attention rule).
-    tx, te = ops.guided_step_reference(x, dc, du, hist, a, b, w, hx, hd)
-    tol_x = 2 * (tx.double() - rx).abs().max().item() + TOL[dtype]
-    tol_e = 2 * (te.double() - re).abs().max().item() + TOL[dtype]
-    assert x_next.dtype == dtype and x_next.shape == x.shape
-    assert (x_next.double() - rx).abs().max().item() <= tol_x
-    assert (e.double() - re).abs().max().item() <= tol_e
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("tx,td", DTYPE_PAIRS, ids=str)
+@pytest.mark.parametrize("full", [False, True], ids=["minimal", "full"])
+def test_kernel_matches_reference(backend, shape, tx, td, full, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    t, c = _case(shape, tx, td, full)
+    x_next, e = ops.guided_step(**t, **c)
+    ref_x, ref_e = _reference(t, c, torch.float64)
+    same_x, same_e = _reference(t, c)  # the reference in the inputs' own dtypes
+    assert x_next.dtype == tx and e.dtype == tx and x_next.shape == t["x"].shape
+    for got, ref, same in [(x_next, ref_x, same_x), (e, ref_e, same_e)]:
+        # Twice the error of the same-dtype reference (flash-attention's rule), plus one rounding of the output.
+        tol = 2 * (same.double() - ref).abs().max().item() + torch.finfo(tx).eps * ref.abs().max().item()
+        assert (got.double() - ref).abs().max().item() <= tol
 
 
-@pytest.mark.skipif(not ops.extension_available(), reason="fastdiff._C not built")
-def test_cpu_kernel_handles_non_contiguous_views(monkeypatch):
-    monkeypatch.setenv("FASTDIFF_BACKEND", "cpu")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernels_handle_non_contiguous_views(backend, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
     g = torch.Generator().manual_seed(1)
-    base = torch.randn(6, 4, 17, 19, generator=g)
-    x = base[::2].transpose(2, 3)  # strided view
+    x = torch.randn(6, 4, 17, 19, generator=g)[::2].transpose(2, 3)  # strided view
     dc = torch.randn(x.shape, generator=g)
     hist = [torch.randn(19, 17, generator=g).t().expand(3, 4, 17, 19).transpose(2, 3)]
     x_next, d = ops.guided_step(x, dc, None, hist, a=0.5, b=[0.25, 0.25])
-    rx, _ = _reference64(x, dc, None, hist, 0.5, [0.25, 0.25], 1.0)
-    assert torch.allclose(x_next.double(), rx, atol=1e-6)
+    ref, _ = ops.guided_step_reference(x.double(), dc.double(), None, [hist[0].double()], 0.5, [0.25, 0.25])
+    assert torch.allclose(x_next.double(), ref, atol=1e-6)
     assert torch.equal(d, dc)
 
 
-def test_mixed_dtypes_use_the_reference_in_float32():
-    x = torch.randn(33)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("solver", sorted(fastdiff.SOLVERS))
+def test_sampling_is_the_same_on_every_backend(gmm, backend, solver, monkeypatch):
+    x = 80.0 * torch.randn(16, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    s = schedules.karras(6, 0.002, 80.0)
+    cond = {"class_labels": torch.arange(16) % 4}
+    g = fastdiff.Guidance(2.0, interval=(0.3, 20.0))
+    monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
+    ref = fastdiff.sample(gmm, x, s, solver=solver, guidance=g, cond=cond)
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    assert torch.allclose(fastdiff.sample(gmm, x, s, solver=solver, guidance=g, cond=cond), ref, atol=1e-12)
+
+
+def test_unsupported_dtype_mixes_use_the_reference():
+    x = torch.randn(33, dtype=torch.float16)
     dc = torch.randn(33).to(torch.bfloat16)
-    x_next, d = ops.guided_step(x, dc, None, [], a=0.5, b=[0.5])
-    assert x_next.dtype == torch.float32
-    assert torch.allclose(x_next, 0.5 * x + 0.5 * dc.float())
+    x_next, _ = ops.guided_step(x, dc, None, [], a=0.5, b=[0.5])
+    assert x_next.dtype == torch.float16
+    assert torch.allclose(x_next.float(), 0.5 * x.float() + 0.5 * dc.float(), atol=1e-3)
 
 
 def test_reference_is_differentiable_and_dispatch_keeps_gradients():
@@ -80,11 +104,20 @@ def test_forced_backend_errors(monkeypatch):
     with pytest.raises(ValueError, match="FASTDIFF_BACKEND='nope' is not a backend"):
         ops.guided_step(x, x, None, [], a=1.0, b=[0.0])
     monkeypatch.setenv("FASTDIFF_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="FASTDIFF_BACKEND=cuda cannot run"):
+    with pytest.raises(RuntimeError, match="FASTDIFF_BACKEND=cuda cannot run this call: the cuda backend takes"):
+        ops.guided_step(x, x, None, [], a=1.0, b=[0.0])
+    monkeypatch.setenv("FASTDIFF_BACKEND", "cpu")
+    with pytest.raises(RuntimeError, match="the kernels take"):
+        ops.guided_step(x.half(), x.bfloat16(), None, [], a=1.0, b=[0.0])
+    monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="only under TRITON_INTERPRET=1"):
         ops.guided_step(x, x, None, [], a=1.0, b=[0.0])
 
 
-def test_bad_arguments_name_the_problem():
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_bad_arguments_name_the_problem(backend, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
     x = torch.randn(8)
     with pytest.raises(ValueError, match="len\\(b\\) == len\\(history\\) \\+ 1"):
         ops.guided_step(x, x, None, [x], a=1.0, b=[0.0])
@@ -92,8 +125,14 @@ def test_bad_arguments_name_the_problem():
         ops.guided_step(x, x, None, [x] * 4, a=1.0, b=[0.0] * 5)
     with pytest.raises(ValueError, match="d_cond has shape"):
         ops.guided_step(x, torch.randn(9), None, [], a=1.0, b=[0.0])
+    with pytest.raises(ValueError, match="noise has shape"):
+        ops.guided_step(x, x, None, [], a=1.0, b=[0.0], noise=torch.randn(7))
     with pytest.raises(TypeError, match="must be a floating tensor"):
         ops.guided_step(x, torch.ones(8, dtype=torch.long), None, [], a=1.0, b=[0.0])
+    with pytest.raises(ValueError, match="coefficients must be finite"):
+        ops.guided_step(x, x, None, [], a=float("nan"), b=[0.0])
+    with pytest.raises(ValueError, match="x is empty"):
+        ops.guided_step(x[:0], x[:0], None, [], a=1.0, b=[0.0])
 
 
 def test_missing_extension_falls_back_and_says_so_once():
