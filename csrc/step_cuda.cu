@@ -8,11 +8,11 @@
 
 namespace fastdiff {
 
-template <typename TX, typename TD, typename Acc>
+template <bool kUncond, int kHist, bool kNoise, bool kWriteE, typename TX, typename TD, typename Acc>
 __global__ void guided_step_kernel(StepArgs<TX, TD, Acc> s) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < s.n; i += stride) {
-    step_element(s, i);
+    step_element<kUncond, kHist, kNoise, kWriteE>(s, i);
   }
 }
 
@@ -23,7 +23,10 @@ int guided_step_cuda(const StepArgs<TX, TD, Acc>& s, void* stream) {
   // A grid-stride loop: enough blocks to fill the device, capped so huge tensors reuse threads.
   const int64_t blocks64 = (s.n + kThreads - 1) / kThreads;
   const int blocks = static_cast<int>(blocks64 < 65535 ? blocks64 : 65535);
-  guided_step_kernel<<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(s);
+  dispatch_step_flags(s, [&](auto uncond, auto hist, auto noise, auto write_e) {
+    guided_step_kernel<decltype(uncond)::value, decltype(hist)::value, decltype(noise)::value,
+                       decltype(write_e)::value><<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(s);
+  });
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -77,16 +78,44 @@ struct StepArgs {
   int64_t n;
 };
 
-template <typename TX, typename TD, typename Acc>
+// One element of the step. The structure flags are template parameters so that each loop is branch-free
+// (and vectorises on the CPU); dispatch_step_flags picks the instance from a StepArgs at run time.
+template <bool kUncond, int kHist, bool kNoise, bool kWriteE, typename TX, typename TD, typename Acc>
 FD_HOST_DEVICE void step_element(const StepArgs<TX, TD, Acc>& s, int64_t i) {
   const Acc dc = load<Acc>(s.d_cond, i);
-  const Acc d = s.d_uncond ? load<Acc>(s.d_uncond, i) + s.w * (dc - load<Acc>(s.d_uncond, i)) : dc;
+  Acc d = dc;
+  if constexpr (kUncond) {
+    const Acc du = load<Acc>(s.d_uncond, i);
+    d = du + s.w * (dc - du);
+  }
   const Acc x = load<Acc>(s.x, i);
   Acc acc = s.a * x + s.b[0] * d;
-  for (int k = 0; k < s.n_history; ++k) acc += s.b[k + 1] * load<Acc>(s.history[k], i);
-  if (s.noise) acc += s.c_noise * load<Acc>(s.noise, i);
-  if (s.e_out) store(s.e_out, i, s.hx * x + s.hd * d);
+  if constexpr (kHist > 0) acc += s.b[1] * load<Acc>(s.history[0], i);
+  if constexpr (kHist > 1) acc += s.b[2] * load<Acc>(s.history[1], i);
+  if constexpr (kHist > 2) acc += s.b[3] * load<Acc>(s.history[2], i);
+  if constexpr (kNoise) acc += s.c_noise * load<Acc>(s.noise, i);
+  if constexpr (kWriteE) store(s.e_out, i, s.hx * x + s.hd * d);
   store(s.x_out, i, acc);
+}
+
+// Calls f(uncond, hist, noise, write_e) with std::integral_constant arguments matching s (host code).
+template <typename TX, typename TD, typename Acc, typename F>
+inline void dispatch_step_flags(const StepArgs<TX, TD, Acc>& s, F&& f) {
+  auto with_hist = [&](auto uncond, auto noise, auto write_e) {
+    switch (s.n_history) {
+      case 0: return f(uncond, std::integral_constant<int, 0>{}, noise, write_e);
+      case 1: return f(uncond, std::integral_constant<int, 1>{}, noise, write_e);
+      case 2: return f(uncond, std::integral_constant<int, 2>{}, noise, write_e);
+      default: return f(uncond, std::integral_constant<int, 3>{}, noise, write_e);
+    }
+  };
+  auto with_e = [&](auto uncond, auto noise) {
+    return s.e_out ? with_hist(uncond, noise, std::true_type{}) : with_hist(uncond, noise, std::false_type{});
+  };
+  auto with_noise = [&](auto uncond) {
+    return s.noise ? with_e(uncond, std::true_type{}) : with_e(uncond, std::false_type{});
+  };
+  return s.d_uncond ? with_noise(std::true_type{}) : with_noise(std::false_type{});
 }
 
 }  // namespace fastdiff

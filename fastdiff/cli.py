@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import fastdiff
-from fastdiff import metrics, models, schedules, solvers
+from fastdiff import bench, metrics, models, schedules, solvers
 from fastdiff.guidance import Guidance
 from fastdiff.ode import reference_sample
 
@@ -85,7 +85,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=None, help="write a scatter plot PNG here")
     s.add_argument("--progress", action="store_true", help="show a progress bar")
     s.set_defaults(func=cmd_sample)
+
+    b = sub.add_parser("bench", help="microbenchmarks (see BENCHMARKS.md)")
+    bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    k = bsub.add_parser(
+        "kernels",
+        help="the fused guided step against eager torch, torch.compile and the copy bandwidth",
+        description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    k.add_argument("--sizes", default=None, help="elements per tensor, e.g. 16K,1M,50M (default: those on a GPU, "
+                   "16K,1M on the CPU)")  # fmt: skip
+    k.add_argument("--dtypes", default="fp32,fp32+bf16", help=f"comma-separated, from {list(bench.DTYPES)}")
+    k.add_argument("--workloads", default=",".join(bench.WORKLOADS), help="comma-separated workloads")
+    k.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    k.add_argument("--reps", type=int, default=20, help="timed repetitions on the CPU")
+    k.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    k.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for kernels.csv and kernels.png")
+    k.add_argument("--progress", action="store_true", help="print each measurement as it starts")
+    k.set_defaults(func=cmd_bench_kernels)
     return p
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sizes = args.sizes or ("16K,1M,50M" if device.type == "cuda" else "16K,1M")
+    dtypes = args.dtypes.split(",")
+    workloads = args.workloads.split(",")
+    for name, known in [(d, bench.DTYPES) for d in dtypes] + [(w, bench.WORKLOADS) for w in workloads]:
+        if name not in known:
+            raise ValueError(f"unknown {name!r}; choose from {list(known)}")
+    rows = bench.bench_kernels(
+        [bench.parse_size(v) for v in sizes.split(",")], dtypes, workloads, device, reps=args.reps,
+        compile=not args.no_compile, progress=(lambda m: print(m, file=sys.stderr)) if args.progress else None,
+    )  # fmt: skip
+    bench.write_results(rows, args.out)
+    print(bench.markdown_table(rows))
+    print(f"wrote {args.out / 'kernels.csv'} and {args.out / 'kernels.png'}")
+    return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -157,14 +157,11 @@ def _check_args(x, d_cond, d_uncond, history, noise, coef) -> None:
 
 
 def _kernel_fits(x, model_outputs, state_likes) -> bool:
-    """Whether the kernels take these dtypes, and no autograd is needed (the kernels have no backward yet)."""
+    """Whether the kernels take these dtypes."""
     td = model_outputs[0].dtype
     if td not in KERNEL_DTYPES.get(x.dtype, ()) or any(t.dtype != td for t in model_outputs):
         return False
-    if any(t.dtype != x.dtype for t in state_likes):
-        return False
-    tensors = [x, *model_outputs, *state_likes]
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return all(t.dtype == x.dtype for t in state_likes)
 
 
 def _usable(backend: str, device: torch.device) -> str | None:
@@ -189,30 +186,12 @@ def _usable(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def guided_step(
-    x: torch.Tensor,
-    d_cond: torch.Tensor,
-    d_uncond: torch.Tensor | None = None,
-    history: Sequence[torch.Tensor] = (),
-    *,
-    a: float,
-    b: Sequence[float],
-    w: float = 1.0,
-    hx: float = 0.0,
-    hd: float = 1.0,
-    noise: torch.Tensor | None = None,
-    c_noise: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused guided solver step; same contract as :func:`guided_step_reference`.
-
-    Shapes: every tensor ``[B, ...]`` like ``x``. Returns ``(x_next, E)``.
-    """
-    history = list(history)
-    coef = [float(v) for v in (a, w, hx, hd, c_noise, *b)]
-    _check_args(x, d_cond, d_uncond, history, noise, coef)
+def _forward(x, d_cond, d_uncond, history, noise, coef: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward pass on the chosen backend. ``coef = [a, w, hx, hd, c_noise, b0, ..., bK]``."""
     forced = os.environ.get("FASTDIFF_BACKEND", "").strip().lower() or None
     if forced is not None and forced not in BACKENDS:
         raise ValueError(f"FASTDIFF_BACKEND={forced!r} is not a backend; choose one of {BACKENDS}")
+    a, w, hx, hd, c_noise, *b = coef
     reference = functools.partial(guided_step_reference, x, d_cond, d_uncond, history, a, b, w, hx, hd, noise, c_noise)
     if forced == "torch":
         return reference()
@@ -222,7 +201,7 @@ def guided_step(
     if forced is not None:
         why = _usable(forced, x.device)
         if why is None and not fits:
-            why = f"x is {x.dtype} and d_cond {d_cond.dtype} (the kernels take {_dtype_help()}), or autograd is on"
+            why = f"x is {x.dtype} and d_cond {d_cond.dtype}; the kernels take {_dtype_help()}"
         if why is not None:
             raise RuntimeError(f"FASTDIFF_BACKEND={forced} cannot run this call: {why}")
         backend = forced
@@ -254,6 +233,124 @@ def guided_step(
     else:
         _C.guided_step(xc, *args, coef, x_out, e_out)
     return x_out, e_out
+
+
+# ------------------------------------------------------------------------------- torch.library registration
+
+
+@torch.library.custom_op("fastdiff::guided_step", mutates_args=())
+def _guided_step_op(
+    x: torch.Tensor,
+    d_cond: torch.Tensor,
+    d_uncond: torch.Tensor | None,
+    history: list[torch.Tensor],
+    noise: torch.Tensor | None,
+    coef: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # coef is a few scalars; reading them on the host is what the compiled kernels' launchers need.
+    return _forward(x, d_cond, d_uncond, list(history), noise, coef.double().tolist())
+
+
+@_guided_step_op.register_fake
+def _(x, d_cond, d_uncond, history, noise, coef):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.promote_types(x.dtype, d_cond.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, d_cond, d_uncond, history, noise, coef = inputs
+    ctx.has_uncond, ctx.has_noise, ctx.n_history = d_uncond is not None, noise is not None, len(history)
+    saved = [x, d_cond, coef] + ([d_uncond] if d_uncond is not None else []) + list(history)
+    ctx.save_for_backward(*saved, *([noise] if noise is not None else []))
+
+
+def _backward(ctx, g_x, g_e):
+    """The backward of the linear step: tensors get scaled gradients, coefficients get dot products."""
+    x, d_cond, coef, *rest = ctx.saved_tensors
+    d_uncond = rest.pop(0) if ctx.has_uncond else None
+    history, noise = rest[: ctx.n_history], (rest[ctx.n_history] if ctx.has_noise else None)
+    ct = torch.promote_types(torch.promote_types(x.dtype, d_cond.dtype), torch.float32)
+    c = coef.to(ct)
+    a, w, hx, hd, c_noise, b = c[0], c[1], c[2], c[3], c[4], c[5:]
+    g_x = torch.zeros_like(x, dtype=ct) if g_x is None else g_x.to(ct)
+    g_e = torch.zeros_like(x, dtype=ct) if g_e is None else g_e.to(ct)
+    xc, dc = x.to(ct), d_cond.to(ct)
+    diff = dc - d_uncond.to(ct) if d_uncond is not None else None
+    d = dc if diff is None else d_uncond.to(ct) + w * diff
+    g_d = b[0] * g_x + hd * g_e
+
+    def dot(u, v):
+        return (u * v).sum() if v is not None else u.new_zeros(())
+
+    g_coef = torch.stack(
+        [dot(g_x, xc), dot(g_d, diff), dot(g_e, xc), dot(g_e, d), dot(g_x, None if noise is None else noise.to(ct)),
+         dot(g_x, d), *(dot(g_x, h.to(ct)) for h in history)]
+    ).to(coef.dtype)  # fmt: skip
+    return (
+        (a * g_x + hx * g_e).to(x.dtype),
+        (g_d if diff is None else w * g_d).to(d_cond.dtype),
+        None if diff is None else ((1 - w) * g_d).to(d_uncond.dtype),
+        [(bk * g_x).to(h.dtype) for bk, h in zip(b[1:], history)],
+        None if noise is None else (c_noise * g_x).to(noise.dtype),
+        g_coef,
+    )
+
+
+_guided_step_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def guided_step_coef(
+    x: torch.Tensor,
+    d_cond: torch.Tensor,
+    d_uncond: torch.Tensor | None,
+    history: Sequence[torch.Tensor],
+    coef: torch.Tensor,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guided step with its coefficients as a tensor, differentiable with respect to every input.
+
+    ``coef``: ``[6 + len(history)]`` float tensor ``[a, w, hx, hd, c_noise, b0, ..., bK]``. This is the form
+    LD3 learns timesteps through, and the registered op ``torch.ops.fastdiff.guided_step`` that
+    ``torch.compile`` and CUDA graph capture see. Returns ``(x_next, E)`` as :func:`guided_step_reference`.
+    """
+    history = list(history)
+    if coef.ndim != 1 or not coef.is_floating_point():
+        raise ValueError(f"guided_step: coef must be a 1-D float tensor, got {coef.dtype} {tuple(coef.shape)}")
+    _check_args(x, d_cond, d_uncond, history, noise, [0.0] * coef.numel())
+    return torch.ops.fastdiff.guided_step(x, d_cond, d_uncond, history, noise, coef)
+
+
+def guided_step(
+    x: torch.Tensor,
+    d_cond: torch.Tensor,
+    d_uncond: torch.Tensor | None = None,
+    history: Sequence[torch.Tensor] = (),
+    *,
+    a: float,
+    b: Sequence[float],
+    w: float = 1.0,
+    hx: float = 0.0,
+    hd: float = 1.0,
+    noise: torch.Tensor | None = None,
+    c_noise: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused guided solver step with scalar coefficients; same contract as :func:`guided_step_reference`.
+
+    Shapes: every tensor ``[B, ...]`` like ``x``. Returns ``(x_next, E)``. Differentiable with respect to the
+    tensors; :func:`guided_step_coef` also with respect to the coefficients.
+    """
+    history = list(history)
+    coef = [float(v) for v in (a, w, hx, hd, c_noise, *b)]
+    _check_args(x, d_cond, d_uncond, history, noise, coef)
+    tensors = [x, d_cond, d_uncond, noise, *history]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if needs_grad or torch.compiler.is_compiling():
+        return torch.ops.fastdiff.guided_step(
+            x, d_cond, d_uncond, history, noise, torch.tensor(coef, dtype=torch.float64)
+        )
+    return _forward(x, d_cond, d_uncond, history, noise, coef)
 
 
 def _dtype_help() -> str:

@@ -65,3 +65,20 @@ def test_help_and_module_entry_point():
     assert res.returncode == 0
     for flag in ("--model", "--solver", "--steps", "--schedule", "--guidance", "--interval", "--seed", "--out"):
         assert flag in res.stdout
+
+
+def test_bench_kernels_writes_csv_plot_and_table(capsys, tmp_path):
+    rc = main(["bench", "kernels", "--sizes", "1K", "--dtypes", "fp32", "--workloads", "euler_cfg,dpmpp_2m",
+               "--no-compile", "--reps", "3", "--device", "cpu", "--out", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = (tmp_path / "kernels.csv").read_text().splitlines()
+    providers = {line.split(",")[3] for line in rows[1:]}
+    assert {"copy", "eager", "cpu"} <= providers and len(rows) == 1 + 2 * len(providers)
+    assert (tmp_path / "kernels.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| euler_cfg | fp32 | 1024 | cpu |" in out
+
+
+def test_bench_rejects_unknown_names(capsys):
+    assert main(["bench", "kernels", "--dtypes", "fp8"]) == 2
+    assert "unknown 'fp8'" in capsys.readouterr().err

@@ -147,3 +147,59 @@ def test_missing_extension_falls_back_and_says_so_once():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stderr.count("fastdiff._C is not available") == 1
+
+
+def _grad_inputs(dtype=torch.float64, n=7, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda: torch.randn(n, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
+    x, dc, du, h0, h1, nz = (make() for _ in range(6))
+    coef = torch.tensor([0.7, 2.5, 0.4, -0.3, 0.35, 0.3, -0.2, 0.15], dtype=torch.float64, requires_grad=True)
+    return x, dc, du, [h0, h1], nz, coef
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_gradcheck_every_input_including_coefficients(backend, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    x, dc, du, (h0, h1), nz, coef = _grad_inputs()
+
+    def f(x, dc, du, h0, h1, nz, coef):
+        return ops.guided_step_coef(x, dc, du, [h0, h1], coef, noise=nz)
+
+    assert torch.autograd.gradcheck(f, (x, dc, du, h0, h1, nz, coef))
+
+
+def test_backward_matches_autograd_through_the_reference():
+    x, dc, du, hist, nz, coef = _grad_inputs(torch.float32, n=50)
+    r1, r2 = torch.randn(50), torch.randn(50)
+    xo, e = ops.guided_step_coef(x, dc, du, hist, coef, noise=nz)
+    grads = torch.autograd.grad((xo * r1).sum() + (e * r2).sum(), [x, dc, du, *hist, nz, coef])
+    a, w, hx, hd, c_noise, *b = coef.unbind()
+    rx, re = ops.guided_step_reference(x, dc, du, hist, a, b, w, hx, hd, nz, c_noise)
+    expected = torch.autograd.grad((rx * r1).sum() + (re * r2).sum(), [x, dc, du, *hist, nz, coef])
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got.double(), want.double(), atol=1e-4)
+
+
+def test_scalar_api_keeps_gradients_on_kernel_backends(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", "cpu" if "cpu" in KERNEL_BACKENDS else "torch")
+    x = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    dc = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    x_next, _ = ops.guided_step(x, dc, None, [], a=0.3, b=[0.7])
+    x_next.sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 0.3)) and torch.allclose(dc.grad, torch.full_like(dc, 0.7))
+
+
+def test_opcheck():
+    x, dc, du, hist, nz, coef = _grad_inputs(torch.float32, n=33)
+    torch.library.opcheck(torch.ops.fastdiff.guided_step.default, (x, dc, du, hist, nz, coef))
+    torch.library.opcheck(torch.ops.fastdiff.guided_step.default, (x, dc, None, [], None, coef[:6]))
+
+
+def test_torch_compile_fullgraph_runs_through_the_op():
+    def step(x, dc, du, h):
+        return ops.guided_step(x, dc, du, [h], a=0.5, b=[0.4, 0.1], w=2.0)
+
+    args = [torch.randn(4, 3, 17, 19) for _ in range(4)]
+    compiled = torch.compile(step, fullgraph=True)
+    for got, want in zip(compiled(*args), step(*args)):
+        assert torch.allclose(got, want, atol=1e-6)

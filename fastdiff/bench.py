@@ -1,0 +1,177 @@
+"""Microbenchmarks of the fused step against eager torch, ``torch.compile`` and the copy bandwidth.
+
+Workloads are solver steps with classifier-free guidance, as the sampler issues them:
+
+* ``euler_cfg``: x, D_c, D_u -> x_next, D;
+* ``heun_corrector``: the same plus one history entry (the predictor's D);
+* ``dpmpp_2m``: the same plus one history entry (the previous D);
+* ``unipc_corrector``: the same plus two history entries (UniC-2 reads D_{i-1} and D_{i-2}).
+
+Each provider is timed on the same tensors in the same run: ``eager`` (the pure-torch reference),
+``compile`` (``torch.compile`` of that reference), and every fastdiff kernel backend available here, called
+through :func:`fastdiff.ops.guided_step` with the backend forced (so its host-side dispatch is included, as a
+user pays it). ``copy`` is ``dst.copy_(src)`` over the same number of bytes the step moves; bandwidth is bytes
+read plus written over time. GPU times are medians of ``triton.testing.do_bench`` (CUDA events); CPU times
+are medians of wall-clock repetitions. ``host_us`` is the wall time of one call returning to Python, without
+synchronising the device.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from fastdiff import ops
+
+WORKLOADS = {"euler_cfg": 0, "heun_corrector": 1, "dpmpp_2m": 1, "unipc_corrector": 2}  # history entries
+DTYPES = {"fp32": (torch.float32, torch.float32), "fp32+bf16": (torch.float32, torch.bfloat16)}
+SIZES = {"16K": 16_384, "1M": 1_048_576, "50M": 50_331_648}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    if text in SIZES:
+        return SIZES[text]
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+    return int(float(text.rstrip("KM")) * scale)
+
+
+def _time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median seconds of one call, after warm-up."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _host_time(fn: Callable[[], object], device: torch.device, reps: int = 50) -> float:
+    """Median wall time of one call returning to Python, without synchronising the device."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
+def _with_backend(backend: str, fn: Callable):
+    def call():
+        old = os.environ.get("FASTDIFF_BACKEND")
+        os.environ["FASTDIFF_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["FASTDIFF_BACKEND"]
+            else:
+                os.environ["FASTDIFF_BACKEND"] = old
+
+    return call
+
+
+def bench_kernels(
+    sizes: list[int],
+    dtypes: list[str],
+    workloads: list[str] | None = None,
+    device: str | torch.device | None = None,
+    reps: int = 20,
+    compile: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Run the benchmark grid; returns one row per (workload, dtype, size, provider)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    providers = [b for b in ops.available_backends() if b != "torch" and (b != "cpu") == (device.type == "cuda")]
+    if device.type == "cpu" and "triton" in providers:
+        providers.remove("triton")  # the interpreter measures numpy, not the kernel
+    compiled = torch.compile(ops.guided_step_reference, dynamic=False) if compile else None
+    rows = []
+    for name in workloads or list(WORKLOADS):
+        n_hist = WORKLOADS[name]
+        for dname in dtypes:
+            tx, td = DTYPES[dname]
+            for n in sizes:
+                g = torch.Generator(device=device).manual_seed(0)
+                x = torch.randn(n, device=device, dtype=tx, generator=g)
+                dc, du = (torch.randn(n, device=device, generator=g).to(td) for _ in range(2))
+                hist = [torch.randn(n, device=device, dtype=tx, generator=g) for _ in range(n_hist)]
+                b = [0.5] + [0.1] * n_hist
+                args = (x, dc, du, hist, 0.9, b, 2.0)
+                moved = (x.element_size() * (3 + n_hist) + 2 * dc.element_size()) * n  # read x, D's, history; write 2
+                src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
+                dst = torch.empty_like(src)
+                calls = {"copy": partial(dst.copy_, src), "eager": partial(ops.guided_step_reference, *args)}
+                if compiled is not None:
+                    calls["compile"] = partial(compiled, *args)
+                step = partial(ops.guided_step, x, dc, du, hist, a=0.9, b=b, w=2.0)
+                calls.update({backend: _with_backend(backend, step) for backend in providers})
+                for provider, fn in calls.items():
+                    if progress:
+                        progress(f"{name} {dname} {n} {provider}")
+                    sec = _time(fn, device, reps)
+                    rows.append({
+                        "workload": name, "dtype": dname, "elements": n, "provider": provider,
+                        "us": sec * 1e6, "gbps": moved / sec / 1e9,
+                        "host_us": _host_time(fn, device) * 1e6 if provider != "copy" else float("nan"),
+                        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    })  # fmt: skip
+                copy_gbps = next(r["gbps"] for r in rows[-len(calls) :] if r["provider"] == "copy")
+                for r in rows[-len(calls) :]:
+                    r["copy_fraction"] = r["gbps"] / copy_gbps
+    return rows
+
+
+def write_results(rows: list[dict], out: Path) -> None:
+    """CSV, PNG (time per provider, one panel per workload and dtype) and a Markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "kernels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["workload"], r["dtype"]) for r in rows}, key=lambda p: (list(WORKLOADS).index(p[0]), p[1]))
+    cols = len({p[1] for p in panels})
+    fig, axes = plt.subplots(len(panels) // cols, cols, figsize=(5 * cols, 3.2 * len(panels) // cols), squeeze=False)
+    for ax, (wl, dt) in zip(axes.flat, panels):
+        pts = [r for r in rows if r["workload"] == wl and r["dtype"] == dt]
+        for provider in dict.fromkeys(r["provider"] for r in pts):
+            sel = [r for r in pts if r["provider"] == provider]
+            ax.loglog([r["elements"] for r in sel], [r["us"] for r in sel], marker="o", ms=3, label=provider)
+        ax.set(title=f"{wl}, {dt}", xlabel="elements", ylabel="µs per call")
+        ax.grid(True, alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"fused guided step on {rows[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(out / "kernels.png", dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| workload | dtype | elements | provider | µs | GB/s | of copy | host µs |", "|---" * 8 + "|"]
+    for r in rows:
+        host = "–" if r["provider"] == "copy" else f"{r['host_us']:.1f}"
+        lines.append(
+            f"| {r['workload']} | {r['dtype']} | {r['elements']} | {r['provider']} | {r['us']:.1f} | "
+            f"{r['gbps']:.1f} | {r['copy_fraction']:.0%} | {host} |"
+        )
+    return "\n".join(lines)
