@@ -85,3 +85,27 @@ def test_load_refuses_corrupt_files(tmp_path):
     bad.write_text(json.dumps({"format": "fastdiff-schedule", "sigmas": [1.0, 2.0, 0.0]}))
     with pytest.raises(ValueError, match="strictly decreasing"):
         schedules.load(bad)
+
+
+@pytest.mark.parametrize("space", ["logsnr", "time"])
+def test_ld3_parameterisation(space):
+    ones = torch.ones(9, dtype=torch.float64)
+    s = schedules.ld3_sigmas(ones, 0.002, 80.0, space=space)
+    expected = (
+        schedules.logsnr_uniform(9, 0.002, 80.0)[:-1]
+        if space == "logsnr"
+        else torch.linspace(80, 0.002, 9, dtype=torch.float64)
+    )
+    assert torch.allclose(s, expected.double(), rtol=1e-12)
+    xi = torch.randn(9, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+    s = schedules.ld3_sigmas(xi, 0.002, 80.0, space=space, append_zero=True)
+    assert s.shape == (10,) and s[-1] == 0 and torch.allclose(s[[0, -2]], torch.tensor([80.0, 0.002]).double())
+    schedules.validate(s.detach())
+    assert torch.autograd.gradcheck(lambda v: schedules.ld3_sigmas(v, 0.002, 80.0, space=space), (xi,))
+
+
+def test_ld3_errors():
+    with pytest.raises(ValueError, match="1-D float tensor"):
+        schedules.ld3_sigmas(torch.ones(1), 0.1, 1.0)
+    with pytest.raises(ValueError, match="space must be"):
+        schedules.ld3_sigmas(torch.ones(4), 0.1, 1.0, space="sigma")
