@@ -135,13 +135,11 @@ def guided_step_reference(
     return acc.to(x.dtype), e.to(torch.promote_types(x.dtype, d_cond.dtype))
 
 
-def _check_args(x, d_cond, d_uncond, history, noise, coef) -> None:
+def _check_args(x, d_cond, d_uncond, history, noise, n_coef: int) -> None:
     if len(history) > MAX_HISTORY:
         raise ValueError(f"guided_step: at most {MAX_HISTORY} history tensors, got {len(history)}")
-    if len(coef) != len(history) + 6:
-        raise ValueError(f"guided_step: need len(b) == len(history) + 1, got {len(coef) - 5} and {len(history)}")
-    if not all(math.isfinite(c) for c in coef):
-        raise ValueError(f"guided_step: coefficients must be finite, got {coef}")
+    if n_coef != len(history) + 6:
+        raise ValueError(f"guided_step: need len(b) == len(history) + 1, got {n_coef - 5} and {len(history)}")
     if x.numel() == 0:
         raise ValueError(f"guided_step: x is empty (shape {tuple(x.shape)})")
     named = [("d_cond", d_cond), ("d_uncond", d_uncond), ("noise", noise)]
@@ -188,6 +186,8 @@ def _usable(backend: str, device: torch.device) -> str | None:
 
 def _forward(x, d_cond, d_uncond, history, noise, coef: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward pass on the chosen backend. ``coef = [a, w, hx, hd, c_noise, b0, ..., bK]``."""
+    if not all(math.isfinite(c) for c in coef):
+        raise ValueError(f"guided_step: coefficients must be finite, got {coef}")
     forced = os.environ.get("FASTDIFF_BACKEND", "").strip().lower() or None
     if forced is not None and forced not in BACKENDS:
         raise ValueError(f"FASTDIFF_BACKEND={forced!r} is not a backend; choose one of {BACKENDS}")
@@ -318,7 +318,7 @@ def guided_step_coef(
     history = list(history)
     if coef.ndim != 1 or not coef.is_floating_point():
         raise ValueError(f"guided_step: coef must be a 1-D float tensor, got {coef.dtype} {tuple(coef.shape)}")
-    _check_args(x, d_cond, d_uncond, history, noise, [0.0] * coef.numel())
+    _check_args(x, d_cond, d_uncond, history, noise, coef.numel())
     return torch.ops.fastdiff.guided_step(x, d_cond, d_uncond, history, noise, coef)
 
 
@@ -343,7 +343,7 @@ def guided_step(
     """
     history = list(history)
     coef = [float(v) for v in (a, w, hx, hd, c_noise, *b)]
-    _check_args(x, d_cond, d_uncond, history, noise, coef)
+    _check_args(x, d_cond, d_uncond, history, noise, len(coef))
     tensors = [x, d_cond, d_uncond, noise, *history]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if needs_grad or torch.compiler.is_compiling():

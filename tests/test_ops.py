@@ -203,3 +203,14 @@ def test_torch_compile_fullgraph_runs_through_the_op():
     compiled = torch.compile(step, fullgraph=True)
     for got, want in zip(compiled(*args), step(*args)):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_nan_coefficient_tensor_is_refused(backend, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    x = torch.randn(8)
+    coef = torch.tensor([1.0, float("nan"), 0.0, 1.0, 0.0, 0.5])
+    with pytest.raises(ValueError, match="coefficients must be finite"):
+        ops.guided_step_coef(x, x, x, [], coef)
+    with pytest.raises(ValueError, match="need len\\(b\\) == len\\(history\\) \\+ 1"):
+        ops.guided_step_coef(x, x, None, [], coef[:5])
