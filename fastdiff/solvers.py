@@ -20,7 +20,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -38,16 +38,35 @@ class Denoised:
 
 
 Evaluate = Callable[[torch.Tensor, float], Denoised]
-Coefficients = tuple[float, list[float]]  # (a, b): x_next = a * x + sum_k b[k] * term_k
+Scalar = float | torch.Tensor
+Coefficients = tuple[Scalar, list[Scalar]]  # (a, b): x_next = a * x + sum_k b[k] * term_k
+
+# The coefficient functions take sigmas as Python floats (the sampler's host path) or as 0-d tensors (a
+# schedule on a device, differentiable, as LD3 needs); these helpers serve both.
 
 
-def _lam(sigma: float) -> float:
-    return -math.log(sigma)
+def _expm1(v: Scalar) -> Scalar:
+    return torch.expm1(v) if isinstance(v, torch.Tensor) else math.expm1(v)
 
 
-def _apply(x: torch.Tensor, den: Denoised, history: Sequence[torch.Tensor], coeffs: Coefficients, **kw):
-    a, b = coeffs
-    return ops.guided_step(x, den.cond, den.uncond, list(history), a=a, b=b, w=den.w, **kw)
+def _lam(sigma: Scalar) -> Scalar:
+    return -torch.log(sigma) if isinstance(sigma, torch.Tensor) else -math.log(sigma)
+
+
+class Stage(NamedTuple):
+    """One application of the step op: ``x' = a x + sum_k b[k] term_k`` and history entry ``hx x + hd D``."""
+
+    a: Scalar
+    b: list[Scalar]
+    hx: Scalar = 0.0
+    hd: Scalar = 1.0
+
+
+def _apply(x: torch.Tensor, den: Denoised, history: Sequence[torch.Tensor], stage: Stage):
+    return ops.guided_step(
+        x, den.cond, den.uncond, list(history[: len(stage.b) - 1]), a=stage.a, b=stage.b, w=den.w, hx=stage.hx,
+        hd=stage.hd,
+    )  # fmt: skip
 
 
 class Solver:
@@ -61,6 +80,18 @@ class Solver:
 
     def start(self) -> dict:
         return {"history": []}
+
+    def stages(self, sigmas: Sequence[Scalar], i: int) -> list[Stage]:
+        """The op applications of step ``i``, in order (pure function of the schedule)."""
+        raise NotImplementedError
+
+    def coefficient_table(self, sigmas: torch.Tensor) -> list[list[Stage]]:
+        """Every step's stages for a whole schedule. With a float64 tensor of sigmas (on any device) the
+        coefficients are 0-d tensors that carry gradients back to the sigmas, e.g. from
+        :func:`fastdiff.schedules.ld3_sigmas`. Each step branches on whether its next sigma is 0, one host read
+        per step for a schedule on a GPU."""
+        sig = list(sigmas.unbind()) if isinstance(sigmas, torch.Tensor) else list(sigmas)
+        return [self.stages(sig, i) for i in range(len(sig) - 1)]
 
     def step(
         self, i: int, x: torch.Tensor, sigmas: Sequence[float], evaluate: Evaluate, state: dict
@@ -87,9 +118,11 @@ class Euler(Solver):
 
     name = "euler"
 
+    def stages(self, sigmas, i):
+        return [Stage(*euler_coefficients(sigmas[i], sigmas[i + 1]))]
+
     def step(self, i, x, sigmas, evaluate, state):
-        den = evaluate(x, sigmas[i])
-        return _apply(x, den, [], euler_coefficients(sigmas[i], sigmas[i + 1]))
+        return _apply(x, evaluate(x, sigmas[i]), [], self.stages(sigmas, i)[0])
 
 
 class DDIM(Euler):
@@ -123,14 +156,16 @@ class Heun(Solver):
     def evaluations(self, sigmas):
         return [2 if s1 > 0 else 1 for s1 in sigmas[1:]]
 
-    def step(self, i, x, sigmas, evaluate, state):
+    def stages(self, sigmas, i):
         s0, s1 = sigmas[i], sigmas[i + 1]
-        predictor, corrector = heun_coefficients(s0, s1) if s1 > 0 else (euler_coefficients(s0, s1), None)
-        den = evaluate(x, s0)
-        x_pred, d = _apply(x, den, [], predictor)
-        if corrector is None:
+        return [Stage(*c) for c in heun_coefficients(s0, s1)] if s1 > 0 else [Stage(*euler_coefficients(s0, s1))]
+
+    def step(self, i, x, sigmas, evaluate, state):
+        stages = self.stages(sigmas, i)
+        x_pred, d = _apply(x, evaluate(x, sigmas[i]), [], stages[0])
+        if len(stages) == 1:
             return x_pred, d
-        x_next, _ = _apply(x, evaluate(x_pred, s1), [d], corrector)
+        x_next, _ = _apply(x, evaluate(x_pred, sigmas[i + 1]), [d], stages[1])
         return x_next, d
 
 
@@ -148,7 +183,7 @@ def dpmpp_2m_coefficients(sigmas: Sequence[float], i: int) -> Coefficients:
         return euler_coefficients(s0, s1)
     h = _lam(s1) - _lam(s0)
     r = (_lam(s0) - _lam(sigmas[i - 1])) / h
-    c = -math.expm1(-h)
+    c = -_expm1(-h)
     return s1 / s0, [c * (1 + 1 / (2 * r)), -c / (2 * r)]
 
 
@@ -178,8 +213,8 @@ def dpmpp_3m_coefficients(sigmas: Sequence[float], i: int, corrected: bool = Fal
     diff = [p - q for p, q in zip(d1_0, d1_1)]
     d1 = [p + q * r0 / (r0 + r1) for p, q in zip(d1_0, diff)]
     d2 = [(2 if corrected else 1) * q / (r0 + r1) for q in diff]
-    phi_1 = -math.expm1(-h)
-    phi_2 = math.expm1(-h) / h + 1
+    phi_1 = -_expm1(-h)
+    phi_2 = _expm1(-h) / h + 1
     phi_3 = phi_2 / h - 0.5
     b = [phi_2 * p - phi_3 * q for p, q in zip(d1, d2)]
     b[0] += phi_1
@@ -194,10 +229,12 @@ class _Multistep(Solver):
     def coefficients(self, sigmas: Sequence[float], i: int) -> Coefficients:
         raise NotImplementedError
 
+    def stages(self, sigmas, i):
+        return [Stage(*self.coefficients(sigmas, i))]
+
     def step(self, i, x, sigmas, evaluate, state):
-        a, b = self.coefficients(sigmas, i)
         hist = state["history"]
-        x_next, d = _apply(x, evaluate(x, sigmas[i]), hist[: len(b) - 1], (a, b))
+        x_next, d = _apply(x, evaluate(x, sigmas[i]), hist, self.stages(sigmas, i)[0])
         state["history"] = [d] + hist[: self.keep - 1]
         return x_next, d
 
@@ -261,14 +298,15 @@ class IPNDM(Solver):
             raise ValueError(f"ipndm max_order must be 1, 2, 3 or 4, got {max_order}")
         self.max_order = max_order
 
+    def stages(self, sigmas, i):
+        # The history entry is the derivative d_i = (x - D) / s0, produced by the same pass.
+        return [Stage(*ipndm_coefficients(sigmas, i, self.max_order), 1 / sigmas[i], -1 / sigmas[i])]
+
     def step(self, i, x, sigmas, evaluate, state):
-        s0 = sigmas[i]
-        a, b = ipndm_coefficients(sigmas, i, self.max_order)
         hist = state["history"]
-        # The history entry is the derivative d_i = (x - D)/s0, produced by the same pass.
-        x_next, d_i = _apply(x, evaluate(x, s0), hist[: len(b) - 1], (a, b), hx=1 / s0, hd=-1 / s0)
+        x_next, d_i = _apply(x, evaluate(x, sigmas[i]), hist, self.stages(sigmas, i)[0])
         state["history"] = [d_i] + hist[: max(self.max_order - 2, 0)]
-        return x_next, x - s0 * d_i
+        return x_next, x - sigmas[i] * d_i
 
 
 # ------------------------------------------------------------------------------------------------------ UniPC
@@ -282,8 +320,8 @@ def _unipc_terms(lams: Sequence[float], s0: int, t: int, order: int, variant: st
     """
     h = lams[t] - lams[s0]
     hh = -h
-    h_phi_1 = math.expm1(hh)
-    b_h = hh if variant == "bh1" else math.expm1(hh)
+    h_phi_1 = _expm1(hh)
+    b_h = hh if variant == "bh1" else _expm1(hh)
     rks = [(lams[s0 - k] - lams[s0]) / h for k in range(1, order)] + [1.0]
     R = [[rk ** (j - 1) for rk in rks] for j in range(1, order + 1)]
     b = []
@@ -296,9 +334,13 @@ def _unipc_terms(lams: Sequence[float], s0: int, t: int, order: int, variant: st
     return h_phi_1, b_h, rks, R, b
 
 
-def _solve(R: list[list[float]], b: list[float]) -> list[float]:
-    A = torch.tensor(R, dtype=torch.float64)
-    return torch.linalg.solve(A, torch.tensor(b, dtype=torch.float64)).tolist()
+def _solve(R: list[list[Scalar]], b: list[Scalar]) -> list[Scalar]:
+    if isinstance(b[0], torch.Tensor):  # keep the graph: stack, do not copy into a new tensor
+        A = torch.stack(
+            [torch.stack([torch.as_tensor(v, dtype=b[0].dtype, device=b[0].device) for v in row]) for row in R]
+        )
+        return list(torch.linalg.solve(A, torch.stack(b)).unbind())
+    return torch.linalg.solve(torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)).tolist()
 
 
 def unipc_predictor_coefficients(sigmas: Sequence[float], i: int, order: int, variant: str = "bh2") -> Coefficients:
@@ -353,17 +395,23 @@ class UniPC(Solver):
     def start(self):
         return {"history": [], "base": None}
 
-    def step(self, i, x, sigmas, evaluate, state):
+    def stages(self, sigmas, i):
+        """``[corrector, predictor]``, or ``[predictor]`` on the first step (or with ``corrector=False``)."""
         n = len(sigmas) - 1
+        predictor = Stage(*unipc_predictor_coefficients(sigmas, i, self.predictor_order(i, n), self.variant))
+        if i == 0 or not self.corrector:
+            return [predictor]
+        c_order = self.predictor_order(i - 1, n)
+        return [Stage(*unipc_corrector_coefficients(sigmas, i, c_order, self.variant)), predictor]
+
+    def step(self, i, x, sigmas, evaluate, state):
         hist = state["history"]
+        stages = self.stages(sigmas, i)
         den = evaluate(x, sigmas[i])
-        if i > 0 and self.corrector:
-            c_order = self.predictor_order(i - 1, n)
-            coeffs = unipc_corrector_coefficients(sigmas, i, c_order, self.variant)
-            x, d = _apply(state["base"], den, hist[:c_order], coeffs)
+        if len(stages) == 2:  # correct x_i from the previous corrected state, reusing this evaluation
+            x, d = _apply(state["base"], den, hist, stages[0])
             den = Denoised(d)
-        order = self.predictor_order(i, n)
-        x_next, d = _apply(x, den, hist[: order - 1], unipc_predictor_coefficients(sigmas, i, order, self.variant))
+        x_next, d = _apply(x, den, hist, stages[-1])
         state["base"] = x
         state["history"] = [d] + hist[: self.order - 1]
         return x_next, d

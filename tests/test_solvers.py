@@ -194,3 +194,36 @@ def test_solver_options_are_checked():
         solvers.get("ipndm", max_order=5)
     with pytest.raises(ValueError, match="unipc variant"):
         solvers.get("unipc", variant="bh3")
+
+
+TABLE_SOLVERS = [solvers.get(n) for n in ALL] + [
+    solvers.UniPC(order=3, variant="bh1"),
+    solvers.UniPC(order=3, lower_order_final=False),
+    solvers.DPMSolverPP3M(corrected=True),
+    solvers.IPNDM(max_order=3),
+]
+
+
+@pytest.mark.parametrize("solver", TABLE_SOLVERS, ids=repr)
+def test_coefficient_table_on_tensors_matches_the_host_path(solver):
+    s = schedules.karras(7, 0.002, 80.0)
+    host = solver.coefficient_table(s.tolist())
+    dev = solver.coefficient_table(s)
+    assert [len(st) for st in host] == [len(st) for st in dev]
+    for hs, ds in zip(host, dev):
+        for h, d in zip(hs, ds):
+            want = [h.a, *h.b, h.hx, h.hd]
+            got = [float(v) for v in (d.a, *d.b, d.hx, d.hd)]
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("solver", TABLE_SOLVERS, ids=repr)
+def test_coefficients_are_differentiable_in_the_ld3_parameters(solver):
+    xi = torch.randn(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64, requires_grad=True)
+
+    def total(v):
+        table = solver.coefficient_table(schedules.ld3_sigmas(v, 0.05, 20.0, append_zero=True))
+        terms = [c for stages in table for st in stages for c in (st.a, *st.b, st.hx, st.hd)]
+        return sum(torch.as_tensor(c, dtype=torch.float64) * (k + 1) for k, c in enumerate(terms))
+
+    assert torch.autograd.gradcheck(total, (xi,))
