@@ -2,8 +2,9 @@
 
 A model gives ``D(x; sigma)``; every solver step is a linear combination of the state and denoised estimates
 (DESIGN.md), applied by the one op :func:`fastdiff.ops.guided_step`. Each solver is a pure function from the
-schedule to step coefficients (the ``*_coefficients`` functions, float64 on the host) plus a few lines that
-feed them to the op.
+schedule to step coefficients (the ``*_coefficients`` functions and :meth:`Solver.stages`, on Python floats
+or on 0-d tensors) plus a few lines that feed them to the op; :meth:`Solver.coefficient_table` evaluates a
+whole schedule at once.
 
 Final step to sigma = 0, as each method's authors do it:
 
