@@ -98,24 +98,93 @@ FD_HOST_DEVICE void step_element(const StepArgs<TX, TD, Acc>& s, int64_t i) {
   store(s.x_out, i, acc);
 }
 
-// Calls f(uncond, hist, noise, write_e) with std::integral_constant arguments matching s (host code).
-template <typename TX, typename TD, typename Acc, typename F>
-inline void dispatch_step_flags(const StepArgs<TX, TD, Acc>& s, F&& f) {
-  auto with_hist = [&](auto uncond, auto noise, auto write_e) {
-    switch (s.n_history) {
-      case 0: return f(uncond, std::integral_constant<int, 0>{}, noise, write_e);
-      case 1: return f(uncond, std::integral_constant<int, 1>{}, noise, write_e);
-      case 2: return f(uncond, std::integral_constant<int, 2>{}, noise, write_e);
-      default: return f(uncond, std::integral_constant<int, 3>{}, noise, write_e);
+// Calls f(uncond, hist, noise, write_e) with std::integral_constant arguments for these run-time flags (host
+// code), so that each kernel instance is specialised to the step's shape.
+template <typename F>
+inline void dispatch_step_flags(bool has_uncond, int n_history, bool has_noise, bool write_e, F&& f) {
+  auto with_hist = [&](auto uncond, auto noise, auto e) {
+    switch (n_history) {
+      case 0: return f(uncond, std::integral_constant<int, 0>{}, noise, e);
+      case 1: return f(uncond, std::integral_constant<int, 1>{}, noise, e);
+      case 2: return f(uncond, std::integral_constant<int, 2>{}, noise, e);
+      default: return f(uncond, std::integral_constant<int, 3>{}, noise, e);
     }
   };
   auto with_e = [&](auto uncond, auto noise) {
-    return s.e_out ? with_hist(uncond, noise, std::true_type{}) : with_hist(uncond, noise, std::false_type{});
+    return write_e ? with_hist(uncond, noise, std::true_type{}) : with_hist(uncond, noise, std::false_type{});
   };
   auto with_noise = [&](auto uncond) {
-    return s.noise ? with_e(uncond, std::true_type{}) : with_e(uncond, std::false_type{});
+    return has_noise ? with_e(uncond, std::true_type{}) : with_e(uncond, std::false_type{});
   };
-  return s.d_uncond ? with_noise(std::true_type{}) : with_noise(std::false_type{});
+  return has_uncond ? with_noise(std::true_type{}) : with_noise(std::false_type{});
+}
+
+template <typename TX, typename TD, typename Acc, typename F>
+inline void dispatch_step_flags(const StepArgs<TX, TD, Acc>& s, F&& f) {
+  dispatch_step_flags(s.d_uncond != nullptr, s.n_history, s.noise != nullptr, s.e_out != nullptr, f);
+}
+
+// ------------------------------------------------------------------------------------------------- backward
+//
+// The step is linear, so with g_x = dL/dx_next, g_e = dL/dE and g_d = b0 g_x + hd g_e:
+//   dL/dx = a g_x + hx g_e,  dL/dDc = w g_d (g_d without guidance),  dL/dDu = (1 - w) g_d,
+//   dL/dH_k = b_{k+1} g_x,   dL/dnoise = c_noise g_x,
+// and each coefficient's gradient is a dot product, accumulated here without materialising the products:
+//   [a, w, hx, hd, c_noise, b0, b1..bK] <- [<g_x,x>, <g_d,Dc-Du>, <g_e,x>, <g_e,D>, <g_x,noise>, <g_x,D>, <g_x,H_k>].
+
+constexpr int kNumCoef = 6 + kMaxHistory;
+
+template <typename TX, typename TD, typename Acc>
+struct StepGradArgs {
+  StepArgs<TX, TD, Acc> step;  // inputs and coefficients of the forward pass (its outputs unused)
+  const TX* g_x;
+  const TX* g_e;
+  TX* grad_x;
+  TD* grad_dc;
+  TD* grad_du;
+  TX* grad_history[kMaxHistory];
+  TX* grad_noise;
+};
+
+template <bool kUncond, int kHist, bool kNoise, typename TX, typename TD, typename Acc, typename Sum>
+FD_HOST_DEVICE void step_grad_element(const StepGradArgs<TX, TD, Acc>& g, int64_t i, Sum* sums) {
+  const auto& s = g.step;
+  const Acc gx = load<Acc>(g.g_x, i);
+  const Acc ge = load<Acc>(g.g_e, i);
+  const Acc x = load<Acc>(s.x, i);
+  const Acc dc = load<Acc>(s.d_cond, i);
+  Acc d = dc;
+  const Acc gd = s.b[0] * gx + s.hd * ge;
+  store(g.grad_x, i, s.a * gx + s.hx * ge);
+  if constexpr (kUncond) {
+    const Acc du = load<Acc>(s.d_uncond, i);
+    d = du + s.w * (dc - du);
+    store(g.grad_dc, i, s.w * gd);
+    store(g.grad_du, i, (Acc(1) - s.w) * gd);
+    sums[1] += gd * (dc - du);
+  } else {
+    store(g.grad_dc, i, gd);
+  }
+  sums[0] += gx * x;
+  sums[2] += ge * x;
+  sums[3] += ge * d;
+  sums[5] += gx * d;
+  if constexpr (kNoise) {
+    store(g.grad_noise, i, s.c_noise * gx);
+    sums[4] += gx * load<Acc>(s.noise, i);
+  }
+  if constexpr (kHist > 0) {
+    store(g.grad_history[0], i, s.b[1] * gx);
+    sums[6] += gx * load<Acc>(s.history[0], i);
+  }
+  if constexpr (kHist > 1) {
+    store(g.grad_history[1], i, s.b[2] * gx);
+    sums[7] += gx * load<Acc>(s.history[1], i);
+  }
+  if constexpr (kHist > 2) {
+    store(g.grad_history[2], i, s.b[3] * gx);
+    sums[8] += gx * load<Acc>(s.history[2], i);
+  }
 }
 
 }  // namespace fastdiff

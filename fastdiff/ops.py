@@ -264,15 +264,80 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_x, g_e):
-    """The backward of the linear step: tensors get scaled gradients, coefficients get dot products."""
     x, d_cond, coef, *rest = ctx.saved_tensors
     d_uncond = rest.pop(0) if ctx.has_uncond else None
     history, noise = rest[: ctx.n_history], (rest[ctx.n_history] if ctx.has_noise else None)
+    g_x = torch.zeros_like(x) if g_x is None else g_x
+    g_e = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, d_cond.dtype)) if g_e is None else g_e
+    flat = list(torch.ops.fastdiff.guided_step_backward(x, d_cond, d_uncond, history, noise, coef, g_x, g_e))
+    grad_x, grad_dc = flat.pop(0), flat.pop(0)
+    grad_du = flat.pop(0) if d_uncond is not None else None
+    grad_h = [flat.pop(0) for _ in history]
+    grad_noise = flat.pop(0) if noise is not None else None
+    return grad_x, grad_dc, grad_du, grad_h, grad_noise, flat.pop(0)
+
+
+@torch.library.custom_op("fastdiff::guided_step_backward", mutates_args=())
+def _guided_step_backward_op(
+    x: torch.Tensor,
+    d_cond: torch.Tensor,
+    d_uncond: torch.Tensor | None,
+    history: list[torch.Tensor],
+    noise: torch.Tensor | None,
+    coef: torch.Tensor,
+    g_x: torch.Tensor,
+    g_e: torch.Tensor,
+) -> list[torch.Tensor]:
+    """The backward of the linear step: tensors get scaled gradients, coefficients get dot products.
+
+    Returns ``[grad_x, grad_d_cond, (grad_d_uncond), *grad_history, (grad_noise), grad_coef]``, the bracketed
+    entries only when those inputs are given.
+    """
+    history = list(history)
+    backend = _backward_backend(x, [d_cond] + ([d_uncond] if d_uncond is not None else []), history, noise, g_x, g_e)
+    if backend is None:
+        grads = _backward_reference(x, d_cond, d_uncond, history, noise, coef, g_x, g_e)
+    else:
+        cont = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        args = (x.contiguous(), d_cond.contiguous(), cont(d_uncond), [h.contiguous() for h in history], cont(noise))
+        if backend == "cpu":
+            grads = _C.guided_step_backward(*args, coef.double().tolist(), g_x.contiguous(), g_e.contiguous())
+        else:
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            kernel = importlib.import_module("fastdiff.kernels.guided_step").guided_step_backward
+            grads = kernel(*args, coef.to(device=x.device, dtype=acc), g_x.contiguous(), g_e.contiguous())
+    grad_x, grad_dc, grad_du, grad_h, grad_noise, grad_coef = grads
+    optional = lambda t: [] if t is None else [t]  # noqa: E731
+    grad_coef = grad_coef.to(device=coef.device, dtype=coef.dtype)
+    return [grad_x, grad_dc, *optional(grad_du), *grad_h, *optional(grad_noise), grad_coef]
+
+
+@_guided_step_backward_op.register_fake
+def _(x, d_cond, d_uncond, history, noise, coef, g_x, g_e):
+    like = [x, d_cond] + ([d_uncond] if d_uncond is not None else []) + list(history)
+    like += [noise] if noise is not None else []
+    return [torch.empty_like(t) for t in like] + [torch.empty_like(coef)]
+
+
+def _backward_backend(x, model_outputs, history, noise, g_x, g_e) -> str | None:
+    """The kernel backend for the backward pass (C++ on the CPU, Triton elsewhere; CUDA has none yet), or None
+    for the torch code. A forced forward backend without a backward kernel falls back to the torch code."""
+    forced = os.environ.get("FASTDIFF_BACKEND", "").strip().lower() or None
+    if forced == "torch":
+        return None
+    state_likes = list(history) + ([noise] if noise is not None else []) + [g_x, g_e]
+    if not _kernel_fits(x, model_outputs, state_likes):
+        return None
+    candidates = [forced] if forced in ("cpu", "triton") else (["cpu"] if x.device.type == "cpu" else ["triton"])
+    return next((b for b in candidates if _usable(b, x.device) is None), None)
+
+
+def _backward_reference(x, d_cond, d_uncond, history, noise, coef, g_x, g_e):
+    """The backward in torch: the reference for the backward kernels."""
     ct = torch.promote_types(torch.promote_types(x.dtype, d_cond.dtype), torch.float32)
-    c = coef.to(ct)
+    c = coef.to(device=x.device, dtype=ct)
     a, w, hx, hd, c_noise, b = c[0], c[1], c[2], c[3], c[4], c[5:]
-    g_x = torch.zeros_like(x, dtype=ct) if g_x is None else g_x.to(ct)
-    g_e = torch.zeros_like(x, dtype=ct) if g_e is None else g_e.to(ct)
+    g_x, g_e = g_x.to(ct), g_e.to(ct)
     xc, dc = x.to(ct), d_cond.to(ct)
     diff = dc - d_uncond.to(ct) if d_uncond is not None else None
     d = dc if diff is None else d_uncond.to(ct) + w * diff
@@ -284,7 +349,7 @@ def _backward(ctx, g_x, g_e):
     g_coef = torch.stack(
         [dot(g_x, xc), dot(g_d, diff), dot(g_e, xc), dot(g_e, d), dot(g_x, None if noise is None else noise.to(ct)),
          dot(g_x, d), *(dot(g_x, h.to(ct)) for h in history)]
-    ).to(coef.dtype)  # fmt: skip
+    )  # fmt: skip
     return (
         (a * g_x + hx * g_e).to(x.dtype),
         (g_d if diff is None else w * g_d).to(d_cond.dtype),

@@ -214,3 +214,29 @@ def test_nan_coefficient_tensor_is_refused(backend, monkeypatch):
         ops.guided_step_coef(x, x, x, [], coef)
     with pytest.raises(ValueError, match="need len\\(b\\) == len\\(history\\) \\+ 1"):
         ops.guided_step_coef(x, x, None, [], coef[:5])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("tx,td", DTYPE_PAIRS, ids=str)
+def test_backward_kernels_match_the_reference(backend, tx, td, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    t, c = _case((4, 3, 17, 19), tx, td, full=True, seed=5)
+    g = torch.Generator().manual_seed(6)
+    g_x, g_e = (torch.randn(t["x"].shape, generator=g, dtype=torch.float64).to(tx) for _ in range(2))
+    coef = torch.tensor([c["a"], c["w"], c["hx"], c["hd"], c["c_noise"], *c["b"]], dtype=torch.float64)
+    args = (t["x"], t["d_cond"], t["d_uncond"], t["history"], t["noise"], coef, g_x, g_e)
+    got = torch.ops.fastdiff.guided_step_backward(*args)
+    monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
+    same = torch.ops.fastdiff.guided_step_backward(*args)
+    f64 = [None if v is None else v.double() for v in (t["x"], t["d_cond"], t["d_uncond"], t["noise"])]
+    ref = torch.ops.fastdiff.guided_step_backward(
+        f64[0], f64[1], f64[2], [h.double() for h in t["history"]], f64[3], coef, g_x.double(), g_e.double()
+    )
+    assert len(got) == len(ref) == 2 + 1 + 3 + 1 + 1
+    n = t["x"].numel()
+    for k, (gk, sk, rk) in enumerate(zip(got, same, ref)):
+        assert gk.dtype == sk.dtype, k
+        tol = 2 * (sk.double() - rk).abs().max().item() + 4 * torch.finfo(sk.dtype).eps * rk.abs().max().item()
+        if k == len(got) - 1:  # coefficient gradients are sums of n products: the worst-case bound n * eps
+            tol += n * torch.finfo(torch.float64 if tx == torch.float64 else torch.float32).eps * rk.abs().max().item()
+        assert (gk.double() - rk).abs().max().item() <= tol, (k, backend)
