@@ -218,21 +218,24 @@ def _forward(x, d_cond, d_uncond, history, noise, coef: list[float]) -> tuple[to
             _say_missing_once()
             return reference()
 
-    xc = x.contiguous()
-    x_out = torch.empty_like(xc)
-    e_out = torch.empty_like(xc)
-    args = (
-        d_cond.contiguous(),
-        d_uncond.contiguous() if d_uncond is not None else None,
-        [h.contiguous() for h in history],
-        noise.contiguous() if noise is not None else None,
-    )
+    args = _contiguous(x, d_cond, d_uncond, history, noise)
+    x_out = torch.empty_like(args[0])
+    e_out = torch.empty_like(args[0])
     if backend == "triton":
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        _triton_kernel()(xc, *args, torch.tensor(coef, dtype=acc, device=x.device), x_out, e_out)
+        _triton_kernel()(*args, torch.tensor(coef, dtype=_acc_dtype(x), device=x.device), x_out, e_out)
     else:
-        _C.guided_step(xc, *args, coef, x_out, e_out)
+        _C.guided_step(*args, coef, x_out, e_out)
     return x_out, e_out
+
+
+def _contiguous(x, d_cond, d_uncond, history, noise):
+    """The step's inputs as the kernels take them (strided inputs are copied)."""
+    maybe = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return x.contiguous(), d_cond.contiguous(), maybe(d_uncond), [h.contiguous() for h in history], maybe(noise)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------- torch.library registration
@@ -298,14 +301,12 @@ def _guided_step_backward_op(
     if backend is None:
         grads = _backward_reference(x, d_cond, d_uncond, history, noise, coef, g_x, g_e)
     else:
-        cont = lambda t: None if t is None else t.contiguous()  # noqa: E731
-        args = (x.contiguous(), d_cond.contiguous(), cont(d_uncond), [h.contiguous() for h in history], cont(noise))
+        args = _contiguous(x, d_cond, d_uncond, history, noise)
         if backend == "cpu":
             grads = _C.guided_step_backward(*args, coef.double().tolist(), g_x.contiguous(), g_e.contiguous())
         else:
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
             kernel = importlib.import_module("fastdiff.kernels.guided_step").guided_step_backward
-            grads = kernel(*args, coef.to(device=x.device, dtype=acc), g_x.contiguous(), g_e.contiguous())
+            grads = kernel(*args, coef.to(device=x.device, dtype=_acc_dtype(x)), g_x.contiguous(), g_e.contiguous())
     grad_x, grad_dc, grad_du, grad_h, grad_noise, grad_coef = grads
     optional = lambda t: [] if t is None else [t]  # noqa: E731
     grad_coef = grad_coef.to(device=coef.device, dtype=coef.dtype)
