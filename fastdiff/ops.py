@@ -56,10 +56,11 @@ _warned_missing = False
 
 
 @functools.cache
-def _triton_kernel():
-    """The Triton launcher, or the ImportError text when triton cannot be used here."""
+def _triton_kernels():
+    """The Triton launchers' module (``guided_step``, ``guided_step_backward``), or the ImportError text when
+    triton cannot be used here."""
     try:
-        return importlib.import_module("fastdiff.kernels.guided_step").guided_step
+        return importlib.import_module("fastdiff.kernels.guided_step")
     except ImportError as exc:
         return str(exc)
 
@@ -80,9 +81,17 @@ def available_backends() -> list[str]:
         out.append("cpu")
         if _C.with_cuda and torch.cuda.is_available():
             out.append("cuda")
-    if not isinstance(_triton_kernel(), str) and (torch.cuda.is_available() or _triton_interpreting()):
+    if not isinstance(_triton_kernels(), str) and (torch.cuda.is_available() or _triton_interpreting()):
         out.append("triton")
     return out
+
+
+def _forced_backend() -> str | None:
+    """The backend named by ``FASTDIFF_BACKEND``, or None; raises for a name that is not a backend."""
+    forced = os.environ.get("FASTDIFF_BACKEND", "").strip().lower() or None
+    if forced is not None and forced not in BACKENDS:
+        raise ValueError(f"FASTDIFF_BACKEND={forced!r} is not a backend; choose one of {BACKENDS}")
+    return forced
 
 
 def _say_missing_once() -> None:
@@ -173,9 +182,9 @@ def _usable(backend: str, device: torch.device) -> str | None:
             return "fastdiff._C was built without CUDA"
         return None
     if backend == "triton":
-        kernel = _triton_kernel()
-        if isinstance(kernel, str):
-            return f"triton cannot be imported: {kernel}"
+        kernels = _triton_kernels()
+        if isinstance(kernels, str):
+            return f"triton cannot be imported: {kernels}"
         if device.type == "cpu" and not _triton_interpreting():
             return "triton runs CPU tensors only under TRITON_INTERPRET=1"
         if device.type not in ("cpu", "cuda"):
@@ -188,9 +197,7 @@ def _forward(x, d_cond, d_uncond, history, noise, coef: list[float]) -> tuple[to
     """The forward pass on the chosen backend. ``coef = [a, w, hx, hd, c_noise, b0, ..., bK]``."""
     if not all(math.isfinite(c) for c in coef):
         raise ValueError(f"guided_step: coefficients must be finite, got {coef}")
-    forced = os.environ.get("FASTDIFF_BACKEND", "").strip().lower() or None
-    if forced is not None and forced not in BACKENDS:
-        raise ValueError(f"FASTDIFF_BACKEND={forced!r} is not a backend; choose one of {BACKENDS}")
+    forced = _forced_backend()
     a, w, hx, hd, c_noise, *b = coef
     reference = functools.partial(guided_step_reference, x, d_cond, d_uncond, history, a, b, w, hx, hd, noise, c_noise)
     if forced == "torch":
@@ -222,7 +229,7 @@ def _forward(x, d_cond, d_uncond, history, noise, coef: list[float]) -> tuple[to
     x_out = torch.empty_like(args[0])
     e_out = torch.empty_like(args[0])
     if backend == "triton":
-        _triton_kernel()(*args, torch.tensor(coef, dtype=_acc_dtype(x), device=x.device), x_out, e_out)
+        _triton_kernels().guided_step(*args, torch.tensor(coef, dtype=_acc_dtype(x), device=x.device), x_out, e_out)
     else:
         _C.guided_step(*args, coef, x_out, e_out)
     return x_out, e_out
@@ -305,8 +312,9 @@ def _guided_step_backward_op(
         if backend == "cpu":
             grads = _C.guided_step_backward(*args, coef.double().tolist(), g_x.contiguous(), g_e.contiguous())
         else:
-            kernel = importlib.import_module("fastdiff.kernels.guided_step").guided_step_backward
-            grads = kernel(*args, coef.to(device=x.device, dtype=_acc_dtype(x)), g_x.contiguous(), g_e.contiguous())
+            grads = _triton_kernels().guided_step_backward(
+                *args, coef.to(device=x.device, dtype=_acc_dtype(x)), g_x.contiguous(), g_e.contiguous()
+            )
     grad_x, grad_dc, grad_du, grad_h, grad_noise, grad_coef = grads
     optional = lambda t: [] if t is None else [t]  # noqa: E731
     grad_coef = grad_coef.to(device=coef.device, dtype=coef.dtype)
@@ -323,7 +331,7 @@ def _(x, d_cond, d_uncond, history, noise, coef, g_x, g_e):
 def _backward_backend(x, model_outputs, history, noise, g_x, g_e) -> str | None:
     """The kernel backend for the backward pass (C++ on the CPU, Triton elsewhere; CUDA has none yet), or None
     for the torch code. A forced forward backend without a backward kernel falls back to the torch code."""
-    forced = os.environ.get("FASTDIFF_BACKEND", "").strip().lower() or None
+    forced = _forced_backend()
     if forced == "torch":
         return None
     state_likes = list(history) + ([noise] if noise is not None else []) + [g_x, g_e]
