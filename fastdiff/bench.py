@@ -18,6 +18,7 @@ synchronising the device.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import statistics
@@ -71,19 +72,19 @@ def _host_time(fn: Callable[[], object], device: torch.device, reps: int = 50) -
     return statistics.median(times)
 
 
-def _with_backend(backend: str, fn: Callable):
-    def call():
-        old = os.environ.get("FASTDIFF_BACKEND")
+@contextlib.contextmanager
+def _forced_backend(backend: str | None):
+    """Force ``FASTDIFF_BACKEND`` while a provider is timed (None leaves it as it is)."""
+    old = os.environ.get("FASTDIFF_BACKEND")
+    if backend is not None:
         os.environ["FASTDIFF_BACKEND"] = backend
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["FASTDIFF_BACKEND"]
-            else:
-                os.environ["FASTDIFF_BACKEND"] = old
-
-    return call
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FASTDIFF_BACKEND", None)
+        else:
+            os.environ["FASTDIFF_BACKEND"] = old
 
 
 def bench_kernels(
@@ -120,15 +121,16 @@ def bench_kernels(
                 if compiled is not None:
                     calls["compile"] = partial(compiled, *args)
                 step = partial(ops.guided_step, x, dc, du, hist, a=0.9, b=b, w=2.0)
-                calls.update({backend: _with_backend(backend, step) for backend in providers})
+                calls.update(dict.fromkeys(providers, step))
                 for provider, fn in calls.items():
                     if progress:
                         progress(f"{name} {dname} {n} {provider}")
-                    sec = _time(fn, device, reps)
+                    with _forced_backend(provider if provider in providers else None):
+                        sec = _time(fn, device, reps)
+                        host = _host_time(fn, device) * 1e6 if provider != "copy" else float("nan")
                     rows.append({
                         "workload": name, "dtype": dname, "elements": n, "provider": provider,
-                        "us": sec * 1e6, "gbps": moved / sec / 1e9,
-                        "host_us": _host_time(fn, device) * 1e6 if provider != "copy" else float("nan"),
+                        "us": sec * 1e6, "gbps": moved / sec / 1e9, "host_us": host,
                         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     })  # fmt: skip
                 copy_gbps = next(r["gbps"] for r in rows[-len(calls) :] if r["provider"] == "copy")
