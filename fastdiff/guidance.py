@@ -83,6 +83,10 @@ class Guidance:
             return [lo < v <= hi for v in s]
         return [True] * len(s)
 
+    def unconditional_model(self, model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The model that runs the unconditional pass: ``uncond_model`` if given, else the sampled ``model``."""
+        return self.uncond_model if self.uncond_model is not None else model
+
     def __repr__(self) -> str:
         where = f"interval={self.interval}" if self.interval else f"steps={self.steps}" if self.steps else "everywhere"
         return f"Guidance(scale={self.scale}, {where})"

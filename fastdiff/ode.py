@@ -99,7 +99,7 @@ def reference_sample(
     sig = schedules.validate(sigmas).tolist()
     plan = guidance.plan(sig) if guidance is not None else [False] * (len(sig) - 1)
     cond, uncond = dict(cond or {}), dict(uncond or {})
-    uncond_model = guidance.uncond_model if guidance is not None and guidance.uncond_model is not None else model
+    uncond_model = guidance.unconditional_model(model) if guidance is not None else model
 
     def plain(x_, s):
         return model(x_, torch.full((x_.shape[0],), s, dtype=torch.float64, device=x_.device), **cond)

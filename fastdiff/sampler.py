@@ -129,7 +129,7 @@ def sample(
     cond = dict(cond or {})
     uncond = dict(uncond or {})
     stats = SampleStats(steps=n_steps, guided_steps=[i for i, g in enumerate(plan) if g])
-    uncond_model = guidance.uncond_model if guidance is not None and guidance.uncond_model is not None else model
+    uncond_model = guidance.unconditional_model(model) if guidance is not None else model
     batched = guidance is not None and guidance.batch and uncond_model is model and _batchable(cond, uncond, x.shape[0])
     sigma_dtype = torch.promote_types(x.dtype, torch.float32)
     step_i = 0
