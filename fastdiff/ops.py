@@ -56,11 +56,11 @@ _warned_missing = False
 
 
 @functools.cache
-def _triton_kernels():
-    """The Triton launchers' module (``guided_step``, ``guided_step_backward``), or the ImportError text when
-    triton cannot be used here."""
+def _triton_kernels(name: str = "guided_step"):
+    """A Triton launchers' module (``guided_step``: ``guided_step``, ``guided_step_backward``; ``ld3_sigmas``:
+    ``ld3_sigmas``, ``ld3_sigmas_backward``), or the ImportError text when triton cannot be used here."""
     try:
-        return importlib.import_module("fastdiff.kernels.guided_step")
+        return importlib.import_module(f"fastdiff.kernels.{name}")
     except ImportError as exc:
         return str(exc)
 
@@ -370,6 +370,95 @@ def _backward_reference(x, d_cond, d_uncond, history, noise, coef, g_x, g_e):
 
 
 _guided_step_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------ learned timesteps (LD3)
+
+
+def ld3_sigmas_reference(xi: torch.Tensor, lo: float, hi: float, logsnr: bool) -> torch.Tensor:
+    """LD3's timestep map in torch, the reference of the Triton kernel: ``xi [n]`` -> softmax -> cumulative sum
+    -> reverse -> min-max normalised ``u`` running from 1 to 0 -> ``exp(lo + u (hi - lo))`` when ``logsnr``
+    (``lo``, ``hi`` are log sigmas), else ``lo + u (hi - lo)``. Returns ``[n]`` in xi's dtype."""
+    r = torch.cumsum(torch.softmax(xi, dim=0), dim=0).flip(0)
+    u = (r - r[-1]) / (r[0] - r[-1])  # r decreases from 1 to softmax(xi)[0]
+    s = lo + u * (hi - lo)
+    return torch.exp(s) if logsnr else s
+
+
+def _ld3_backend(xi: torch.Tensor) -> str:
+    """``triton`` where its kernel can run on xi's device (and is not forced off), else ``torch``. The map has no
+    C++ or CUDA kernel, so forcing ``cpu`` or ``cuda`` selects the reference for it."""
+    forced = _forced_backend()
+    usable = _usable("triton", xi.device) is None and not isinstance(_triton_kernels("ld3_sigmas"), str)
+    if forced == "triton" and not usable:
+        raise RuntimeError(f"FASTDIFF_BACKEND=triton cannot run ld3_sigmas: {_usable('triton', xi.device)}")
+    return "triton" if usable and forced in (None, "triton") else "torch"
+
+
+@torch.library.custom_op("fastdiff::ld3_sigmas", mutates_args=())
+def _ld3_sigmas_op(xi: torch.Tensor, lo: float, hi: float, logsnr: bool) -> torch.Tensor:
+    if _ld3_backend(xi) == "triton":
+        return _triton_kernels("ld3_sigmas").ld3_sigmas(xi.contiguous(), lo, hi, logsnr)
+    return ld3_sigmas_reference(xi, lo, hi, logsnr)
+
+
+@_ld3_sigmas_op.register_fake
+def _(xi, lo, hi, logsnr):
+    return torch.empty_like(xi)
+
+
+@torch.library.custom_op("fastdiff::ld3_sigmas_backward", mutates_args=())
+def _ld3_sigmas_backward_op(
+    xi: torch.Tensor, grad_sigmas: torch.Tensor, lo: float, hi: float, logsnr: bool
+) -> torch.Tensor:
+    if _ld3_backend(xi) == "triton":
+        return _triton_kernels("ld3_sigmas").ld3_sigmas_backward(
+            xi.contiguous(), grad_sigmas.contiguous(), lo, hi, logsnr
+        )
+    return _ld3_sigmas_backward_reference(xi, grad_sigmas, lo, hi, logsnr)
+
+
+def _ld3_sigmas_backward_reference(xi, grad_sigmas, lo, hi, logsnr):
+    """The map's backward in torch, written out (a custom op's body runs below autograd), the reference of the
+    backward kernel: through the exp, the normalisation (each r_j directly, plus its two ends), the reversed
+    cumulative sum and the softmax."""
+    p = torch.softmax(xi, dim=0)
+    r = torch.cumsum(p, dim=0).flip(0)
+    span = r[0] - r[-1]
+    u = (r - r[-1]) / span
+    g_u = grad_sigmas * (hi - lo)
+    if logsnr:
+        g_u = g_u * torch.exp(lo + u * (hi - lo))
+    g_r = g_u / span
+    g_r[0] -= (g_u * u).sum() / span
+    g_r[-1] += (g_u * (u - 1)).sum() / span
+    g_p = torch.cumsum(g_r, dim=0).flip(0)  # r_j = c_{n-1-j}, and dL/dp_k = sum_{m >= k} dL/dc_m
+    return p * (g_p - (p * g_p).sum())
+
+
+@_ld3_sigmas_backward_op.register_fake
+def _(xi, grad_sigmas, lo, hi, logsnr):
+    return torch.empty_like(xi)
+
+
+def _ld3_setup_context(ctx, inputs, output):
+    xi, ctx.lo, ctx.hi, ctx.logsnr = inputs
+    ctx.save_for_backward(xi)
+
+
+def _ld3_backward(ctx, grad_sigmas):
+    (xi,) = ctx.saved_tensors
+    return torch.ops.fastdiff.ld3_sigmas_backward(xi, grad_sigmas, ctx.lo, ctx.hi, ctx.logsnr), None, None, None
+
+
+_ld3_sigmas_op.register_autograd(_ld3_backward, setup_context=_ld3_setup_context)
+
+
+def ld3_sigmas(xi: torch.Tensor, lo: float, hi: float, logsnr: bool) -> torch.Tensor:
+    """LD3's timestep map as one fused op on xi's device (Triton where it runs, else the torch reference),
+    differentiable with respect to ``xi``; see :func:`ld3_sigmas_reference` for the math and
+    :func:`fastdiff.schedules.ld3_sigmas` for the checked public form. ``xi`` ``[n]`` float; returns ``[n]``."""
+    return torch.ops.fastdiff.ld3_sigmas(xi, float(lo), float(hi), bool(logsnr))
 
 
 # ---------------------------------------------------------------------------------------------- public API

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from fastdiff import ops
+
 SCHEDULE_FORMAT = "fastdiff-schedule"
 
 
@@ -114,20 +116,17 @@ def ld3_sigmas(
     onto ``[sigma_min, sigma_max]`` linearly in ``space``: ``"logsnr"`` (log sigma) or ``"time"`` (sigma, the
     EDM time). Returns the ``N + 1`` decreasing sigmas ``t_0 = sigma_max > ... > t_N = sigma_min`` of an
     ``N``-step solve (``N + 2`` with a final 0 when ``append_zero``), in ``xi``'s dtype. ``xi = ones``
-    gives the uniform schedule of that space; gradients flow to ``xi`` through torch's autograd.
+    gives the uniform schedule of that space. Runs as one fused op on ``xi``'s device
+    (:func:`fastdiff.ops.ld3_sigmas`), differentiable with respect to ``xi``.
     """
     if xi.ndim != 1 or xi.numel() < 2 or not xi.is_floating_point():
         raise ValueError(f"xi must be a 1-D float tensor of at least 2 values, got {xi.dtype} {tuple(xi.shape)}")
     _check_range(xi.numel() - 1, sigma_min, sigma_max)
-    r = torch.cumsum(torch.softmax(xi, dim=0), dim=0).flip(0)
-    u = (r - r[-1]) / (r[0] - r[-1])  # r decreases from 1 to softmax(xi)[0]: u runs from 1 to 0
-    if space == "logsnr":
-        lo, hi = math.log(sigma_min), math.log(sigma_max)
-        s = torch.exp(lo + u * (hi - lo))
-    elif space == "time":
-        s = sigma_min + u * (sigma_max - sigma_min)
-    else:
+    if space not in ("logsnr", "time"):
         raise ValueError(f"space must be 'logsnr' or 'time', got {space!r}")
+    logsnr = space == "logsnr"
+    lo, hi = (math.log(sigma_min), math.log(sigma_max)) if logsnr else (sigma_min, sigma_max)
+    s = ops.ld3_sigmas(xi, lo, hi, logsnr)
     return _append_zero(s) if append_zero else s
 
 

@@ -54,6 +54,12 @@ def _lam(sigma: Scalar) -> Scalar:
     return -torch.log(sigma) if isinstance(sigma, torch.Tensor) else -math.log(sigma)
 
 
+def _is_zero(sigma: Scalar) -> bool:
+    """Whether a step ends at sigma = 0. Only a Python float can be 0: :meth:`Solver.coefficient_table` passes
+    a schedule's final 0 as ``0.0`` and its positive sigmas as tensors, so no branch reads a device value."""
+    return not isinstance(sigma, torch.Tensor) and sigma == 0
+
+
 class Stage(NamedTuple):
     """One application of the step op: ``x' = a x + sum_k b[k] term_k`` and history entry ``hx x + hd D``."""
 
@@ -86,13 +92,47 @@ class Solver:
         """The op applications of step ``i``, in order (pure function of the schedule)."""
         raise NotImplementedError
 
-    def coefficient_table(self, sigmas: torch.Tensor) -> list[list[Stage]]:
-        """Every step's stages for a whole schedule. With a float64 tensor of sigmas (on any device) the
-        coefficients are 0-d tensors that carry gradients back to the sigmas, e.g. from
-        :func:`fastdiff.schedules.ld3_sigmas`. Each step branches on whether its next sigma is 0, one host read
-        per step for a schedule on a GPU."""
-        sig = list(sigmas.unbind()) if isinstance(sigmas, torch.Tensor) else list(sigmas)
+    def coefficient_table(
+        self, sigmas: Sequence[Scalar] | torch.Tensor, final_zero: bool | None = None
+    ) -> list[list[Stage]]:
+        """Every step's stages for a whole schedule. With a float tensor of sigmas (on any device) the
+        coefficients are 0-d tensors on that device that carry gradients back to the sigmas, e.g. from
+        :func:`fastdiff.schedules.ld3_sigmas`; nothing is read back to the host except, when ``final_zero`` is
+        None, whether the schedule ends in 0 (a valid schedule has no other 0)."""
+        if not isinstance(sigmas, torch.Tensor):
+            return [self.stages(list(sigmas), i) for i in range(len(sigmas) - 1)]
+        sig: list[Scalar] = list(sigmas.unbind())
+        if final_zero is None:
+            final_zero = bool(sigmas[-1] == 0)
+        if final_zero:
+            sig[-1] = 0.0
         return [self.stages(sig, i) for i in range(len(sig) - 1)]
+
+    def coefficient_tensor(
+        self, sigmas: torch.Tensor, w: float = 1.0, final_zero: bool | None = None
+    ) -> tuple[torch.Tensor, list[list[int]]]:
+        """The whole schedule's op coefficients packed on ``sigmas``' device, for device-resident sampling.
+
+        Returns ``(table, n_history)``: ``table`` ``[N, S, 6 + MAX_HISTORY]`` in ``sigmas``' dtype, where row
+        ``[i, j]`` is stage ``j`` of step ``i`` in :func:`fastdiff.ops.guided_step_coef`'s layout ``[a, w, hx,
+        hd, c_noise, b0, ..., bK]`` (zero-padded), and ``n_history[i][j]`` is that stage's history count ``K``,
+        so ``table[i, j, : 6 + K]`` is the stage's ``coef``. Differentiable with respect to ``sigmas``.
+        """
+        table = self.coefficient_table(sigmas, final_zero)
+        n_stages = max(len(stages) for stages in table)
+        width = 6 + ops.MAX_HISTORY
+
+        def entry(c: Scalar) -> torch.Tensor:  # a fill, not a host-to-device copy, for Python constants
+            return c if isinstance(c, torch.Tensor) else sigmas.new_full((), c)
+
+        def row(st: Stage) -> torch.Tensor:
+            coef = [entry(c) for c in (st.a, w, st.hx, st.hd, 0.0, *st.b)]
+            return torch.cat([torch.stack(coef), sigmas.new_zeros(width - len(coef))])
+
+        rows = []
+        for stages in table:
+            rows.append(torch.stack([row(st) for st in stages] + [sigmas.new_zeros(width)] * (n_stages - len(stages))))
+        return torch.stack(rows), [[len(st.b) - 1 for st in stages] for stages in table]
 
     def step(
         self, i: int, x: torch.Tensor, sigmas: Sequence[float], evaluate: Evaluate, state: dict
@@ -155,11 +195,11 @@ class Heun(Solver):
     name = "heun"
 
     def evaluations(self, sigmas):
-        return [2 if s1 > 0 else 1 for s1 in sigmas[1:]]
+        return [1 if _is_zero(s1) else 2 for s1 in sigmas[1:]]
 
     def stages(self, sigmas, i):
         s0, s1 = sigmas[i], sigmas[i + 1]
-        return [Stage(*c) for c in heun_coefficients(s0, s1)] if s1 > 0 else [Stage(*euler_coefficients(s0, s1))]
+        return [Stage(*euler_coefficients(s0, s1))] if _is_zero(s1) else [Stage(*c) for c in heun_coefficients(s0, s1)]
 
     def step(self, i, x, sigmas, evaluate, state):
         stages = self.stages(sigmas, i)
@@ -180,7 +220,7 @@ def dpmpp_2m_coefficients(sigmas: Sequence[float], i: int) -> Coefficients:
     The first step and the step to 0 are first order.
     """
     s0, s1 = sigmas[i], sigmas[i + 1]
-    if i == 0 or s1 == 0:
+    if i == 0 or _is_zero(s1):
         return euler_coefficients(s0, s1)
     h = _lam(s1) - _lam(s0)
     r = (_lam(s0) - _lam(sigmas[i - 1])) / h
@@ -202,7 +242,7 @@ def dpmpp_3m_coefficients(sigmas: Sequence[float], i: int, corrected: bool = Fal
     of the two at every NFE up to 64 (BENCHMARKS.md).
     """
     s0, s1 = sigmas[i], sigmas[i + 1]
-    if i < 2 or s1 == 0:
+    if i < 2 or _is_zero(s1):
         return dpmpp_2m_coefficients(sigmas, i)
     lam0 = _lam(s0)
     h = _lam(s1) - lam0
@@ -340,14 +380,15 @@ def _solve(R: list[list[Scalar]], b: list[Scalar]) -> list[Scalar]:
         A = torch.stack(
             [torch.stack([torch.as_tensor(v, dtype=b[0].dtype, device=b[0].device) for v in row]) for row in R]
         )
-        return list(torch.linalg.solve(A, torch.stack(b)).unbind())
+        # solve_ex: solve() would read its error flag back to the host, a sync for a schedule on a GPU.
+        return list(torch.linalg.solve_ex(A, torch.stack(b))[0].unbind())
     return torch.linalg.solve(torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)).tolist()
 
 
 def unipc_predictor_coefficients(sigmas: Sequence[float], i: int, order: int, variant: str = "bh2") -> Coefficients:
     """UniP-``order`` from ``x^c_i`` over ``[D_i, D_{i-1}, ..., D_{i-order+1}]``; first order into sigma = 0."""
     s0, s1 = sigmas[i], sigmas[i + 1]
-    if s1 == 0 or order == 1:
+    if _is_zero(s1) or order == 1:
         return euler_coefficients(s0, s1)
     lams = [_lam(s) for s in sigmas[: i + 2]]
     h_phi_1, b_h, rks, R, b = _unipc_terms(lams, i, i + 1, order, variant)

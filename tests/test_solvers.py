@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import schedules, solvers
+from fastdiff import ops, schedules, solvers
 from fastdiff.ode import reference_sample, solve_pf_ode
 from fastdiff.solvers import Denoised
 
@@ -227,3 +227,27 @@ def test_coefficients_are_differentiable_in_the_ld3_parameters(solver):
         return sum(torch.as_tensor(c, dtype=torch.float64) * (k + 1) for k, c in enumerate(terms))
 
     assert torch.autograd.gradcheck(total, (xi,))
+
+
+@pytest.mark.parametrize("solver", TABLE_SOLVERS, ids=repr)
+def test_coefficient_tensor_packs_the_table_in_the_op_layout(solver):
+    s = schedules.karras(7, 0.002, 80.0)
+    host = solver.coefficient_table(s.tolist())
+    table, n_hist = solver.coefficient_tensor(s, w=2.5)
+    assert table.shape == (7, max(len(st) for st in host), 6 + ops.MAX_HISTORY) and table.dtype == s.dtype
+    for i, stages in enumerate(host):
+        assert n_hist[i] == [len(st.b) - 1 for st in stages]
+        for j, st in enumerate(stages):
+            k = n_hist[i][j]
+            want = [st.a, 2.5, st.hx, st.hd, 0.0, *st.b]
+            assert table[i, j, : 6 + k].tolist() == pytest.approx(want, rel=1e-12, abs=1e-12)
+            assert (table[i, j, 6 + k :] == 0).all()
+
+
+@pytest.mark.parametrize("solver", TABLE_SOLVERS, ids=repr)
+def test_coefficient_tensor_never_reads_the_schedule_back(solver):
+    # Tensors on the meta device have no data: any host read (a branch on a sigma, .item(), an error check
+    # inside linalg.solve) raises, so this proves the table builds without a device-to-host sync.
+    s = schedules.karras(7, 0.002, 80.0).to("meta")
+    table, _ = solver.coefficient_tensor(s, final_zero=True)
+    assert table.device.type == "meta" and table.shape[0] == 7
