@@ -7,6 +7,7 @@
 #include "step_cpu.h"
 
 #ifdef WITH_CUDA
+#include "step_cuda.h"
 #include "step_cuda_glue.h"
 #endif
 
@@ -33,6 +34,8 @@ StepArgs<TX, TD, Acc> make_args(const torch::Tensor& x, const torch::Tensor& d_c
   s.n_history = static_cast<int>(history.size());
   for (int k = 0; k < s.n_history; ++k) s.history[k] = history[k].data_ptr<TX>();
   s.noise = noise ? noise->data_ptr<TX>() : nullptr;
+  s.n = x.numel();
+  if (coef.empty()) return s;  // coefficients in device memory, set by the caller
   // coef = [a, w, hx, hd, c_noise, b0, ..., bK]
   s.a = static_cast<Acc>(coef[0]);
   s.w = static_cast<Acc>(coef[1]);
@@ -40,15 +43,15 @@ StepArgs<TX, TD, Acc> make_args(const torch::Tensor& x, const torch::Tensor& d_c
   s.hd = static_cast<Acc>(coef[3]);
   s.c_noise = static_cast<Acc>(coef[4]);
   for (size_t k = 5; k < coef.size(); ++k) s.b[k - 5] = static_cast<Acc>(coef[k]);
-  s.n = x.numel();
   return s;
 }
 
 template <typename TX, typename TD, typename Acc>
 void run(const torch::Tensor& x, const torch::Tensor& d_cond, const OptTensor& d_uncond,
          const std::vector<torch::Tensor>& history, const OptTensor& noise, const std::vector<double>& coef,
-         torch::Tensor& x_out, const OptTensor& e_out) {
+         const OptTensor& device_coef, torch::Tensor& x_out, const OptTensor& e_out) {
   auto s = make_args<TX, TD, Acc>(x, d_cond, d_uncond, history, noise, coef);
+  s.coef = device_coef ? device_coef->data_ptr<Acc>() : nullptr;
   s.x_out = x_out.data_ptr<TX>();
   s.e_out = e_out ? e_out->data_ptr<TX>() : nullptr;
   if (x.is_cpu()) {
@@ -77,13 +80,12 @@ void dispatch_dtypes(c10::ScalarType tx, c10::ScalarType td, F&& fn) {
 }
 
 void check_step_inputs(const torch::Tensor& x, const torch::Tensor& d_cond, const OptTensor& d_uncond,
-                       const std::vector<torch::Tensor>& history, const OptTensor& noise,
-                       const std::vector<double>& coef) {
+                       const std::vector<torch::Tensor>& history, const OptTensor& noise, size_t n_coef) {
   TORCH_CHECK(static_cast<int>(history.size()) <= kMaxHistory, "guided_step: at most ", kMaxHistory,
               " history tensors, got ", history.size());
-  TORCH_CHECK(coef.size() == history.size() + 6, "guided_step: need 6 + len(history) coefficients, got ",
-              coef.size(), " for ", history.size(), " history tensors");
-  for (double c : coef) TORCH_CHECK(std::isfinite(c), "guided_step: coefficients must be finite, got ", c);
+  TORCH_CHECK(n_coef == history.size() + 6, "guided_step: need 6 + len(history) coefficients, got ", n_coef,
+              " for ", history.size(), " history tensors");
+  TORCH_CHECK(x.numel() > 0, "guided_step: x is empty");
   TORCH_CHECK(x.is_contiguous(), "guided_step: x must be contiguous");
   const auto tx = x.scalar_type();
   const auto td = d_cond.scalar_type();
@@ -93,45 +95,75 @@ void check_step_inputs(const torch::Tensor& x, const torch::Tensor& d_cond, cons
   if (noise) check_like(*noise, x, tx, "noise");
 }
 
+// Coefficients as the caller holds them: host values (checked finite here), or a tensor. A CPU tensor is read
+// on the host; a CUDA tensor, which must be on x's device in the accumulation dtype (float64 for a float64
+// state, else float32), is read by the kernel itself, with no host round trip and so no finiteness check.
+struct Coef {
+  std::vector<double> host;
+  OptTensor device;
+
+  static Coef of(const std::vector<double>& values, const torch::Tensor& /*x*/ = {}) {
+    for (double c : values) TORCH_CHECK(std::isfinite(c), "guided_step: coefficients must be finite, got ", c);
+    return {values, std::nullopt};
+  }
+  static Coef of(const torch::Tensor& t, const torch::Tensor& x) {
+    TORCH_CHECK(t.dim() == 1 && t.is_floating_point(), "guided_step: coef must be a 1-D float tensor");
+    if (t.is_cpu()) {
+      auto h = t.to(torch::kFloat64).contiguous();
+      return of(std::vector<double>(h.data_ptr<double>(), h.data_ptr<double>() + h.numel()));
+    }
+    const auto acc = x.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+    TORCH_CHECK(t.device() == x.device(), "guided_step: coef is on ", t.device(), " but x is on ", x.device());
+    TORCH_CHECK(t.scalar_type() == acc, "guided_step: coef on the device must be ", acc, " for a ",
+                x.scalar_type(), " state, got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "guided_step: coef must be contiguous");
+    return {{}, t};
+  }
+  size_t size() const { return device ? static_cast<size_t>(device->numel()) : host.size(); }
+};
+
 // x_out = a*x + b0*D + sum_k b[k+1]*history[k] + c_noise*noise, with D = d_uncond + w*(d_cond - d_uncond) (or
 // d_cond when d_uncond is None); e_out, when given, gets the history entry hx*x + hd*D.
 // coef = [a, w, hx, hd, c_noise, b0, ..., bK]. x, history, noise, x_out and e_out share the state dtype; d_cond
 // and d_uncond share the model dtype (see step_math.h for the pairs). All tensors contiguous, on one device,
 // with the same number of elements. x_out may alias x.
 void guided_step(const torch::Tensor& x, const torch::Tensor& d_cond, const OptTensor& d_uncond,
-                 const std::vector<torch::Tensor>& history, const OptTensor& noise, const std::vector<double>& coef,
+                 const std::vector<torch::Tensor>& history, const OptTensor& noise, const Coef& coef,
                  torch::Tensor x_out, const OptTensor& e_out) {
-  check_step_inputs(x, d_cond, d_uncond, history, noise, coef);
+  check_step_inputs(x, d_cond, d_uncond, history, noise, coef.size());
   check_like(x_out, x, x.scalar_type(), "x_out");
   if (e_out) check_like(*e_out, x, x.scalar_type(), "e_out");
   dispatch_dtypes(x.scalar_type(), d_cond.scalar_type(), [&](auto tx, auto td, auto acc) {
-    run<decltype(tx), decltype(td), decltype(acc)>(x, d_cond, d_uncond, history, noise, coef, x_out, e_out);
+    run<decltype(tx), decltype(td), decltype(acc)>(x, d_cond, d_uncond, history, noise, coef.host, coef.device,
+                                                   x_out, e_out);
   });
 }
 
-// The backward of guided_step for CPU tensors (see step_math.h). g_x and g_e: gradients of x_next and E, in
-// the state dtype. Returns (grad_x, grad_d_cond, grad_d_uncond or None, grad_history, grad_noise or None,
-// grad_coef as a float64 tensor of 6 + len(history) values).
+// The backward of guided_step (see step_math.h). g_x and g_e: gradients of x_next and E, in the state dtype.
+// Returns (grad_x, grad_d_cond, grad_d_uncond or None, grad_history, grad_noise or None, grad_coef as a float64
+// tensor of 6 + len(history) values on x's device).
 std::tuple<torch::Tensor, torch::Tensor, OptTensor, std::vector<torch::Tensor>, OptTensor, torch::Tensor>
 guided_step_backward(const torch::Tensor& x, const torch::Tensor& d_cond, const OptTensor& d_uncond,
-                     const std::vector<torch::Tensor>& history, const OptTensor& noise, const std::vector<double>& coef,
+                     const std::vector<torch::Tensor>& history, const OptTensor& noise, const Coef& coef,
                      const torch::Tensor& g_x, const torch::Tensor& g_e) {
-  check_step_inputs(x, d_cond, d_uncond, history, noise, coef);
+  check_step_inputs(x, d_cond, d_uncond, history, noise, coef.size());
   check_like(g_x, x, x.scalar_type(), "g_x");
   check_like(g_e, x, x.scalar_type(), "g_e");
-  TORCH_CHECK(x.is_cpu(), "guided_step_backward: only CPU tensors, x is on ", x.device());
   auto grad_x = torch::empty_like(x);
   auto grad_dc = torch::empty_like(d_cond);
   OptTensor grad_du = d_uncond ? OptTensor(torch::empty_like(*d_uncond)) : std::nullopt;
   std::vector<torch::Tensor> grad_h;
   for (const auto& h : history) grad_h.push_back(torch::empty_like(h));
   OptTensor grad_noise = noise ? OptTensor(torch::empty_like(*noise)) : std::nullopt;
-  std::vector<double> sums(kNumCoef, 0.0);
+  const int64_t n_coef = 6 + static_cast<int64_t>(history.size());
+  torch::Tensor grad_coef;
   dispatch_dtypes(x.scalar_type(), d_cond.scalar_type(), [&](auto tx, auto td, auto acc) {
     using TX = decltype(tx);
     using TD = decltype(td);
-    StepGradArgs<TX, TD, decltype(acc)> g{};
-    g.step = make_args<TX, TD, decltype(acc)>(x, d_cond, d_uncond, history, noise, coef);
+    using Acc = decltype(acc);
+    StepGradArgs<TX, TD, Acc> g{};
+    g.step = make_args<TX, TD, Acc>(x, d_cond, d_uncond, history, noise, coef.host);
+    g.step.coef = coef.device ? coef.device->data_ptr<Acc>() : nullptr;
     g.g_x = g_x.data_ptr<TX>();
     g.g_e = g_e.data_ptr<TX>();
     g.grad_x = grad_x.data_ptr<TX>();
@@ -139,11 +171,43 @@ guided_step_backward(const torch::Tensor& x, const torch::Tensor& d_cond, const 
     g.grad_du = grad_du ? grad_du->data_ptr<TD>() : nullptr;
     for (size_t k = 0; k < grad_h.size(); ++k) g.grad_history[k] = grad_h[k].data_ptr<TX>();
     g.grad_noise = grad_noise ? grad_noise->data_ptr<TX>() : nullptr;
-    guided_step_backward_cpu(g, sums.data());
+    if (x.is_cpu()) {
+      std::vector<double> sums(kNumCoef, 0.0);
+      guided_step_backward_cpu(g, sums.data());
+      grad_coef = torch::tensor(std::vector<double>(sums.begin(), sums.begin() + n_coef), torch::kFloat64);
+    } else {
+#ifdef WITH_CUDA
+      auto partial = torch::empty({guided_step_backward_blocks(x.numel()), kNumCoef},
+                                  torch::dtype(torch::kFloat64).device(x.device()));
+      guided_step_backward_cuda_on_current_stream(g, partial.data_ptr<double>(), x.device());
+      grad_coef = partial.sum(0).narrow(0, 0, n_coef);
+#else
+      TORCH_CHECK(false, "guided_step_backward: fastdiff._C was built without CUDA; x is on ", x.device());
+#endif
+    }
   });
-  auto grad_coef = torch::tensor(std::vector<double>(sums.begin(), sums.begin() + 6 + history.size()),
-                                 torch::dtype(torch::kFloat64));
   return {grad_x, grad_dc, grad_du, grad_h, grad_noise, grad_coef};
+}
+
+template <typename Values>
+void bind_step(py::module& m, Values) {
+  using Out = torch::Tensor;
+  m.def(
+      "guided_step",
+      [](const Out& x, const Out& d_cond, const OptTensor& d_uncond, const std::vector<Out>& history,
+         const OptTensor& noise, const Values& coef, Out x_out, const OptTensor& e_out) {
+        guided_step(x, d_cond, d_uncond, history, noise, Coef::of(coef, x), x_out, e_out);
+      },
+      "Fused guided solver step (see csrc/step_math.h)", py::arg("x"), py::arg("d_cond"), py::arg("d_uncond"),
+      py::arg("history"), py::arg("noise"), py::arg("coef"), py::arg("x_out"), py::arg("e_out"));
+  m.def(
+      "guided_step_backward",
+      [](const Out& x, const Out& d_cond, const OptTensor& d_uncond, const std::vector<Out>& history,
+         const OptTensor& noise, const Values& coef, const Out& g_x, const Out& g_e) {
+        return guided_step_backward(x, d_cond, d_uncond, history, noise, Coef::of(coef, x), g_x, g_e);
+      },
+      "Backward of guided_step", py::arg("x"), py::arg("d_cond"), py::arg("d_uncond"), py::arg("history"),
+      py::arg("noise"), py::arg("coef"), py::arg("g_x"), py::arg("g_e"));
 }
 
 }  // namespace
@@ -151,12 +215,10 @@ guided_step_backward(const torch::Tensor& x, const torch::Tensor& d_cond, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastdiff compiled kernels (CPU always; CUDA when built with it)";
-  m.def("guided_step", &fastdiff::guided_step, "Fused guided solver step (see csrc/step_math.h)", py::arg("x"),
-        py::arg("d_cond"), py::arg("d_uncond"), py::arg("history"), py::arg("noise"), py::arg("coef"),
-        py::arg("x_out"), py::arg("e_out"));
-  m.def("guided_step_backward", &fastdiff::guided_step_backward, "Backward of guided_step (CPU)", py::arg("x"),
-        py::arg("d_cond"), py::arg("d_uncond"), py::arg("history"), py::arg("noise"), py::arg("coef"),
-        py::arg("g_x"), py::arg("g_e"));
+  // coef as a tensor or as a list of floats. The tensor overload comes first: pybind11 would otherwise turn a
+  // tensor into a list element by element, a host read of every coefficient.
+  fastdiff::bind_step(m, torch::Tensor{});
+  fastdiff::bind_step(m, std::vector<double>{});
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
 #else

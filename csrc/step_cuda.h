@@ -6,4 +6,10 @@ namespace fastdiff {
 // CUDA storage types (float, double, __half, __nv_bfloat16); see step_math.h for the supported pairs.
 template <typename TX, typename TD, typename Acc>
 int guided_step_cuda(const StepArgs<TX, TD, Acc>& s, void* stream);
+
+// The backward writes one row of kNumCoef double partial sums per block into `partial`, which must hold
+// guided_step_backward_blocks(n) * kNumCoef values; the coefficient gradients are the column sums.
+int guided_step_backward_blocks(int64_t n);
+template <typename TX, typename TD, typename Acc>
+int guided_step_backward_cuda(const StepGradArgs<TX, TD, Acc>& g, double* partial, void* stream);
 }

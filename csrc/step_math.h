@@ -76,7 +76,22 @@ struct StepArgs {
   TX* x_out;
   TX* e_out;  // may be nullptr when the caller keeps no history entry
   int64_t n;
+  // Coefficients in device memory, [a, w, hx, hd, c_noise, b0, ..., bK] in Acc, read by the kernel itself so a
+  // device-resident schedule needs no host round trip (and a CUDA graph can replay it). nullptr: use the fields.
+  const Acc* coef;
 };
+
+// Replaces the scalar fields by the coefficients in s.coef, when there are any (each thread does it once).
+template <typename TX, typename TD, typename Acc>
+FD_HOST_DEVICE void load_coefficients(StepArgs<TX, TD, Acc>& s) {
+  if (s.coef == nullptr) return;
+  s.a = s.coef[0];
+  s.w = s.coef[1];
+  s.hx = s.coef[2];
+  s.hd = s.coef[3];
+  s.c_noise = s.coef[4];
+  for (int k = 0; k <= s.n_history; ++k) s.b[k] = s.coef[5 + k];
+}
 
 // One element of the step. The structure flags are template parameters so that each loop is branch-free
 // (and vectorises on the CPU); dispatch_step_flags picks the instance from a StepArgs at run time.

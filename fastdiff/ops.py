@@ -140,7 +140,8 @@ def guided_step_reference(
         acc = acc + bk * h.to(ct)
     if noise is not None:
         acc = acc + c_noise * noise.to(ct)
-    e = d if (hx == 0 and hd == 1) else hx * xc + hd * d
+    plain = not isinstance(hx, torch.Tensor) and hx == 0 and hd == 1  # E = D; no branch on device values
+    e = d if plain else hx * xc + hd * d
     return acc.to(x.dtype), e.to(torch.promote_types(x.dtype, d_cond.dtype))
 
 
@@ -193,12 +194,18 @@ def _usable(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def _forward(x, d_cond, d_uncond, history, noise, coef: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward pass on the chosen backend. ``coef = [a, w, hx, hd, c_noise, b0, ..., bK]``."""
-    if not all(math.isfinite(c) for c in coef):
+def _forward(
+    x, d_cond, d_uncond, history, noise, coef: list[float] | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward pass on the chosen backend. ``coef = [a, w, hx, hd, c_noise, b0, ..., bK]``: Python floats,
+    or a tensor. A tensor on x's GPU stays there and the kernel reads it (no host round trip, so it can be
+    captured in a CUDA graph, and it is not checked for NaN); any other is read on the host."""
+    if isinstance(coef, torch.Tensor) and not (coef.is_cuda and x.is_cuda):
+        coef = coef.double().tolist()
+    if isinstance(coef, list) and not all(math.isfinite(c) for c in coef):
         raise ValueError(f"guided_step: coefficients must be finite, got {coef}")
     forced = _forced_backend()
-    a, w, hx, hd, c_noise, *b = coef
+    a, w, hx, hd, c_noise, *b = coef.unbind() if isinstance(coef, torch.Tensor) else coef
     reference = functools.partial(guided_step_reference, x, d_cond, d_uncond, history, a, b, w, hx, hd, noise, c_noise)
     if forced == "torch":
         return reference()
@@ -228,8 +235,10 @@ def _forward(x, d_cond, d_uncond, history, noise, coef: list[float]) -> tuple[to
     args = _contiguous(x, d_cond, d_uncond, history, noise)
     x_out = torch.empty_like(args[0])
     e_out = torch.empty_like(args[0])
+    if isinstance(coef, torch.Tensor) or backend == "triton":
+        coef = torch.as_tensor(coef, dtype=_acc_dtype(x), device=x.device)
     if backend == "triton":
-        _triton_kernels().guided_step(*args, torch.tensor(coef, dtype=_acc_dtype(x), device=x.device), x_out, e_out)
+        _triton_kernels().guided_step(*args, coef, x_out, e_out)
     else:
         _C.guided_step(*args, coef, x_out, e_out)
     return x_out, e_out
@@ -257,8 +266,7 @@ def _guided_step_op(
     noise: torch.Tensor | None,
     coef: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # coef is a few scalars; reading them on the host is what the compiled kernels' launchers need.
-    return _forward(x, d_cond, d_uncond, list(history), noise, coef.double().tolist())
+    return _forward(x, d_cond, d_uncond, list(history), noise, coef)
 
 
 @_guided_step_op.register_fake
@@ -309,12 +317,9 @@ def _guided_step_backward_op(
         grads = _backward_reference(x, d_cond, d_uncond, history, noise, coef, g_x, g_e)
     else:
         args = _contiguous(x, d_cond, d_uncond, history, noise)
-        if backend == "cpu":
-            grads = _C.guided_step_backward(*args, coef.double().tolist(), g_x.contiguous(), g_e.contiguous())
-        else:
-            grads = _triton_kernels().guided_step_backward(
-                *args, coef.to(device=x.device, dtype=_acc_dtype(x)), g_x.contiguous(), g_e.contiguous()
-            )
+        coef_k = coef.to(device=x.device, dtype=_acc_dtype(x))
+        kernel = _C.guided_step_backward if backend in ("cpu", "cuda") else _triton_kernels().guided_step_backward
+        grads = kernel(*args, coef_k, g_x.contiguous(), g_e.contiguous())
     grad_x, grad_dc, grad_du, grad_h, grad_noise, grad_coef = grads
     optional = lambda t: [] if t is None else [t]  # noqa: E731
     grad_coef = grad_coef.to(device=coef.device, dtype=coef.dtype)
@@ -329,15 +334,15 @@ def _(x, d_cond, d_uncond, history, noise, coef, g_x, g_e):
 
 
 def _backward_backend(x, model_outputs, history, noise, g_x, g_e) -> str | None:
-    """The kernel backend for the backward pass (C++ on the CPU, Triton elsewhere; CUDA has none yet), or None
-    for the torch code. A forced forward backend without a backward kernel falls back to the torch code."""
+    """The kernel backend for the backward pass (C++ on the CPU; CUDA, else Triton, on a GPU), or None for the
+    torch code."""
     forced = _forced_backend()
     if forced == "torch":
         return None
     state_likes = list(history) + ([noise] if noise is not None else []) + [g_x, g_e]
     if not _kernel_fits(x, model_outputs, state_likes):
         return None
-    candidates = [forced] if forced in ("cpu", "triton") else (["cpu"] if x.device.type == "cpu" else ["triton"])
+    candidates = [forced] if forced is not None else (["cpu"] if x.device.type == "cpu" else ["cuda", "triton"])
     return next((b for b in candidates if _usable(b, x.device) is None), None)
 
 

@@ -1,6 +1,6 @@
 """GPU checks of the step kernels: run with `pytest -m gpu` on a machine with CUDA; skipped elsewhere.
 
-Not yet run: the task that wrote them had no GPU. They mirror the CPU tests in test_ops.py on CUDA tensors.
+Not yet run: the sessions that wrote them had no GPU. They mirror the CPU tests in test_ops.py on CUDA tensors.
 """
 
 import pytest
@@ -78,26 +78,50 @@ def test_gpu_gradients_match_the_reference(backend, monkeypatch):
     assert torch.autograd.gradcheck(f, (x, dc, du, h, nz, coef))
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "cuda",
-        pytest.param(
-            "triton",
-            marks=pytest.mark.xfail(reason="the Triton path copies its coefficients to the device on every call"),
-        ),
-    ],
-)
-def test_gpu_step_under_cuda_graph_capture(backend, monkeypatch):
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_step_under_cuda_graph_capture_reads_device_coefficients(backend, monkeypatch):
     _need(backend)
     monkeypatch.setenv("FASTDIFF_BACKEND", backend)
     x, dc, du = (torch.randn(1 << 20, device="cuda") for _ in range(3))
-    ops.guided_step(x, dc, du, [], a=0.9, b=[0.1], w=2.0)  # warm up (compiles the Triton kernel)
+    coef = torch.tensor([0.9, 2.0, 0.0, 1.0, 0.0, 0.1], device="cuda")
+    ops.guided_step_coef(x, dc, du, [], coef)  # warm up (compiles the Triton kernel)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, _ = ops.guided_step(x, dc, du, [], a=0.9, b=[0.1], w=2.0)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    expected, _ = ops.guided_step_reference(x, dc, du, [], 0.9, [0.1], 2.0)
-    assert torch.allclose(out, expected, atol=1e-6)
+        out, _ = ops.guided_step_coef(x, dc, du, [], coef)
+    for a, w in [(0.9, 2.0), (0.5, 3.0)]:  # new inputs and new coefficients, written in place between replays
+        x.copy_(torch.randn_like(x))
+        coef[0], coef[1] = a, w
+        graph.replay()
+        torch.cuda.synchronize()
+        expected, _ = ops.guided_step_reference(x, dc, du, [], a, [0.1], w)
+        assert torch.allclose(out, expected, atol=1e-6), (a, w)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("tx,td", DTYPE_PAIRS, ids=str)
+def test_gpu_backward_kernels_match_reference_autograd(backend, tx, td, monkeypatch):
+    _need(backend)
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    make = lambda dt: torch.randn(3, 5, 999, device="cuda", generator=g).to(dt)  # noqa: E731
+    x, dc, du, h0, h1, gx, ge = make(tx), make(td), make(td), make(tx), make(tx), make(tx), make(tx)
+    coef = torch.tensor([0.7, 2.5, 0.4, -0.3, 0.0, 0.3, -0.2, 0.1], device="cuda", dtype=torch.float64)
+    got = ops._guided_step_backward_op(x, dc, du, [h0, h1], None, coef, gx, ge)
+    ref = ops._backward_reference(*(t.double() for t in (x, dc, du)), [h0.double(), h1.double()], None, coef,
+                                  gx.double(), ge.double())  # fmt: skip
+    ref = [ref[0], ref[1], ref[2], *ref[3], ref[5]]
+    for k, (a, b) in enumerate(zip(got, ref)):
+        scale = b.abs().max().item()
+        rtol = 1e-12 if tx == torch.float64 else (1e-5 if tx == torch.float32 and td == torch.float32 else 1e-2)
+        assert (a.double() - b).abs().max().item() <= rtol * max(scale, 1.0), (backend, k)
+
+
+def test_gpu_ld3_sigmas_kernel_matches_reference(monkeypatch):
+    _need("triton")
+    monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
+    xi = torch.randn(33, device="cuda", dtype=torch.float64, requires_grad=True)
+    got = schedules.ld3_sigmas(xi, 0.002, 80.0)
+    want = ops.ld3_sigmas_reference(xi, *torch.tensor([0.002, 80.0]).log().tolist(), True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    gs = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, xi, gs)[0], torch.autograd.grad(want, xi, gs)[0])

@@ -240,3 +240,23 @@ def test_backward_kernels_match_the_reference(backend, tx, td, monkeypatch):
         if k == len(got) - 1:  # coefficient gradients are sums of n products: the worst-case bound n * eps
             tol += n * torch.finfo(torch.float64 if tx == torch.float64 else torch.float32).eps * rk.abs().max().item()
         assert (gk.double() - rk).abs().max().item() <= tol, (k, backend)
+
+
+@pytest.mark.skipif(not ops.extension_available(), reason="fastdiff._C not built")
+def test_extension_takes_coefficients_as_a_list_or_a_tensor():
+    t, c = _case((4, 3, 17, 19), torch.float32, torch.float32, full=True)
+    coef = [c["a"], c["w"], c["hx"], c["hd"], c["c_noise"], *c["b"]]
+    args = (t["x"], t["d_cond"], t["d_uncond"], t["history"], t["noise"])
+    outs = []
+    for form in (coef, torch.tensor(coef, dtype=torch.float64), torch.tensor(coef, dtype=torch.float32)):
+        x_out, e_out = torch.full_like(t["x"], float("nan")), torch.full_like(t["x"], float("nan"))
+        ops._C.guided_step(*args, form, x_out, e_out)
+        outs.append(x_out)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[2])  # float32 coefficients round differently, nothing else
+    with pytest.raises(RuntimeError, match="coefficients must be finite"):
+        ops._C.guided_step(*args, torch.tensor(coef[:-1] + [float("nan")]), x_out, e_out)
+    with pytest.raises(RuntimeError, match="coef must be a 1-D float tensor"):
+        ops._C.guided_step(*args, torch.tensor([coef]), x_out, e_out)
+    with pytest.raises(RuntimeError, match="need 6 \\+ len\\(history\\) coefficients"):
+        ops._C.guided_step(*args, torch.tensor(coef[:-1]), x_out, e_out)
