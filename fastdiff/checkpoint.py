@@ -28,7 +28,7 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +365,32 @@ def save_model(path: str | os.PathLike, module: nn.Module, config: dict[str, Any
     path = Path(path)
     _write_safetensors(path, _unwrap(module).state_dict(), MODEL_FORMAT, {"config": config})
     return path
+
+
+def save_typed_model(path: str | os.PathLike, module: nn.Module, kind: str, config: dict[str, Any],
+                     provenance: str = "") -> Path:  # fmt: skip
+    """:func:`save_model` with ``{"type": kind, **config}`` (plus ``provenance``, e.g. the command that trained
+    it, when given) as the config; read back with :func:`load_typed_model`."""
+    return save_model(path, module, {"type": kind, **config, **({"provenance": str(provenance)} if provenance else {})})
+
+
+def load_typed_model(path: str | os.PathLike, kind: str, build: Callable[[dict[str, Any]], nn.Module]) -> nn.Module:
+    """Rebuild a model written by :func:`save_typed_model`: ``build(config)`` makes it, the weights are loaded with
+    every name and shape checked, and ``.provenance`` is set. Raises :class:`CheckpointError` for a file of another
+    ``kind``, a config ``build`` rejects (TypeError or ValueError), or weights that do not fit."""
+    tensors, config = load_model_weights(path)
+    config = dict(config)
+    found = config.pop("type", None)
+    provenance = str(config.pop("provenance", ""))
+    if found != kind:
+        raise CheckpointError(f"{path} holds a model of type {found!r}, not {kind!r}")
+    try:
+        model = build(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has an invalid {kind} config {config}: {e}") from e
+    load_state_into(model, tensors, prefix="")
+    model.provenance = provenance
+    return model
 
 
 def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

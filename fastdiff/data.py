@@ -475,6 +475,32 @@ def get_dataset(spec: str, resolution: int | None = None, **kwargs) -> Dataset:
     raise ValueError(f"cannot load dataset {spec!r}: accepted are {_ACCEPTED_SPECS}")
 
 
+def image_grid(images: torch.Tensor, nrow: int | None = None, scale: int = 1) -> np.ndarray:
+    """``images`` tiled into one uint8 picture, ``[H, W]`` for 1 channel, else ``[H, W, C]``; the layout of
+    :func:`save_image_grid`, which documents the arguments."""
+    if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] not in (1, 3, 4):
+        raise ValueError(f"images must be [N, C, H, W] with N >= 1 and C in 1, 3, 4, got {tuple(images.shape)}")
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    n, c, h, w = images.shape
+    nrow = math.ceil(math.sqrt(n)) if nrow is None else nrow
+    if not isinstance(nrow, int) or nrow < 1:
+        raise ValueError(f"nrow must be a positive integer, got {nrow!r}")
+    x = images.detach().to("cpu", torch.float32)
+    if not torch.isfinite(x).all():
+        raise ValueError("images contain NaN or Inf; cannot write them as a picture")
+    tiles = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if scale > 1:
+        tiles = tiles.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        h, w = h * scale, w * scale
+    cols, rows = min(nrow, n), math.ceil(n / nrow)
+    grid = torch.full((c, rows * (h + 1) - 1, cols * (w + 1) - 1), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        grid[:, r * (h + 1) : r * (h + 1) + h, k * (w + 1) : k * (w + 1) + w] = tiles[i]
+    return grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).contiguous().numpy()
+
+
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> Path:
     """Write ``images`` as one PNG grid and return its path.
 
@@ -489,30 +515,10 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     Tiles are separated by 1 white pixel (no outer border): white, so that dark-background samples such as
     digits stay apart. The grid is ``cols * (scale * W) + cols - 1`` pixels wide, ``cols = min(nrow, N)``.
     """
-    if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] not in (1, 3, 4):
-        raise ValueError(f"images must be [N, C, H, W] with N >= 1 and C in 1, 3, 4, got {tuple(images.shape)}")
-    if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"scale must be a positive integer, got {scale!r}")
-    n, c, h, w = images.shape
-    nrow = math.ceil(math.sqrt(n)) if nrow is None else nrow
-    if not isinstance(nrow, int) or nrow < 1:
-        raise ValueError(f"nrow must be a positive integer, got {nrow!r}")
+    arr = image_grid(images, nrow, scale)
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"save_image_grid writes PNG; give a path ending in .png, got {path}")
-    x = images.detach().to("cpu", torch.float32)
-    if not torch.isfinite(x).all():
-        raise ValueError("images contain NaN or Inf; cannot write them as a picture")
-    tiles = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    if scale > 1:
-        tiles = tiles.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-        h, w = h * scale, w * scale
-    cols, rows = min(nrow, n), math.ceil(n / nrow)
-    grid = torch.full((c, rows * (h + 1) - 1, cols * (w + 1) - 1), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, k = divmod(i, cols)
-        grid[:, r * (h + 1) : r * (h + 1) + h, k * (w + 1) : k * (w + 1) + w] = tiles[i]
-    arr = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).contiguous().numpy()
     picture = Image.fromarray(arr)  # uint8 [H, W] -> "L", [H, W, 3] -> "RGB", [H, W, 4] -> "RGBA"
 
     path.parent.mkdir(parents=True, exist_ok=True)

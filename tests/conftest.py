@@ -18,3 +18,13 @@ def gmm():
 @pytest.fixture
 def noise():
     return torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run as fast on one thread as on two, and far faster than two OpenMP threads when the other
+    core is busy (CI runs several jobs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
