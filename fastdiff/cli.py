@@ -42,15 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "sample",
-        help="sample a built-in model and report NFE, time and error against the exact solve",
+        help="sample a model (the built-in digits model by default) and report NFE, time and quality",
         description=(
-            "Sample a built-in model from seeded noise. Prints the NFE spent (conditional and unconditional), the "
-            "wall time, the error against a high-accuracy reference solve of the same ODE from the same noise, and "
-            "the sliced Wasserstein distance to the true data distribution."
+            "Sample a model from seeded noise and report the NFE spent (conditional and unconditional), the wall "
+            "time and the quality. Image models (digits, or a .safetensors UNet): the distance to a high-NFE "
+            "teacher solve from the same noise, the Frechet distance to real digits in a digits classifier's "
+            "features, and the class accuracy; --out writes the samples beside the teacher's as a PNG. The exact "
+            "Gaussian mixture (gmm): the error against an exact ODE solve and the sliced W2 distance to the data. "
+            "Under torchrun, --out-dir shards the samples across processes and writes them to one samples.npz."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    s.add_argument("--model", default="gmm", choices=sorted(models.MODELS), help="built-in model")
+    s.add_argument("--model", default="digits", help=f"built-in model {sorted(models.MODELS)} or a .safetensors UNet")
     s.add_argument("--solver", default="dpmpp_2m", choices=sorted(solvers.SOLVERS), help="ODE solver")
     s.add_argument(
         "--option",
@@ -61,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="solver option, repeatable, e.g. -O order=3 -O variant=bh1 for unipc, -O max_order=3 for ipndm",
     )
-    s.add_argument("--steps", type=int, default=6, help="solver steps N (the schedule has N+1 sigmas)")
+    s.add_argument("--steps", type=int, default=None, help="solver steps N (default: 10 for images, 6 for gmm)")
     s.add_argument(
         "--schedule",
         default="karras",
@@ -78,13 +81,61 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LO,HI",
         help="guide only steps whose start sigma lies in (LO, HI]; default: every step",
     )
-    s.add_argument("--unconditional", action="store_true", help="sample the whole mixture, not class-conditionally")
-    s.add_argument("--n", type=int, default=2000, help="number of samples")
+    s.add_argument("--class", dest="class_label", type=int, default=None,
+                   help="images: sample only this class (default: all classes in turn)")  # fmt: skip
+    s.add_argument("--n", "-n", "--num-samples", dest="n", type=int, default=None,
+                   help="number of samples (default: 400 for images, 2000 for gmm); under torchrun write -n or "
+                   "--num-samples, since torchrun rejects --n as an abbreviation of its own options")  # fmt: skip
     s.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    s.add_argument("--dtype", default="float64", choices=["float32", "float64"], help="sampling dtype")
-    s.add_argument("--out", type=Path, default=None, help="write a scatter plot PNG here")
+    s.add_argument("--out", type=Path, default=None, help="write a PNG (image grid, or scatter plot for gmm)")
+    s.add_argument("--out-dir", type=Path, default=None,
+                   help="images: write all samples to DIR/samples.npz (sharded across torchrun processes)")  # fmt: skip
+    s.add_argument("--batch-size", type=int, default=500, help="images: samples per model call")
+    s.add_argument("--no-teacher", action="store_true", help="images: skip the teacher solve and its metrics")
+    s.add_argument("--device", default=None, help="images: cuda or cpu (default: cuda when available)")
+    s.add_argument("--unconditional", action="store_true", help="gmm: sample the whole mixture")
+    s.add_argument("--dtype", default="float64", choices=["float32", "float64"], help="gmm: sampling dtype")
     s.add_argument("--progress", action="store_true", help="show a progress bar")
     s.set_defaults(func=cmd_sample)
+
+    t = sub.add_parser("train", help="training jobs (EDM diffusion models, the digits classifier)")
+    tsub = t.add_subparsers(dest="train", required=True, metavar="JOB")
+    e = tsub.add_parser(
+        "edm",
+        help="train an EDM UNet (the built-in digits model was made this way)",
+        description=(
+            "Train a class-conditional EDM UNet with the EDM loss and label dropout (for classifier-free "
+            "guidance), on the shared runtime: bf16 autocast, gradient clipping, EMA, checkpoints every N steps "
+            "in --out-dir, exact resume when rerun, DDP under torchrun. Writes the EMA weights as safetensors."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    e.add_argument("--data", default="digits", help="digits, an image folder, or a .npy/.npz array file")
+    e.add_argument("--resolution", type=int, default=None, help="image size (digits: 16; folders: resize to it)")
+    e.add_argument("--size", default="small", choices=["tiny", "small"], help="UNet preset")
+    e.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    e.add_argument("--batch-size", type=int, default=128, help="batch size per process")
+    e.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    e.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    e.add_argument("--ema", type=float, default=0.998, help="EMA decay per step")
+    e.add_argument("--label-dropout", type=float, default=0.1, help="probability of training a sample unconditionally")
+    e.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and the noise")
+    e.add_argument("--amp", action="store_true", help="bf16 autocast")
+    e.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    e.add_argument("--out-dir", default="runs/edm", help="checkpoints and log.csv (a rerun resumes from here)")
+    e.add_argument("--export", default=None, help="EMA weights file (default: OUT_DIR/model.safetensors)")
+    e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    e.set_defaults(func=cmd_train_edm)
+    c = tsub.add_parser(
+        "classifier",
+        help="train the digits classifier behind the quality metrics",
+        description="Train the digits classifier on the train split of the UCI digits; report held-out accuracy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    c.add_argument("--seed", type=int, default=0, help="seed")
+    c.add_argument("--out", default="digits_classifier.safetensors", help="output weights file")
+    c.set_defaults(func=cmd_train_classifier)
 
     b = sub.add_parser("bench", help="microbenchmarks (see BENCHMARKS.md)")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -125,21 +176,138 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_edm(args: argparse.Namespace) -> int:
+    from fastdiff.train import TrainConfig, recipes
+
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, ema_decay=args.ema, amp=args.amp,
+        checkpoint_every=args.checkpoint_every, out_dir=args.out_dir, warmup_steps=args.warmup, device=args.device,
+    )  # fmt: skip
+    path = recipes.train_edm(
+        args.data, config, size=args.size, resolution=args.resolution, label_dropout=args.label_dropout,
+        export=args.export,
+    )  # fmt: skip
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from fastdiff.train import recipes
+
+    path, acc = recipes.train_digits_classifier(args.out, steps=args.steps, seed=args.seed)
+    print(f"held-out accuracy {acc:.4f} (359 test digits); wrote {path}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.n < 2:
-        raise ValueError("--steps must be >= 1 and --n >= 2")
     model = models.get(args.model)
-    if args.guidance is not None and args.unconditional:
-        raise ValueError("--guidance needs class-conditional sampling; drop --unconditional")
+    steps = args.steps if args.steps is not None else (6 if isinstance(model, models.GaussianMixture) else 10)
+    n = args.n if args.n is not None else (2000 if isinstance(model, models.GaussianMixture) else 400)
+    if steps < 1 or n < 2:
+        raise ValueError("--steps must be >= 1 and --n >= 2")
     kwargs = {"rho": args.rho} if args.schedule == "karras" else {}
-    sigmas = schedules.get(args.schedule, args.steps, args.sigma_min, args.sigma_max, **kwargs)
+    sigmas = schedules.get(args.schedule, steps, args.sigma_min, args.sigma_max, **kwargs)
     solver = solvers.get(args.solver, **dict(args.option))
     guidance = Guidance(args.guidance, args.interval) if args.guidance is not None else None
+    run = _sample_gmm if isinstance(model, models.GaussianMixture) else _sample_images
+    return run(args, model, sigmas, solver, guidance, n)
 
+
+def _describe(args, solver, sigmas, guidance) -> str:
+    return f"solver {solver!r}  schedule {args.schedule} ({len(sigmas) - 1} steps)  guidance {guidance}"
+
+
+def _sample_images(args, model, sigmas, solver, guidance, n: int) -> int:
+    from fastdiff import evaluate, generate
+    from fastdiff.train import init_distributed
+
+    cfg = model.config
+    ctx, created = init_distributed(args.device)
+    model = model.to(ctx.device)
+    kw = dict(shape=(cfg.in_channels, cfg.resolution, cfg.resolution), num_classes=cfg.num_classes,
+              guidance=guidance, class_label=args.class_label, seed=args.seed, batch_size=args.batch_size,
+              device=ctx.device)  # fmt: skip
+    if ctx.distributed and args.out_dir is None:
+        raise ValueError("under torchrun, give --out-dir: each process samples a shard and writes it there")
+    indices = generate.shard(n, ctx.rank, ctx.world_size)
+    t0 = time.perf_counter()
+    gen = generate.generate(model, indices, sigmas, solver=solver, progress=args.progress and ctx.is_main, **kw)
+    wall = time.perf_counter() - t0
+    if args.out_dir is not None:
+        generate.write_part(args.out_dir, gen, ctx.rank, ctx.world_size)
+        if ctx.distributed:
+            torch.distributed.barrier()  # every part is on disk before rank 0 merges them
+        if ctx.is_main:
+            path = generate.merge_parts(args.out_dir, n, ctx.world_size)
+            print(f"wrote {path} ({n} samples from {ctx.world_size} process(es), indices 0..{n - 1} once each)")
+    if created:
+        torch.distributed.destroy_process_group()
+    if ctx.distributed:
+        return 0  # a sharded run writes samples; the report below is for one process's own samples
+
+    print(f"model {args.model}  {_describe(args, solver, sigmas, guidance)}")
+    print(f"NFE            {gen.nfe} per sample")
+    print(f"wall time      {wall * 1e3:.1f} ms for {n} samples ({ctx.device})")
+    if args.no_teacher:
+        teacher = None
+    else:
+        t_sigmas = schedules.karras(evaluate.TEACHER["steps"], args.sigma_min, args.sigma_max)
+        teacher = generate.generate(model, indices, t_sigmas, solver=evaluate.TEACHER["solver"], **kw)
+        err = metrics.teacher_error(gen.images, teacher.images)
+        print(f"teacher        {evaluate.TEACHER['solver']} {evaluate.TEACHER['steps']} steps ({teacher.nfe} NFE), "
+              f"same noise: RMSE to it {err['rmse_mean']:.4f} (images in [-1, 1])")  # fmt: skip
+    if cfg.resolution == 16 and cfg.in_channels == 1:
+        judge = evaluate.default_judge()
+        q = judge(gen.images, gen.labels)
+        qt = judge(teacher.images, teacher.labels) if teacher is not None else {}
+        floor = judge.real_floor(n)
+        shown = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
+        print(f"FD to real digits     sample {q['fd']:.3f}   teacher {shown(qt, 'fd')}   "
+              f"real held-out digits ({min(n, len(judge.held_out))}): {floor:.3f}")  # fmt: skip
+        if "accuracy" in q:
+            print(f"class accuracy        sample {q['accuracy']:.3f}   teacher {shown(qt, 'accuracy')}")
+    if args.out is not None:
+        _image_figure(args, gen, teacher, sigmas, solver)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _image_figure(args, gen, teacher, sigmas, solver, rows: int = 10) -> None:
+    """Up to ``rows`` x 10 samples beside the teacher's from the same noise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastdiff.data import image_grid
+    from fastdiff.evaluate import TEACHER
+
+    k = min(len(gen.images), rows * 10)
+    panels = [(gen.images[:k], f"{solver.name}, {len(sigmas) - 1} steps ({gen.nfe} NFE)")]
+    if teacher is not None:
+        panels.append(
+            (teacher.images[:k], f"teacher: {TEACHER['solver']}, {TEACHER['steps']} steps ({teacher.nfe} NFE)")
+        )
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+    for ax, (imgs, title) in zip(axes[0], panels):
+        ax.imshow(image_grid(imgs, nrow=10), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    g = f"guidance {args.guidance}" + (f" on ({args.interval[0]}, {args.interval[1]}]" if args.interval else "")
+    fig.suptitle(f"{args.model}: same noise, {g if args.guidance else 'no guidance'}", fontsize=10)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    plt.close(fig)
+
+
+def _sample_gmm(args, model, sigmas, solver, guidance, n: int) -> int:
+    if guidance is not None and args.unconditional:
+        raise ValueError("--guidance needs class-conditional sampling; drop --unconditional")
     gen = torch.Generator().manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
-    noise = torch.randn(args.n, model.dim, generator=gen, dtype=torch.float64)
-    labels = None if args.unconditional else torch.arange(args.n) % model.num_classes
+    noise = torch.randn(n, model.dim, generator=gen, dtype=torch.float64)
+    labels = None if args.unconditional else torch.arange(n) % model.num_classes
     cond = None if labels is None else {"class_labels": labels}
     x = (noise * sigmas[0]).to(dtype)
 
@@ -150,24 +318,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     ref = reference_sample(model, noise * sigmas[0], sigmas, guidance=guidance, cond=cond)
     err = (out.double() - ref).norm(dim=1)
-    data = model.sample(args.n, torch.Generator().manual_seed(args.seed + 1), class_labels=labels)
-    data2 = model.sample(args.n, torch.Generator().manual_seed(args.seed + 2), class_labels=labels)
+    data = model.sample(n, torch.Generator().manual_seed(args.seed + 1), class_labels=labels)
+    data2 = model.sample(n, torch.Generator().manual_seed(args.seed + 2), class_labels=labels)
     # The same projections for all three distances, so that they compare.
     sw_to_data = lambda pts: metrics.sliced_wasserstein(pts, data, generator=torch.Generator().manual_seed(12345))  # noqa: E731
     sw, sw_ref, sw_floor = sw_to_data(out), sw_to_data(ref), sw_to_data(data2)
 
-    print(f"model {args.model}  solver {solver!r}  schedule {args.schedule} ({args.steps} steps)  guidance {guidance}")
+    print(f"model {args.model}  {_describe(args, solver, sigmas, guidance)}")
     print(f"NFE            {stats.nfe} per sample ({stats.nfe_cond} conditional + {stats.nfe_uncond} unconditional)")
-    print(f"wall time      {wall * 1e3:.1f} ms for {args.n} samples ({args.dtype}, {x.device})")
+    print(f"wall time      {wall * 1e3:.1f} ms for {n} samples ({args.dtype}, {x.device})")
     print(f"error vs exact solve   mean {err.mean():.3e}  max {err.max():.3e}  (L2 per sample; RK45, rtol 1e-10)")
     print(f"sliced W2 to data      {sw:.4f}  (exact ODE solve: {sw_ref:.4f}; two draws of the data: {sw_floor:.4f})")
     if args.out is not None:
-        _plot(args, out.double(), ref, data, labels)
+        _plot(args, out.double(), ref, data, labels, len(sigmas) - 1)
         print(f"wrote {args.out}")
     return 0
 
 
-def _plot(args, out: torch.Tensor, ref: torch.Tensor, data: torch.Tensor, labels) -> None:
+def _plot(args, out: torch.Tensor, ref: torch.Tensor, data: torch.Tensor, labels, steps: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +344,7 @@ def _plot(args, out: torch.Tensor, ref: torch.Tensor, data: torch.Tensor, labels
     color = None if labels is None else labels.numpy()
     fig, axes = plt.subplots(1, 2, figsize=(10, 5), sharex=True, sharey=True)
     for ax, pts, title in [
-        (axes[0], out, f"fastdiff {args.solver}, {args.steps} steps"),
+        (axes[0], out, f"fastdiff {args.solver}, {steps} steps"),
         (axes[1], ref, "exact ODE solve (RK45)"),
     ]:
         ax.scatter(data[:, 0], data[:, 1], s=2, c="lightgrey", label="data")

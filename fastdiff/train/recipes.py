@@ -1,0 +1,80 @@
+"""Whole training jobs behind ``fastdiff train ...``: data in, shipped-format weights out.
+
+* :func:`train_edm`: an EDM UNet (:mod:`fastdiff.models.unet`) with the EDM loss (:mod:`fastdiff.train.edm`) on
+  the shared runtime (:mod:`fastdiff.train.runtime`: DDP, bf16, EMA, checkpoints, exact resume); exports the EMA
+  weights. This made the built-in ``digits`` model.
+* :func:`train_digits_classifier`: the classifier behind fastdiff's digits quality metrics
+  (:mod:`fastdiff.evaluate`), trained on the train split of the UCI digits.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from fastdiff import data
+from fastdiff.models.classifier import evaluate_accuracy, save_classifier, train_classifier
+from fastdiff.models.unet import EDMUNet, UNetConfig, count_parameters, save_unet
+from fastdiff.train.edm import EDMLoss
+from fastdiff.train.runtime import TrainConfig, distributed_context, train
+
+SIZES = {"tiny": UNetConfig.tiny, "small": UNetConfig.small}
+
+
+def _command() -> str:
+    return shlex.join(["fastdiff", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("fastdiff") else ""
+
+
+def train_edm(
+    dataset_spec: str,
+    config: TrainConfig,
+    *,
+    size: str = "small",
+    resolution: int | None = None,
+    label_dropout: float = 0.1,
+    export: str | Path | None = None,
+) -> Path:
+    """Train an EDM UNet on ``dataset_spec`` (see :func:`fastdiff.data.get_dataset`) and write its EMA weights.
+
+    The network is ``UNetConfig.<size>()`` resized to the data's resolution, channels and classes. Checkpoints and
+    ``log.csv`` go to ``config.out_dir`` (a rerun resumes); the EMA weights to ``export`` (default
+    ``<out_dir>/model.safetensors``), loadable with ``fastdiff.models.get(path)``. Returns that path.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    ds = data.get_dataset(dataset_spec, resolution)
+    channels, height, width = ds.shape
+    if height != width:
+        raise ValueError(f"the UNet needs square images, the data is {height}x{width}")
+    base = SIZES[size]().to_dict()
+    cfg = UNetConfig.from_dict({**base, "resolution": height, "in_channels": channels, "num_classes": ds.num_classes})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the initial weights are part of the run's seed
+        model = EDMUNet(cfg)
+    ctx = distributed_context(config.device)
+    if ctx.is_main:
+        print(f"EDM UNet {size}: {count_parameters(model) / 1e6:.2f}M parameters; data {dataset_spec}: {len(ds)} "
+              f"images {tuple(ds.shape)}, {ds.num_classes} classes", file=sys.stderr)  # fmt: skip
+    loss = EDMLoss(sigma_data=cfg.sigma_data, label_dropout=label_dropout if ds.num_classes else 0.0)
+    state = train(model, loss, ds, config)
+    out = Path(export) if export is not None else Path(config.out_dir) / "model.safetensors"
+    if ctx.is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_unet(out, state.ema_model().cpu(), provenance=_command())
+    return out
+
+
+def train_digits_classifier(
+    out: str | Path, *, resolution: int = 16, steps: int = 600, batch_size: int = 128, seed: int = 0
+) -> tuple[Path, float]:
+    """Train the digits classifier on the train split and write it to ``out``; returns ``(path, held-out
+    accuracy)`` on the test split (359 digits)."""
+    train_set = data.DigitsDataset(resolution, split="train")
+    test_set = data.DigitsDataset(resolution, split="test")
+    model = train_classifier(train_set.images, train_set.labels, steps=steps, batch_size=batch_size, seed=seed)
+    acc = evaluate_accuracy(model, test_set.images, test_set.labels)
+    path = save_classifier(out, model, provenance=_command())
+    return path, acc
