@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="class_label", type=int, default=None,
                    help="images: sample only this class (default: all classes in turn)")  # fmt: skip
     s.add_argument("--n", "-n", "--num-samples", dest="n", type=int, default=None,
-                   help="number of samples (default: 400 for images, 2000 for gmm); under torchrun write -n or "
+                   help="number of samples (default: 200 for images, 2000 for gmm); under torchrun write -n or "
                    "--num-samples, since torchrun rejects --n as an abbreviation of its own options")  # fmt: skip
     s.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     s.add_argument("--out", type=Path, default=None, help="write a PNG (image grid, or scatter plot for gmm)")
@@ -202,7 +202,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     model = models.get(args.model)
     steps = args.steps if args.steps is not None else (6 if isinstance(model, models.GaussianMixture) else 10)
-    n = args.n if args.n is not None else (2000 if isinstance(model, models.GaussianMixture) else 400)
+    n = args.n if args.n is not None else (2000 if isinstance(model, models.GaussianMixture) else 200)
     if steps < 1 or n < 2:
         raise ValueError("--steps must be >= 1 and --n >= 2")
     kwargs = {"rho": args.rho} if args.schedule == "karras" else {}
