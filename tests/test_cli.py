@@ -12,6 +12,8 @@ def test_sample_prints_nfe_time_error_and_distance(capsys, tmp_path):
     rc = main(
         [
             "sample",
+            "--model",
+            "gmm",
             "--solver",
             "heun",
             "--steps",
@@ -40,7 +42,7 @@ def test_sample_prints_nfe_time_error_and_distance(capsys, tmp_path):
 def test_more_steps_give_smaller_error(capsys):
     errors = []
     for steps in ("4", "32"):
-        main(["sample", "--solver", "dpmpp_2m", "--steps", steps, "--n", "200"])
+        main(["sample", "--model", "gmm", "--solver", "dpmpp_2m", "--steps", steps, "--n", "200"])
         errors.append(float(re.search(r"mean ([\d.e+-]+)", capsys.readouterr().out)[1]))
     assert errors[1] < errors[0] / 10
 
@@ -48,7 +50,9 @@ def test_more_steps_give_smaller_error(capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["sample", "--steps", "0"], "--steps must be >= 1"),
+        (["sample", "--model", "gmm", "--steps", "0"], "--steps must be >= 1"),
+        (["sample", "--model", "nope"], "unknown model 'nope'"),
+        (["sample", "--model", "missing.safetensors"], "missing.safetensors"),
         (["sample", "--interval", "3,1", "--guidance", "2"], "sigma_lo=3.0 > sigma_hi=1.0"),
         (["sample", "--schedule", "cosine"], "unknown schedule 'cosine'"),
         (["sample", "--solver", "unipc", "-O", "order=7"], "unipc order must be 1, 2 or 3"),
