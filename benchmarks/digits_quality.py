@@ -46,8 +46,9 @@ def run(n_samples: int, batch_size: int) -> list[dict]:
     indices = torch.arange(n_samples)
     t_sigmas = schedules.karras(evaluate.TEACHER["steps"], SIGMA_MIN, SIGMA_MAX)
     teacher = generate.generate(model, indices, t_sigmas, solver=evaluate.TEACHER["solver"], **kw)
-    rows = [{"solver": f"teacher ({evaluate.TEACHER['solver']})", "nfe": teacher.nfe,
-             "steps": evaluate.TEACHER["steps"], **judge(teacher.images, teacher.labels), "teacher_rmse": 0.0}]  # fmt: skip
+    name, steps = evaluate.TEACHER["solver"], evaluate.TEACHER["steps"]
+    rows = [{"solver": f"teacher ({name})", "nfe": teacher.nfe, "steps": steps,
+             **judge(teacher.images, teacher.labels), "teacher_rmse": 0.0}]  # fmt: skip
     floor = judge.real_floor(n_samples)
     print(f"FD of {min(n_samples, len(judge.held_out))} real held-out digits: {floor:.3f}")
     rows.append({"solver": "real held-out digits", "nfe": 0, "steps": 0, "fd": floor, "accuracy": float("nan"),
