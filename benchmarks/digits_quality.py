@@ -74,20 +74,26 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullFormatter
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     for name in SOLVERS:
+        if name == "ddim":
+            continue  # the same updates as euler in this form (drawn as "euler = ddim")
         pts = [r for r in rows if r["solver"] == name]
+        label = "euler = ddim" if name == "euler" else name
         for ax, key in zip(axes, ("fd", "accuracy", "teacher_rmse")):
-            ax.plot([r["nfe"] for r in pts], [r[key] for r in pts], marker="o", label=name)
+            ax.plot([r["nfe"] for r in pts], [r[key] for r in pts], marker="o", label=label)
     teacher = rows[0]
     floor = next(r for r in rows if r["solver"] == "real held-out digits")["fd"]
-    axes[0].axhline(teacher["fd"], color="k", ls="--", lw=1, label=f"teacher ({teacher['nfe']} NFE)")
+    axes[0].axhline(teacher["fd"], color="k", ls="--", lw=1, label=f"teacher ({int(teacher['nfe'])} NFE)")
     axes[0].axhline(floor, color="grey", ls=":", lw=1, label="real held-out digits")
     axes[1].axhline(teacher["accuracy"], color="k", ls="--", lw=1)
     for ax, title in zip(axes, ("Frechet distance to real digits (lower is better)", "class accuracy",
                                 "RMSE to the teacher, same noise")):  # fmt: skip
         ax.set_xscale("log")
         ax.set_xticks(NFES, [str(v) for v in NFES])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("NFE")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
@@ -105,20 +111,26 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000, help="samples per configuration")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
+    p.add_argument("--replot", action="store_true", help="redraw the plot and table from --out's CSV")
     args = p.parse_args()
-    rows = run(args.n, args.batch_size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "digits_quality.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    csv_path = args.out / "digits_quality.csv"
+    if args.replot:
+        with open(csv_path) as f:
+            rows = [{k: v if k == "solver" else float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    else:
+        rows = run(args.n, args.batch_size)
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
     plot(rows, args.out / "digits_quality.png")
     print("\n| solver | " + " | ".join(f"NFE {v}" for v in NFES) + " |")
     print("|---|" + "---|" * len(NFES))
     for name in SOLVERS:
         cells = [f"{r['fd']:.2f} / {r['accuracy']:.3f}" for r in rows if r["solver"] == name]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print(f"wrote {args.out / 'digits_quality.csv'} and {args.out / 'digits_quality.png'}")
+    print(f"wrote {csv_path} and {args.out / 'digits_quality.png'}")
 
 
 if __name__ == "__main__":
