@@ -49,8 +49,8 @@ def run(n_samples: int, batch_size: int) -> list[dict]:
     name, steps = evaluate.TEACHER["solver"], evaluate.TEACHER["steps"]
     rows = [{"solver": f"teacher ({name})", "nfe": teacher.nfe, "steps": steps,
              **judge(teacher.images, teacher.labels), "teacher_rmse": 0.0}]  # fmt: skip
-    floor = judge.real_floor(n_samples)
-    print(f"FD of {min(n_samples, len(judge.held_out))} real held-out digits: {floor:.3f}")
+    floor, count = judge.real_floor(n_samples)
+    print(f"FD of {count} real held-out digits: {floor:.3f}")
     rows.append({"solver": "real held-out digits", "nfe": 0, "steps": 0, "fd": floor, "accuracy": float("nan"),
                  "teacher_rmse": float("nan")})  # fmt: skip
     for name in SOLVERS:

@@ -218,58 +218,67 @@ def _describe(args, solver, sigmas, guidance) -> str:
 
 
 def _sample_images(args, model, sigmas, solver, guidance, n: int) -> int:
-    from fastdiff import evaluate, generate
+    from fastdiff import generate
     from fastdiff.train import init_distributed
 
     cfg = model.config
     ctx, created = init_distributed(args.device)
-    model = model.to(ctx.device)
-    kw = dict(shape=(cfg.in_channels, cfg.resolution, cfg.resolution), num_classes=cfg.num_classes,
-              guidance=guidance, class_label=args.class_label, seed=args.seed, batch_size=args.batch_size,
-              device=ctx.device)  # fmt: skip
-    if ctx.distributed and args.out_dir is None:
-        raise ValueError("under torchrun, give --out-dir: each process samples a shard and writes it there")
-    indices = generate.shard(n, ctx.rank, ctx.world_size)
-    t0 = time.perf_counter()
-    gen = generate.generate(model, indices, sigmas, solver=solver, progress=args.progress and ctx.is_main, **kw)
-    wall = time.perf_counter() - t0
-    if args.out_dir is not None:
-        generate.write_part(args.out_dir, gen, ctx.rank, ctx.world_size)
-        if ctx.distributed:
-            torch.distributed.barrier()  # every part is on disk before rank 0 merges them
-        if ctx.is_main:
-            path = generate.merge_parts(args.out_dir, n, ctx.world_size)
-            print(f"wrote {path} ({n} samples from {ctx.world_size} process(es), indices 0..{n - 1} once each)")
-    if created:
-        torch.distributed.destroy_process_group()
+    try:
+        if ctx.distributed and args.out_dir is None:
+            raise ValueError("under torchrun, give --out-dir: each process samples a shard and writes it there")
+        model = model.to(ctx.device)
+        kw = dict(shape=(cfg.in_channels, cfg.resolution, cfg.resolution), num_classes=cfg.num_classes,
+                  guidance=guidance, class_label=args.class_label, seed=args.seed, batch_size=args.batch_size,
+                  device=ctx.device)  # fmt: skip
+        indices = generate.shard(n, ctx.rank, ctx.world_size)
+        t0 = time.perf_counter()
+        gen = generate.generate(model, indices, sigmas, solver=solver, progress=args.progress and ctx.is_main, **kw)
+        wall = time.perf_counter() - t0
+        if args.out_dir is not None:
+            generate.write_part(args.out_dir, gen, ctx.rank, ctx.world_size)
+            if ctx.distributed:
+                torch.distributed.barrier()  # every part is on disk before rank 0 merges them
+            if ctx.is_main:
+                path = generate.merge_parts(args.out_dir, n, ctx.world_size)
+                print(f"wrote {path} ({n} samples from {ctx.world_size} process(es), indices 0..{n - 1} once each)")
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
     if ctx.distributed:
         return 0  # a sharded run writes samples; the report below is for one process's own samples
+    _report_images(args, model, sigmas, solver, guidance, gen, wall, kw)
+    return 0
 
+
+def _report_images(args, model, sigmas, solver, guidance, gen, wall: float, kw: dict) -> None:
+    from fastdiff import evaluate, generate
+
+    cfg, n = model.config, len(gen.indices)
     print(f"model {args.model}  {_describe(args, solver, sigmas, guidance)}")
-    print(f"NFE            {gen.nfe} per sample")
-    print(f"wall time      {wall * 1e3:.1f} ms for {n} samples ({ctx.device})")
+    print(f"NFE            {gen.nfe} per sample ({gen.nfe - gen.nfe_uncond} conditional + {gen.nfe_uncond} "
+          "unconditional)")  # fmt: skip
+    print(f"wall time      {wall * 1e3:.1f} ms for {n} samples ({kw['device']})")
     if args.no_teacher:
         teacher = None
     else:
         t_sigmas = schedules.karras(evaluate.TEACHER["steps"], args.sigma_min, args.sigma_max)
-        teacher = generate.generate(model, indices, t_sigmas, solver=evaluate.TEACHER["solver"], **kw)
+        teacher = generate.generate(model, gen.indices, t_sigmas, solver=evaluate.TEACHER["solver"], **kw)
         err = metrics.teacher_error(gen.images, teacher.images)
         print(f"teacher        {evaluate.TEACHER['solver']} {evaluate.TEACHER['steps']} steps ({teacher.nfe} NFE), "
               f"same noise: RMSE to it {err['rmse_mean']:.4f} (images in [-1, 1])")  # fmt: skip
-    if cfg.resolution == 16 and cfg.in_channels == 1:
+    if (cfg.resolution, cfg.in_channels, cfg.num_classes) == (16, 1, 10):  # digits-shaped: the digits judge fits
         judge = evaluate.default_judge()
         q = judge(gen.images, gen.labels)
         qt = judge(teacher.images, teacher.labels) if teacher is not None else {}
-        floor = judge.real_floor(n)
+        floor, count = judge.real_floor(n, gen.labels)
         shown = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
         print(f"FD to real digits     sample {q['fd']:.3f}   teacher {shown(qt, 'fd')}   "
-              f"real held-out digits ({min(n, len(judge.held_out))}): {floor:.3f}")  # fmt: skip
+              f"real held-out digits ({count}): {floor:.3f}")  # fmt: skip
         if "accuracy" in q:
             print(f"class accuracy        sample {q['accuracy']:.3f}   teacher {shown(qt, 'accuracy')}")
     if args.out is not None:
         _image_figure(args, gen, teacher, sigmas, solver)
         print(f"wrote {args.out}")
-    return 0
 
 
 def _image_figure(args, gen, teacher, sigmas, solver, rows: int = 10) -> None:

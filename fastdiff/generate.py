@@ -50,12 +50,13 @@ def sample_labels(indices: torch.Tensor, num_classes: int, class_label: int | No
 @dataclass
 class Generated:
     """Images ``[N, C, H, W]`` float32 in [-1, 1] (clamped), their labels ``[N]`` (or None) and sample indices
-    ``[N]``, and the NFE one sample cost."""
+    ``[N]``, and the NFE one sample cost (``nfe_uncond`` of them unconditional)."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
     indices: torch.Tensor
     nfe: int
+    nfe_uncond: int = 0
 
 
 def generate(
@@ -78,7 +79,7 @@ def generate(
     With guidance the unconditional pass uses the null label -1 (batched with the conditional one)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    images, nfe = [], 0
+    images, stats = [], None
     batches = list(indices.split(batch_size))
     for idx in tqdm(batches, desc="sampling", unit="batch", disable=not progress or len(batches) < 2):
         x = (sample_noise(idx, shape, seed) * sigmas[0]).to(device=device, dtype=torch.float32)
@@ -92,9 +93,10 @@ def generate(
                 model, x, sigmas, solver=solver, guidance=guidance, cond=cond, uncond=uncond, return_stats=True
             )
         images.append(out.clamp(-1, 1).float().cpu())
-        nfe = stats.nfe
     labels = sample_labels(indices, num_classes, class_label)
-    return Generated(torch.cat(images) if images else torch.empty(0, *shape), labels, indices, nfe)
+    if stats is None:
+        return Generated(torch.empty(0, *shape), labels, indices, 0)
+    return Generated(torch.cat(images), labels, indices, stats.nfe, stats.nfe_uncond)
 
 
 def shard(n: int, rank: int, world_size: int) -> torch.Tensor:
