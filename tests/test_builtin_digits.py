@@ -57,6 +57,15 @@ def test_few_step_euler_is_measurably_worse_than_dpmpp_2m(digits, judge):
     assert _quality(digits, judge, "euler", 4)["fd"] > 1.3 * _quality(digits, judge, "dpmpp_2m", 10)["fd"]
 
 
+def test_fd_of_one_class_compares_with_that_class(digits, judge):
+    sigmas = schedules.karras(6, 0.002, 80.0)
+    gen = generate.generate(digits, torch.arange(40), sigmas, shape=(1, 16, 16), num_classes=10, class_label=3)
+    assert (gen.labels == 3).all()
+    assert judge.fd(gen.images, gen.labels) < judge.fd(gen.images) / 5  # against all digits it looks wrong
+    floor, count = judge.real_floor(100, gen.labels)
+    assert count == (judge.held_out.labels == 3).sum() and floor < judge.fd(gen.images)
+
+
 def test_main_job_writes_grid_and_reports_quality(tmp_path, capsys):
     png = tmp_path / "grid.png"
     assert main(["sample", "-n", "60", "--out", str(png)]) == 0
