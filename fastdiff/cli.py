@@ -263,9 +263,11 @@ def _report_images(args, model, sigmas, solver, guidance, gen, wall: float, kw: 
     else:
         t_sigmas = schedules.karras(evaluate.TEACHER["steps"], args.sigma_min, args.sigma_max)
         teacher = generate.generate(model, gen.indices, t_sigmas, solver=evaluate.TEACHER["solver"], **kw)
-        err = metrics.teacher_error(gen.images, teacher.images)
+        lpips_model, why = _lpips_or_reason()
+        err = metrics.teacher_error(gen.images, teacher.images, lpips_model=lpips_model)
+        lp = f"LPIPS {err['lpips_mean']:.4f}" if "lpips_mean" in err else f"LPIPS unavailable: {why}"
         print(f"teacher        {evaluate.TEACHER['solver']} {evaluate.TEACHER['steps']} steps ({teacher.nfe} NFE), "
-              f"same noise: RMSE to it {err['rmse_mean']:.4f} (images in [-1, 1])")  # fmt: skip
+              f"same noise: RMSE to it {err['rmse_mean']:.4f} (images in [-1, 1]); {lp}")  # fmt: skip
     if (cfg.resolution, cfg.in_channels, cfg.num_classes) == (16, 1, 10):  # digits-shaped: the digits judge fits
         judge = evaluate.default_judge()
         q = judge(gen.images, gen.labels)
@@ -279,6 +281,18 @@ def _report_images(args, model, sigmas, solver, guidance, gen, wall: float, kw: 
     if args.out is not None:
         _image_figure(args, gen, teacher, sigmas, solver)
         print(f"wrote {args.out}")
+
+
+def _lpips_or_reason():
+    """``(LPIPSAdapter, None)`` where lpips and its backbone weights are at hand, else ``(None, why not)``."""
+    from fastdiff.lpips import LPIPSAdapter
+
+    try:
+        return LPIPSAdapter(), None
+    except ImportError:
+        return None, "pip install fastdiff[lpips] (it needs torchvision)"
+    except FileNotFoundError as exc:  # names the backbone file and the folder it belongs in
+        return None, str(exc)
 
 
 def _image_figure(args, gen, teacher, sigmas, solver, rows: int = 10) -> None:
