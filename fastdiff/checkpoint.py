@@ -85,8 +85,10 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync the result, then move it over ``path``. No partial ``path`` ever exists."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)``, fsync the result, then move it over ``path``. No partial ``path`` ever exists, and
+    the file gets the usual permissions. Every file fastdiff writes for keeps goes through here."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -114,7 +116,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
@@ -167,7 +169,7 @@ def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], fmt: str
     except (TypeError, ValueError) as exc:
         raise TypeError(f"checkpoint metadata must be JSON-serialisable (finite numbers, str keys): {exc}") from None
     header = {"format": fmt, "version": str(FORMAT_VERSION), "sha256": _digest(flat), "meta": meta_json}
-    _atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
 
 
 def _read_safetensors(path: Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

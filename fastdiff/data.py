@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import secrets
 import warnings
 import zipfile
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+
+from fastdiff.checkpoint import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 ARRAY_EXTENSIONS = (".npy", ".npz")
@@ -521,14 +522,5 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
         raise ValueError(f"save_image_grid writes PNG; give a path ending in .png, got {path}")
     picture = Image.fromarray(arr)  # uint8 [H, W] -> "L", [H, W, 3] -> "RGB", [H, W, 4] -> "RGBA"
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A named temp file opened normally (not tempfile.mkstemp, which makes it 0600) keeps the usual permissions.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            picture.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
     return path

@@ -7,8 +7,6 @@ So a run sharded with ``torchrun`` writes exactly the images a single process wo
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 import fastdiff
+from fastdiff.checkpoint import atomic_write
 from fastdiff.guidance import Guidance
 from fastdiff.sampler import Model
 
@@ -110,14 +109,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def part_path(out_dir: Path, rank: int, world_size: int) -> Path:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from fastdiff import ops
+from fastdiff.checkpoint import atomic_write
 
 SCHEDULE_FORMAT = "fastdiff-schedule"
 
@@ -146,15 +146,7 @@ def save(path: str | os.PathLike, sigmas: torch.Tensor, **metadata) -> None:
     """Write a schedule as JSON, atomically (a temporary file, then a rename)."""
     s = validate(sigmas)
     payload = {"format": SCHEDULE_FORMAT, "version": 1, "sigmas": s.tolist(), "metadata": metadata}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
 
 
 def load(path: str | os.PathLike) -> torch.Tensor:
