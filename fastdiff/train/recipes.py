@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fastdiff import data
+from fastdiff.checkpoint import atomic_write
 from fastdiff.models.classifier import evaluate_accuracy, save_classifier, train_classifier
 from fastdiff.models.unet import EDMUNet, UNetConfig, count_parameters, save_unet
 from fastdiff.train.edm import EDMLoss
@@ -64,7 +65,37 @@ def train_edm(
     if ctx.is_main:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_unet(out, state.ema_model().cpu(), provenance=_command())
+        plot_training_log(Path(config.out_dir) / "log.csv", Path(config.out_dir) / "loss.png")
     return out
+
+
+def plot_training_log(log_csv: Path, out_png: Path) -> None:
+    """Draw the EDM loss of a run's ``log.csv`` against the step, overall and per sigma bin."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for key in [k for k in rows[0] if k == "loss" or k.startswith("loss_sigma")]:
+        ax.plot(steps, [float(r[key]) for r in rows], lw=1.6 if key == "loss" else 0.8,
+                label="loss" if key == "loss" else key.replace("loss_", ""))  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("weighted denoising loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{log_csv.parent.name}: EDM loss (logged every few steps, not smoothed)", fontsize=10)
+    fig.tight_layout()
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
 
 
 def train_digits_classifier(
