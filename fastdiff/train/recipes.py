@@ -26,7 +26,10 @@ SIZES = {"tiny": UNetConfig.tiny, "small": UNetConfig.small}
 
 
 def _command() -> str:
-    return shlex.join(["fastdiff", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("fastdiff") else ""
+    """The ``fastdiff ...`` command line of this process (console script or ``python -m fastdiff``), else ""."""
+    entry = Path(sys.argv[0]) if sys.argv else Path()
+    ours = entry.name == "fastdiff" or entry.parts[-2:] == ("fastdiff", "__main__.py")
+    return shlex.join(["fastdiff", *sys.argv[1:]]) if ours else ""
 
 
 def train_edm(
