@@ -73,9 +73,10 @@ def generate(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> Generated:
-    """Sample the images with the given indices, ``batch_size`` at a time, on ``device`` in float32.
-
-    With guidance the unconditional pass uses the null label -1 (batched with the conditional one)."""
+    """Sample the images with the given ``indices [N]`` (int64), ``batch_size`` at a time, on ``device`` in float32,
+    over ``sigmas`` (a schedule ending in 0); ``shape`` is one image's ``(C, H, W)``. Returns :class:`Generated`
+    with images ``[N, C, H, W]`` on the CPU. With guidance the unconditional pass uses the null label -1 (batched
+    with the conditional one)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     images, stats = [], None
