@@ -88,7 +88,10 @@ def available_backends() -> list[str]:
 
 def _forced_backend() -> str | None:
     """The backend named by ``FASTDIFF_BACKEND``, or None; raises for a name that is not a backend."""
-    forced = os.environ.get("FASTDIFF_BACKEND", "").strip().lower() or None
+    forced = os.environ.get("FASTDIFF_BACKEND")
+    if not forced:
+        return None
+    forced = forced.strip().lower() or None
     if forced is not None and forced not in BACKENDS:
         raise ValueError(f"FASTDIFF_BACKEND={forced!r} is not a backend; choose one of {BACKENDS}")
     return forced
@@ -152,6 +155,14 @@ def _check_args(x, d_cond, d_uncond, history, noise, n_coef: int) -> None:
         raise ValueError(f"guided_step: need len(b) == len(history) + 1, got {n_coef - 5} and {len(history)}")
     if x.numel() == 0:
         raise ValueError(f"guided_step: x is empty (shape {tuple(x.shape)})")
+    shape, device = x.shape, x.device  # read once: each .device access builds a new object
+    for t in (d_cond, d_uncond, noise, *history):
+        if t is not None and (t.shape != shape or t.device != device or not t.is_floating_point()):
+            _raise_bad_input(x, d_cond, d_uncond, history, noise)
+
+
+def _raise_bad_input(x, d_cond, d_uncond, history, noise):
+    """The error for the first input that does not match x (the slow path of :func:`_check_args`)."""
     named = [("d_cond", d_cond), ("d_uncond", d_uncond), ("noise", noise)]
     for name, t in named + [(f"history[{k}]", h) for k, h in enumerate(history)]:
         if t is None:
@@ -202,7 +213,7 @@ def _forward(
     captured in a CUDA graph, and it is not checked for NaN); any other is read on the host."""
     if isinstance(coef, torch.Tensor) and not (coef.is_cuda and x.is_cuda):
         coef = coef.double().tolist()
-    if isinstance(coef, list) and not all(math.isfinite(c) for c in coef):
+    if isinstance(coef, list) and not all(map(math.isfinite, coef)):
         raise ValueError(f"guided_step: coefficients must be finite, got {coef}")
     forced = _forced_backend()
     a, w, hx, hd, c_noise, *b = coef.unbind() if isinstance(coef, torch.Tensor) else coef
@@ -210,10 +221,11 @@ def _forward(
     if forced == "torch":
         return reference()
 
+    device = x.device  # read once: each .device access builds a new object
     model_outputs = [d_cond] + ([d_uncond] if d_uncond is not None else [])
     fits = _kernel_fits(x, model_outputs, history + ([noise] if noise is not None else []))
     if forced is not None:
-        why = _usable(forced, x.device)
+        why = _usable(forced, device)
         if why is None and not fits:
             why = f"x is {x.dtype} and d_cond {d_cond.dtype}; the kernels take {_dtype_help()}"
         if why is not None:
@@ -221,13 +233,13 @@ def _forward(
         backend = forced
     elif not fits:
         return reference()
-    elif x.device.type == "cpu":
-        if _usable("cpu", x.device):
+    elif device.type == "cpu":
+        if _C is None:
             _say_missing_once()
             return reference()
         backend = "cpu"
     else:
-        backend = next((bk for bk in ("cuda", "triton") if _usable(bk, x.device) is None), None)
+        backend = next((bk for bk in ("cuda", "triton") if _usable(bk, device) is None), None)
         if backend is None:
             _say_missing_once()
             return reference()
@@ -236,7 +248,7 @@ def _forward(
     x_out = torch.empty_like(args[0])
     e_out = torch.empty_like(args[0])
     if isinstance(coef, torch.Tensor) or backend == "triton":
-        coef = torch.as_tensor(coef, dtype=_acc_dtype(x), device=x.device)
+        coef = torch.as_tensor(coef, dtype=_acc_dtype(x), device=device)
     if backend == "triton":
         _triton_kernels().guided_step(*args, coef, x_out, e_out)
     else:
