@@ -44,10 +44,9 @@ def run(n_samples: int, batch_size: int) -> list[dict]:
     kw = dict(shape=(cfg.in_channels, cfg.resolution, cfg.resolution), num_classes=cfg.num_classes,
               batch_size=batch_size)  # fmt: skip
     indices = torch.arange(n_samples)
-    t_sigmas = schedules.karras(evaluate.TEACHER["steps"], SIGMA_MIN, SIGMA_MAX)
-    teacher = generate.generate(model, indices, t_sigmas, solver=evaluate.TEACHER["solver"], **kw)
-    name, steps = evaluate.TEACHER["solver"], evaluate.TEACHER["steps"]
-    rows = [{"solver": f"teacher ({name})", "nfe": teacher.nfe, "steps": steps,
+    teacher = evaluate.teacher_sample(model, indices, SIGMA_MIN, SIGMA_MAX, **kw)
+    spec = evaluate.TEACHER
+    rows = [{"solver": f"teacher ({spec['solver']})", "nfe": teacher.nfe, "steps": spec["steps"],
              **judge(teacher.images, teacher.labels), "teacher_rmse": 0.0}]  # fmt: skip
     floor, count = judge.real_floor(n_samples)
     print(f"FD of {count} real held-out digits: {floor:.3f}")

@@ -251,7 +251,7 @@ def _sample_images(args, model, sigmas, solver, guidance, n: int) -> int:
 
 
 def _report_images(args, model, sigmas, solver, guidance, gen, wall: float, kw: dict) -> None:
-    from fastdiff import evaluate, generate
+    from fastdiff import evaluate
 
     cfg, n = model.config, len(gen.indices)
     print(f"model {args.model}  {_describe(args, solver, sigmas, guidance)}")
@@ -261,12 +261,11 @@ def _report_images(args, model, sigmas, solver, guidance, gen, wall: float, kw: 
     if args.no_teacher:
         teacher = None
     else:
-        t_sigmas = schedules.karras(evaluate.TEACHER["steps"], args.sigma_min, args.sigma_max)
-        teacher = generate.generate(model, gen.indices, t_sigmas, solver=evaluate.TEACHER["solver"], **kw)
+        teacher = evaluate.teacher_sample(model, gen.indices, args.sigma_min, args.sigma_max, **kw)
         lpips_model, why = _lpips_or_reason()
         err = metrics.teacher_error(gen.images, teacher.images, lpips_model=lpips_model)
         lp = f"LPIPS {err['lpips_mean']:.4f}" if "lpips_mean" in err else f"LPIPS unavailable: {why}"
-        print(f"teacher        {evaluate.TEACHER['solver']} {evaluate.TEACHER['steps']} steps ({teacher.nfe} NFE), "
+        print(f"teacher        {evaluate.TEACHER_LABEL} ({teacher.nfe} NFE), "
               f"same noise: RMSE to it {err['rmse_mean']:.4f} (images in [-1, 1]); {lp}")  # fmt: skip
     if (cfg.resolution, cfg.in_channels, cfg.num_classes) == (16, 1, 10):  # digits-shaped: the digits judge fits
         judge = evaluate.default_judge()
@@ -303,14 +302,12 @@ def _image_figure(args, gen, teacher, sigmas, solver, rows: int = 10) -> None:
     import matplotlib.pyplot as plt
 
     from fastdiff.data import image_grid
-    from fastdiff.evaluate import TEACHER
+    from fastdiff.evaluate import TEACHER_LABEL
 
     k = min(len(gen.images), rows * 10)
     panels = [(gen.images[:k], f"{solver.name}, {len(sigmas) - 1} steps ({gen.nfe} NFE)")]
     if teacher is not None:
-        panels.append(
-            (teacher.images[:k], f"teacher: {TEACHER['solver']}, {TEACHER['steps']} steps ({teacher.nfe} NFE)")
-        )
+        panels.append((teacher.images[:k], f"teacher: {TEACHER_LABEL} ({teacher.nfe} NFE)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
     for ax, (imgs, title) in zip(axes[0], panels):
         ax.imshow(image_grid(imgs, nrow=10), cmap="gray", vmin=0, vmax=255)

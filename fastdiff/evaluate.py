@@ -19,11 +19,20 @@ import functools
 
 import torch
 
-from fastdiff import metrics
+from fastdiff import generate, metrics, schedules
 from fastdiff.models import DIGITS_CLASSIFIER
 from fastdiff.models.classifier import DigitClassifier, load_classifier
 
 TEACHER = {"solver": "heun", "steps": 32}  # 63 NFE per sample with EDM's second-order method
+TEACHER_LABEL = f"{TEACHER['solver']} {TEACHER['steps']} steps"
+
+
+def teacher_sample(model, indices: torch.Tensor, sigma_min: float, sigma_max: float, **kwargs) -> generate.Generated:
+    """The :data:`TEACHER` solve (Karras schedule over ``[sigma_min, sigma_max]``) of the samples with these
+    ``indices``, from the same noise as any other :func:`fastdiff.generate.generate` call with the same seed;
+    ``kwargs`` go to ``generate`` (shape, num_classes, seed, guidance, ...)."""
+    sigmas = schedules.karras(TEACHER["steps"], sigma_min, sigma_max)
+    return generate.generate(model, indices, sigmas, solver=TEACHER["solver"], **kwargs)
 
 
 class DigitsJudge:

@@ -79,21 +79,24 @@ def generate(
     with the conditional one)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    labels = sample_labels(indices, num_classes, class_label)
     images, stats = [], None
     batches = list(indices.split(batch_size))
-    for idx in tqdm(batches, desc="sampling", unit="batch", disable=not progress or len(batches) < 2):
+    label_batches = labels.split(batch_size) if labels is not None else [None] * len(batches)
+    steps = tqdm(
+        list(zip(batches, label_batches)), desc="sampling", unit="batch", disable=not progress or len(batches) < 2
+    )
+    for idx, lab in steps:
         x = (sample_noise(idx, shape, seed) * sigmas[0]).to(device=device, dtype=torch.float32)
-        labels = sample_labels(idx, num_classes, class_label)
         cond = uncond = None
-        if labels is not None:
-            cond = {"class_labels": labels.to(device)}
+        if lab is not None:
+            cond = {"class_labels": lab.to(device)}
             uncond = {"class_labels": torch.full_like(cond["class_labels"], -1)}
         with torch.no_grad():
             out, stats = fastdiff.sample(
                 model, x, sigmas, solver=solver, guidance=guidance, cond=cond, uncond=uncond, return_stats=True
             )
         images.append(out.clamp(-1, 1).float().cpu())
-    labels = sample_labels(indices, num_classes, class_label)
     if stats is None:
         return Generated(torch.empty(0, *shape), labels, indices, 0)
     return Generated(torch.cat(images), labels, indices, stats.nfe, stats.nfe_uncond)
