@@ -89,23 +89,36 @@ class VPDenoiser(nn.Module):
             raise ValueError("alphas_cumprod must be strictly decreasing (noise grows with the timestep)")
         self.register_buffer("sigmas", sig, persistent=False)
         self.register_buffer("log_sigmas", sig.log(), persistent=False)
+        self._range = (float(sig[0]), float(sig[-1]))  # host floats: reading the buffers on a GPU would sync
 
     @property
     def sigma_min(self) -> float:
-        return float(self.sigmas[0])
+        return self._range[0]
 
     @property
     def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
+        return self._range[1]
+
+    def check_sigmas(self, sigmas) -> None:
+        """Raise ``ValueError`` when a positive sigma lies outside the model's grid. fastdiff's samplers call
+        this on the schedule before they start; per call, :meth:`sigma_to_t` checks only CPU sigmas, because
+        on a GPU the check would be a host sync in every forward."""
+        s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
+        self._check_range(s[s > 0])  # the final 0 of a schedule has no model call
+
+    def _check_range(self, s: torch.Tensor) -> None:
+        lo, hi = self.sigma_min, self.sigma_max
+        if s.numel() and (s.min() < lo * (1 - 1e-5) or s.max() > hi * (1 + 1e-5)):
+            raise ValueError(f"sigma {s.min().item():g}..{s.max().item():g} lies outside the model's range "
+                             f"[{lo:g}, {hi:g}]")  # fmt: skip
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional timestep for each sigma; raises for sigmas outside the model's grid."""
-        s = torch.as_tensor(sigma, dtype=torch.float64, device=self.log_sigmas.device)
+        """Fractional timestep for each sigma; raises for CPU sigmas outside the model's grid (GPU sigmas are
+        clamped to it: see :meth:`check_sigmas`)."""
+        s = torch.as_tensor(sigma, device=self.log_sigmas.device).to(torch.float64)
+        if s.device.type == "cpu":
+            self._check_range(s)
         lo, hi = self.sigma_min, self.sigma_max
-        if ((s < lo * (1 - 1e-5)) | (s > hi * (1 + 1e-5))).any():
-            raise ValueError(
-                f"sigma {s.min().item():g}..{s.max().item():g} lies outside the model's range [{lo:g}, {hi:g}]"
-            )
         log_s = s.clamp(lo, hi).log()
         idx = torch.searchsorted(self.log_sigmas, log_s).clamp(1, len(self.log_sigmas) - 1)
         l0, l1 = self.log_sigmas[idx - 1], self.log_sigmas[idx]

@@ -72,15 +72,18 @@ def generate(
     batch_size: int = 500,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    cuda_graph: bool = False,
 ) -> Generated:
     """Sample the images with the given ``indices [N]`` (int64), ``batch_size`` at a time, on ``device`` in float32,
     over ``sigmas`` (a schedule ending in 0); ``shape`` is one image's ``(C, H, W)``. Returns :class:`Generated`
     with images ``[N, C, H, W]`` on the CPU. With guidance the unconditional pass uses the null label -1 (batched
-    with the conditional one)."""
+    with the conditional one). One :class:`~fastdiff.Sampler` serves every batch; with ``cuda_graph`` it replays
+    one captured graph per batch size."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     labels = sample_labels(indices, num_classes, class_label)
-    images, stats = [], None
+    images = []
+    sampler = fastdiff.Sampler(model, solver=solver, sigmas=sigmas, guidance=guidance, cuda_graph=cuda_graph)
     batches = list(indices.split(batch_size))
     label_batches = labels.split(batch_size) if labels is not None else [None] * len(batches)
     steps = tqdm(
@@ -93,13 +96,12 @@ def generate(
             cond = {"class_labels": lab.to(device)}
             uncond = {"class_labels": torch.full_like(cond["class_labels"], -1)}
         with torch.no_grad():
-            out, stats = fastdiff.sample(
-                model, x, sigmas, solver=solver, guidance=guidance, cond=cond, uncond=uncond, return_stats=True
-            )
+            out = sampler.sample(x, cond, uncond)
         images.append(out.clamp(-1, 1).float().cpu())
-    if stats is None:
+    if not images:
         return Generated(torch.empty(0, *shape), labels, indices, 0)
-    return Generated(torch.cat(images), labels, indices, stats.nfe, stats.nfe_uncond)
+    nfe_cond, nfe_uncond = sampler.nfe
+    return Generated(torch.cat(images), labels, indices, nfe_cond + nfe_uncond, nfe_uncond)
 
 
 def shard(n: int, rank: int, world_size: int) -> torch.Tensor:

@@ -1,8 +1,13 @@
-"""``fastdiff.sample``: run a solver over a schedule, with limited-interval guidance and NFE accounting."""
+"""Sampling loops: :func:`fastdiff.sample` (functional, host schedule) and :class:`fastdiff.Sampler` (built once,
+schedule and coefficients on the device, no host syncs, optionally one CUDA graph for the whole loop).
+
+Both run the same loop (:func:`_solve`) over a :class:`Plan` fixed before it starts, with limited-interval
+guidance and NFE accounting."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +19,7 @@ from fastdiff.guidance import Guidance
 from fastdiff.solvers import Denoised, Solver
 
 Model = Callable[..., torch.Tensor]
+log = logging.getLogger("fastdiff")
 
 
 @dataclass
@@ -30,14 +36,6 @@ class SampleStats:
     @property
     def nfe(self) -> int:
         return self.nfe_cond + self.nfe_uncond
-
-
-def count_nfe(solver: str | Solver, sigmas, guidance: Guidance | None = None) -> tuple[int, int]:
-    """The ``(nfe_cond, nfe_uncond)`` a run will spend, known before it starts."""
-    s = schedules.validate(sigmas).tolist()
-    per_step = solvers.get(solver).evaluations(s)
-    plan = guidance.plan(s) if guidance is not None else [False] * len(per_step)
-    return sum(per_step), sum(n for n, g in zip(per_step, plan) if g)
 
 
 def _check_output(out: Any, x: torch.Tensor, what: str) -> torch.Tensor:
@@ -84,6 +82,145 @@ def _check_inputs(model, x, sigmas) -> torch.Tensor:
     return schedules.validate(sigmas)
 
 
+def _sigma_batch(sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sigma`` as the ``[B]`` tensor a model takes: a fill for a host float, a view of a device scalar."""
+    if isinstance(sigma, torch.Tensor):
+        return sigma.expand(x.shape[0])
+    return torch.full((x.shape[0],), sigma, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+
+
+class _Evaluator:
+    """The model calls of one run: the conditional pass alone, or both passes (one batched forward where the
+    keyword arguments allow it) and the guided estimate. Counts what it spends."""
+
+    def __init__(self, model: Model, uncond_model: Model, w: float, cond: dict, uncond: dict, batch: int, guide: bool):
+        self.model, self.uncond_model, self.w = model, uncond_model, w
+        self.cond, self.uncond = cond, uncond
+        self.both = (
+            _cat_kwargs(cond, uncond) if guide and uncond_model is model and _batchable(cond, uncond, batch) else None
+        )
+        self.check_finite = False
+        self.step = 0
+        self.nfe_cond = self.nfe_uncond = self.calls = 0
+
+    def _call(self, net: Model, x: torch.Tensor, sigma: float | torch.Tensor, kwargs: Mapping, what: str):
+        self.calls += 1
+        out = _check_output(net(x, _sigma_batch(sigma, x), **kwargs), x, what)
+        if self.check_finite and not torch.isfinite(out).all():
+            raise FloatingPointError(f"{what} returned NaN or Inf at step {self.step} (sigma={float(sigma):g})")
+        return out
+
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, guided: bool) -> Denoised:
+        self.nfe_cond += 1
+        if not guided:
+            return Denoised(self._call(self.model, x, sigma, self.cond, "model"))
+        self.nfe_uncond += 1
+        if self.both is not None:
+            d_cond, d_uncond = self._call(
+                self.model, torch.cat([x, x]), sigma, self.both, "model (cond+uncond batch)"
+            ).chunk(2)
+        else:
+            d_cond = self._call(self.model, x, sigma, self.cond, "model")
+            d_uncond = self._call(self.uncond_model, x, sigma, self.uncond, "unconditional model")
+        return Denoised(d_cond, d_uncond, self.w)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The structure of a run, fixed before it starts, so that no branch in the loop reads a device value.
+
+    ``guided[i]``: step ``i`` runs the unconditional pass. ``starts[i]``: the step at which step ``i``'s solver
+    history began (0, or where guidance switched on or off under ``Guidance(restart=True)``).
+    ``evaluations[i]``: model evaluations of step ``i`` per branch. ``final_zero``: the schedule ends in 0.
+    """
+
+    guided: tuple[bool, ...]
+    starts: tuple[int, ...]
+    evaluations: tuple[int, ...]
+    final_zero: bool
+
+    @property
+    def steps(self) -> int:
+        return len(self.guided)
+
+    @property
+    def nfe(self) -> tuple[int, int]:
+        """``(nfe_cond, nfe_uncond)`` of one run."""
+        return sum(self.evaluations), sum(n for n, g in zip(self.evaluations, self.guided) if g)
+
+
+def make_plan(solver: str | Solver, sigmas: Sequence[float], guidance: Guidance | None = None) -> Plan:
+    """The :class:`Plan` of a run over the host values of a schedule."""
+    solver, sig = solvers.get(solver), [float(v) for v in sigmas]
+    guided = guidance.plan(sig) if guidance is not None else [False] * (len(sig) - 1)
+    restart = guidance is not None and guidance.restart
+    starts, first = [], 0
+    for i in range(len(guided)):
+        if restart and i > 0 and guided[i] != guided[i - 1]:
+            first = i  # see Guidance(restart=...)
+        starts.append(first)
+    return Plan(tuple(guided), tuple(starts), tuple(solver.evaluations(sig)), sig[-1] == 0)
+
+
+def count_nfe(solver: str | Solver, sigmas, guidance: Guidance | None = None) -> tuple[int, int]:
+    """The ``(nfe_cond, nfe_uncond)`` a run will spend, known before it starts."""
+    return make_plan(solver, schedules.validate(sigmas).tolist(), guidance).nfe
+
+
+def plan_coefficients(
+    solver: Solver, sigmas: torch.Tensor, plan: Plan, w: float = 1.0
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """Every step's op coefficients for a run, on ``sigmas``' device, differentiable with respect to them.
+
+    Returns ``(table, n_history)`` as :meth:`Solver.coefficient_tensor`, ``table`` ``[N, S, 6 + MAX_HISTORY]``,
+    with each history segment of ``plan`` (see :class:`Plan`) solved from its own start, as the host path does.
+    """
+    tables, n_history = [], []
+    for first in sorted(set(plan.starts)):
+        count = plan.starts.count(first)
+        table, nh = solver.coefficient_tensor(sigmas[first:], w, plan.final_zero)
+        tables.append(table[:count])
+        n_history += nh[:count]
+    width = max(t.shape[1] for t in tables)
+    tables = [torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1])) for t in tables]
+    return torch.cat(tables), n_history
+
+
+def _solve(
+    solver: Solver,
+    plan: Plan,
+    x: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor,
+    stages_of: Callable[[int], Sequence],
+    evaluate: _Evaluator,
+    progress: bool = False,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The loop both sampling paths share: host floats and :class:`Stage` s, or a device schedule and its
+    coefficient rows. Its only branches are on ``plan``."""
+    state: dict = {}
+    for i in tqdm(range(plan.steps), disable=not progress, desc=f"fastdiff {solver.name}", leave=False):
+        first = plan.starts[i]
+        if first == i:
+            state = solver.start()
+        evaluate.step = i
+        guided = plan.guided[i]
+        x_next, d = solver.step(
+            i - first, x, sigmas[first:], lambda xi, s, g=guided: evaluate(xi, s, g), state, stages_of(i)
+        )
+        if on_step is not None:
+            on_step(i, x, x_next, d)
+        x = x_next
+    return x
+
+
+def _check_schedule_for(model: Model, sigmas: Sequence[float]) -> None:
+    """Let a model refuse a schedule before sampling starts (``VPDenoiser`` has a bounded timestep grid)."""
+    check = getattr(model, "check_sigmas", None)
+    if callable(check):
+        check(sigmas)
+
+
 def sample(
     model: Model,
     x: torch.Tensor,
@@ -97,6 +234,8 @@ def sample(
     progress: bool = False,
     return_stats: bool = False,
     check_finite: bool = False,
+    cuda_graph: bool = False,
+    compile: bool | dict = False,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleStats]:
     """Solve the probability-flow ODE from noise ``x`` along ``sigmas``.
 
@@ -114,63 +253,329 @@ def sample(
         return_stats: also return a :class:`SampleStats` with the NFE spent.
         check_finite: raise ``FloatingPointError`` as soon as the model returns NaN or Inf (one host sync
             per evaluation).
+        cuda_graph: run the whole loop as one captured CUDA graph (see :class:`Sampler`; CUDA tensors only).
+        compile: ``torch.compile`` the model (a dict gives ``torch.compile``'s options); see :class:`Sampler`.
 
     Returns:
         The sample at ``sigmas[-1]``, shape and dtype of ``x``; with ``return_stats``, ``(sample, stats)``.
     """
+    if cuda_graph or compile:
+        if callback is not None or check_finite:
+            raise ValueError("callback and check_finite read every step on the host; they cannot run with "
+                             "cuda_graph=True or compile=")  # fmt: skip
+        sampler = Sampler(
+            model, solver=solver, sigmas=sigmas, guidance=guidance, cuda_graph=cuda_graph, compile=compile
+        )
+        out = sampler.sample(x, cond, uncond)
+        return (out, sampler.stats()) if return_stats else out
+
     sig = _check_inputs(model, x, sigmas).tolist()
     solver = solvers.get(solver)
+    _check_guidance(guidance)
+    _check_schedule_for(model, sig)
+    plan = make_plan(solver, sig, guidance)
+    if any(plan.guided) and cond is None:
+        raise ValueError("guidance needs cond: the keyword arguments of the conditional pass (e.g. class labels)")
+    w, uncond_model = (guidance.scale, guidance.unconditional_model(model)) if guidance else (1.0, model)
+    guide = any(plan.guided) and guidance.batch
+    evaluate = _Evaluator(model, uncond_model, w, dict(cond or {}), dict(uncond or {}), x.shape[0], guide)
+    evaluate.check_finite = check_finite
+
+    def on_step(i, x, x_next, d):
+        callback({"i": i, "sigma": sig[i], "sigma_next": sig[i + 1], "x": x, "x_next": x_next, "denoised": d})
+
+    def stages_of(i):
+        return solver.stages(sig[plan.starts[i] :], i - plan.starts[i])
+
+    x = _solve(solver, plan, x, sig, stages_of, evaluate, progress, on_step if callback is not None else None)
+    if not return_stats:
+        return x
+    stats = SampleStats(plan.steps, evaluate.nfe_cond, evaluate.nfe_uncond, evaluate.calls)
+    stats.guided_steps = [i for i, g in enumerate(plan.guided) if g]
+    return x, stats
+
+
+def _check_guidance(guidance) -> None:
     if guidance is not None and not isinstance(guidance, Guidance):
         raise TypeError(f"guidance must be a fastdiff.Guidance, got {type(guidance).__name__}")
-    n_steps = len(sig) - 1
-    plan = guidance.plan(sig) if guidance is not None else [False] * n_steps
-    if any(plan) and cond is None:
-        raise ValueError("guidance needs cond: the keyword arguments of the conditional pass (e.g. class labels)")
-    cond = dict(cond or {})
-    uncond = dict(uncond or {})
-    stats = SampleStats(steps=n_steps, guided_steps=[i for i, g in enumerate(plan) if g])
-    uncond_model = guidance.unconditional_model(model) if guidance is not None else model
-    batched = guidance is not None and guidance.batch and uncond_model is model and _batchable(cond, uncond, x.shape[0])
-    sigma_dtype = torch.promote_types(x.dtype, torch.float32)
-    step_i = 0
 
-    def call(net: Model, xin: torch.Tensor, sigma: float, kwargs: Mapping, what: str) -> torch.Tensor:
-        stats.forward_calls += 1
-        s = torch.full((xin.shape[0],), sigma, dtype=sigma_dtype, device=xin.device)
-        out = _check_output(net(xin, s, **kwargs), xin, what)
-        if check_finite and not torch.isfinite(out).all():
-            raise FloatingPointError(f"{what} returned NaN or Inf at step {step_i} (sigma={sigma:g})")
-        return out
 
-    def evaluate(xi: torch.Tensor, sigma: float) -> Denoised:
-        stats.nfe_cond += 1
-        if not plan[step_i]:
-            return Denoised(call(model, xi, sigma, cond, "model"))
-        stats.nfe_uncond += 1
-        if batched:
-            both = call(model, torch.cat([xi, xi]), sigma, _cat_kwargs(cond, uncond), "model (cond+uncond batch)")
-            d_cond, d_uncond = both.chunk(2)
+class CaptureError(RuntimeError):
+    """The sampling loop could not be captured in a CUDA graph (the eager loop still works)."""
+
+
+@dataclass
+class _Graph:
+    key: tuple
+    graph: Any  # torch.cuda.CUDAGraph
+    x: torch.Tensor
+    cond: dict
+    uncond: dict
+    out: torch.Tensor
+    trajectory: torch.Tensor | None
+
+
+def _signature(x: torch.Tensor, cond: Mapping, uncond: Mapping, trajectory: bool) -> tuple:
+    """What a captured graph is valid for: tensor shapes, dtypes and devices, non-tensor values, and whether it
+    records the trajectory."""
+
+    def of(kwargs):
+        return tuple(
+            (k, (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else ("value", v))
+            for k, v in sorted(kwargs.items())
+        )
+
+    return tuple(x.shape), x.dtype, x.device, of(cond), of(uncond), trajectory
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of a run's schedule and coefficients: float64 for a float64 state, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class Sampler:
+    """A sampling loop built once and run many times, with its schedule and coefficients on the device.
+
+    The object form of :func:`sample`. At build it fixes the :class:`Plan` (which steps run the unconditional
+    pass, where multistep history restarts, how many evaluations each step makes) and evaluates every step's
+    coefficients (:func:`plan_coefficients`); per device they live in buffers that the loop reads in place. The
+    loop therefore has no ``.item()``, no ``.cpu()`` and no branch on a device value, which is what lets it run
+    without host syncs and be captured, model calls included, in one CUDA graph.
+
+    Args:
+        model: ``model(x, sigma, **cond) -> D(x; sigma)``; ``sigma`` arrives as a ``[B]`` view of a device
+            scalar. A model may define ``check_sigmas(sigmas)`` to refuse a schedule at build time.
+        solver: a solver name or :class:`~fastdiff.solvers.Solver`.
+        sigmas: ``[N + 1]`` decreasing schedule (fixed or learned), on any device; see :meth:`set_sigmas`.
+        guidance: :class:`~fastdiff.Guidance`; a separate ``uncond_model`` and batched cond+uncond both work.
+        shape: the batch shape ``[B, ...]`` this sampler is for; other shapes are then refused. Without it any
+            shape runs, and a captured graph is captured again when the shape changes.
+        cuda_graph: :meth:`sample` replays one CUDA graph of the whole loop, captured on first use (or by
+            :meth:`capture`) and again whenever the input shapes, dtypes, non-tensor keyword arguments or the
+            plan change. CUDA tensors only.
+        compile: ``torch.compile`` the model (and a separate unconditional model); a dict is passed to
+            ``torch.compile`` as options. Composes with ``cuda_graph`` (compilation happens in the warm-up).
+        warmup: eager runs before a capture, so that lazy initialisation (cuBLAS, cuDNN autotuning,
+            compilation) happens outside it.
+
+    Example::
+
+        sampler = fastdiff.Sampler(model, solver="heun", sigmas=karras(32, 0.002, 80),
+                                   guidance=fastdiff.Guidance(2.0, interval=(0.28, 2.9)), cuda_graph=True)
+        images = sampler.sample(torch.randn(8, 3, 64, 64, device="cuda") * 80, cond={"class_labels": y})
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        solver: str | Solver = "dpmpp_2m",
+        sigmas: torch.Tensor | Sequence[float],
+        guidance: Guidance | None = None,
+        shape: Sequence[int] | None = None,
+        cuda_graph: bool = False,
+        compile: bool | dict = False,
+        warmup: int = 2,
+    ):
+        if not callable(model):
+            raise TypeError("model must be callable as model(x, sigma, **cond) -> D(x; sigma)")
+        _check_guidance(guidance)
+        if isinstance(compile, dict) and compile.get("mode") in ("reduce-overhead", "max-autotune") and cuda_graph:
+            raise ValueError(f"compile mode {compile['mode']!r} captures its own CUDA graphs; with cuda_graph=True "
+                             "use the default mode (the whole loop is captured here)")  # fmt: skip
+        self.solver = solvers.get(solver)
+        self.guidance = guidance
+        self.shape = None if shape is None else tuple(int(v) for v in shape)
+        self.cuda_graph = bool(cuda_graph)
+        self.warmup = int(warmup)
+        self._raw_model = model
+        uncond_model = guidance.unconditional_model(model) if guidance is not None else model
+        if compile:
+            options = compile if isinstance(compile, dict) else {}
+            compiled = torch.compile(model, **options)
+            uncond_model = compiled if uncond_model is model else torch.compile(uncond_model, **options)
+            model = compiled
+        self.model, self.uncond_model = model, uncond_model
+        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._graph: _Graph | None = None
+        self._batched = False
+        self.plan: Plan | None = None
+        self.n_history: list[list[int]] = []
+        self.set_sigmas(sigmas)
+
+    # ------------------------------------------------------------------------------------------- schedule
+
+    def set_sigmas(self, sigmas: torch.Tensor | Sequence[float]) -> None:
+        """Replace the schedule (e.g. after an LD3 update). The host reads it once, here, to fix the plan.
+        With the same plan the new coefficients are copied into the existing buffers, so a captured graph
+        replays the new schedule without a recapture; a different plan makes the next :meth:`sample`
+        capture again. The schedule is copied: later changes to ``sigmas`` do not reach the sampler."""
+        sig = schedules.validate(sigmas).detach()
+        host = sig.tolist()
+        _check_schedule_for(self._raw_model, host)
+        plan = make_plan(self.solver, host, self.guidance)
+        w = self.guidance.scale if self.guidance is not None else 1.0
+        table, n_history = plan_coefficients(self.solver, sig, plan, w)
+        same = plan == self.plan and n_history == self.n_history
+        self.plan, self.n_history = plan, n_history
+        self._sigmas, self._table = sig.clone(), table
+        if same:
+            for sig_buf, table_buf in self._buffers.values():
+                sig_buf.copy_(sig)
+                table_buf.copy_(table)
         else:
-            d_cond = call(model, xi, sigma, cond, "model")
-            d_uncond = call(uncond_model, xi, sigma, uncond, "unconditional model")
-        return Denoised(d_cond, d_uncond, guidance.scale)
+            self._buffers.clear()
+            self._graph = None
 
-    restart = guidance is not None and guidance.restart
-    state, first = solver.start(), 0
-    for step_i in tqdm(range(n_steps), disable=not progress, desc=f"fastdiff {solver.name}", leave=False):
-        if restart and step_i > 0 and plan[step_i] != plan[step_i - 1]:
-            state, first = solver.start(), step_i  # see Guidance(restart=...)
-        x_next, denoised = solver.step(step_i - first, x, sig[first:], evaluate, state)
-        if callback is not None:
-            callback(
-                {
-                    "i": step_i,
-                    "sigma": sig[step_i],
-                    "sigma_next": sig[step_i + 1],
-                    "x": x,
-                    "x_next": x_next,
-                    "denoised": denoised,
-                }
-            )
-        x = x_next
-    return (x, stats) if return_stats else x
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The schedule, ``[N + 1]`` float64 (a copy)."""
+        return self._sigmas.clone()
+
+    @property
+    def nfe(self) -> tuple[int, int]:
+        """``(nfe_cond, nfe_uncond)`` of one :meth:`sample` call."""
+        return self.plan.nfe
+
+    def stats(self) -> SampleStats:
+        """What one :meth:`sample` call spends (``forward_calls`` as of the last run's batching)."""
+        cond, uncond = self.plan.nfe
+        guided = [i for i, g in enumerate(self.plan.guided) if g]
+        return SampleStats(self.plan.steps, cond, uncond, cond + (0 if self._batched else uncond), guided)
+
+    def _device_buffers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sigmas [N + 1], table [N, S, 6 + MAX_HISTORY])`` on x's device in the run's dtype."""
+        key = (x.device, _acc_dtype(x))
+        if key not in self._buffers:
+            # copy=True: a buffer must never alias the caller's tensor or the float64 master.
+            self._buffers[key] = tuple(t.to(x.device, key[1], copy=True) for t in (self._sigmas, self._table))
+        return self._buffers[key]
+
+    # ----------------------------------------------------------------------------------------------- runs
+
+    def _check_x(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim < 1 or x.shape[0] == 0:
+            raise ValueError(f"x must have a non-empty batch dimension first, got shape {tuple(x.shape)}")
+        if self.shape is not None and tuple(x.shape) != self.shape:
+            raise ValueError(f"this Sampler was built for shape {self.shape}, got x of shape {tuple(x.shape)}; "
+                             "build one for the new shape, or leave shape=None")  # fmt: skip
+        if self.cuda_graph and not x.is_cuda:
+            raise ValueError(f"cuda_graph=True needs CUDA tensors, x is on {x.device}")
+
+    def _kwargs(self, cond, uncond) -> tuple[dict, dict]:
+        if any(self.plan.guided) and cond is None:
+            raise ValueError("guidance needs cond: the keyword arguments of the conditional pass (e.g. class labels)")
+        return dict(cond or {}), dict(uncond or {})
+
+    def run(
+        self,
+        x: torch.Tensor,
+        cond: dict,
+        uncond: dict,
+        sigmas: torch.Tensor,
+        table: torch.Tensor,
+        trajectory: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The eager loop over explicit device tensors ``sigmas [N + 1]`` and ``table`` (as
+        :func:`plan_coefficients`, for this sampler's plan). Differentiable with respect to all of them. With
+        ``trajectory`` ``[N + 1, B, ...]``, every step's state is written into it (row 0 is ``x``)."""
+        guide = any(self.plan.guided) and self.guidance.batch
+        w = self.guidance.scale if self.guidance is not None else 1.0
+        evaluate = _Evaluator(self.model, self.uncond_model, w, cond, uncond, x.shape[0], guide)
+        self._batched = evaluate.both is not None
+
+        def rows(i):
+            return [table[i, j, : 6 + k] for j, k in enumerate(self.n_history[i])]
+
+        def record(i, x, x_next, d):
+            trajectory[i + 1].copy_(x_next)
+
+        if trajectory is not None:
+            trajectory[0].copy_(x)
+        return _solve(
+            self.solver, self.plan, x, sigmas, rows, evaluate, on_step=record if trajectory is not None else None
+        )
+
+    def sample(
+        self,
+        x: torch.Tensor,
+        cond: Mapping[str, Any] | None = None,
+        uncond: Mapping[str, Any] | None = None,
+        *,
+        trajectory: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Sample from noise ``x`` ``[B, ...]`` (scaled by ``sigmas[0]``); returns ``[B, ...]`` in x's dtype,
+        a new tensor (a replayed graph's output is copied out, so later replays do not overwrite it). With
+        ``trajectory=True`` also the state after every step, ``[N + 1, B, ...]`` (row 0 is ``x``)."""
+        self._check_x(x)
+        cond, uncond = self._kwargs(cond, uncond)
+        if self.cuda_graph:
+            return self._replay(x, cond, uncond, trajectory)
+        traj = x.new_empty((self.plan.steps + 1, *x.shape)) if trajectory else None
+        out = self.run(x, cond, uncond, *self._device_buffers(x), traj)
+        return (out, traj) if trajectory else out
+
+    # ------------------------------------------------------------------------------------------ CUDA graph
+
+    def capture(
+        self,
+        x: torch.Tensor | None = None,
+        cond: Mapping[str, Any] | None = None,
+        uncond: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Capture the whole loop in a CUDA graph now rather than on the first :meth:`sample`. ``x`` is an
+        example input (its values only feed the warm-up); without it, noise of the built ``shape`` on the
+        current CUDA device. Raises :class:`CaptureError` when the model cannot be captured."""
+        if x is None:
+            if self.shape is None:
+                raise ValueError("capture() needs an example x, or a Sampler built with shape=")
+            x = torch.randn(self.shape, device="cuda") * float(self._sigmas[0])
+        self.cuda_graph = True
+        self._check_x(x)
+        cond, uncond = self._kwargs(cond, uncond)
+        self._capture(x, cond, uncond)
+
+    def _capture(self, x: torch.Tensor, cond: dict, uncond: dict, trajectory: bool = False) -> None:
+        self._graph = None  # release the old graph's memory first
+        static = lambda kw: {k: v.to(x.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}  # noqa: E731
+        sx, sc, su = x.clone(), static(cond), static(uncond)
+        traj = x.new_empty((self.plan.steps + 1, *x.shape)) if trajectory else None
+        buffers = (*self._device_buffers(x), traj)
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.run(sx, sc, su, *buffers)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = self.run(sx, sc, su, *buffers)
+        except Exception as exc:
+            cause = f"{exc}" + (f" (after: {exc.__context__})" if exc.__context__ is not None else "")
+            raise CaptureError(
+                f"the sampling loop could not be captured in a CUDA graph: {cause}. A capturable model does not "
+                "read device values on the host (.item(), .cpu(), .tolist(), printing a tensor, Python branches on "
+                "tensor values) and does not copy CPU tensors to the GPU inside forward. The same loop runs "
+                "eagerly with cuda_graph=False."
+            ) from exc
+        self._graph = _Graph(_signature(x, cond, uncond, trajectory), graph, sx, sc, su, out, traj)
+
+    def _replay(self, x: torch.Tensor, cond: dict, uncond: dict, trajectory: bool):
+        key = _signature(x, cond, uncond, trajectory)
+        if self._graph is None or self._graph.key != key:
+            if self._graph is not None:
+                log.info(
+                    "fastdiff.Sampler: inputs changed (%s -> %s); capturing a new CUDA graph", self._graph.key, key
+                )
+            self._capture(x, cond, uncond, trajectory)
+        g = self._graph
+        g.x.copy_(x)
+        for given, static in ((cond, g.cond), (uncond, g.uncond)):
+            for k, v in given.items():
+                if isinstance(v, torch.Tensor):
+                    static[k].copy_(v)
+        g.graph.replay()
+        return (g.out.clone(), g.trajectory.clone()) if trajectory else g.out.clone()

@@ -69,7 +69,11 @@ class Stage(NamedTuple):
     hd: Scalar = 1.0
 
 
-def _apply(x: torch.Tensor, den: Denoised, history: Sequence[torch.Tensor], stage: Stage):
+def _apply(x: torch.Tensor, den: Denoised, history: Sequence[torch.Tensor], stage: Stage | torch.Tensor):
+    """One op application. ``stage`` is a :class:`Stage`, or a row ``[6 + K]`` of :meth:`Solver.coefficient_tensor`
+    (K history terms, w included), which stays on its device: that is how a captured loop reads its schedule."""
+    if isinstance(stage, torch.Tensor):
+        return ops.guided_step_coef(x, den.cond, den.uncond, history[: stage.shape[0] - 6], stage)
     return ops.guided_step(
         x, den.cond, den.uncond, list(history[: len(stage.b) - 1]), a=stage.a, b=stage.b, w=den.w, hx=stage.hx,
         hd=stage.hd,
@@ -135,9 +139,20 @@ class Solver:
         return torch.stack(rows), [[len(st.b) - 1 for st in stages] for stages in table]
 
     def step(
-        self, i: int, x: torch.Tensor, sigmas: Sequence[float], evaluate: Evaluate, state: dict
+        self,
+        i: int,
+        x: torch.Tensor,
+        sigmas: Sequence[Scalar] | torch.Tensor,
+        evaluate: Evaluate,
+        state: dict,
+        stages: Sequence[Stage | torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Advance ``x`` from ``sigmas[i]`` to ``sigmas[i + 1]``; returns ``(x_next, D_i)``."""
+        """Advance ``x`` from ``sigmas[i]`` to ``sigmas[i + 1]``; returns ``(x_next, D_i)``.
+
+        ``stages`` are step ``i``'s coefficients, :meth:`stages` by default. A device-resident run passes
+        ``sigmas`` as a tensor and ``stages`` as rows of :meth:`coefficient_tensor`, so that nothing in the step
+        is read back to the host.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -162,8 +177,9 @@ class Euler(Solver):
     def stages(self, sigmas, i):
         return [Stage(*euler_coefficients(sigmas[i], sigmas[i + 1]))]
 
-    def step(self, i, x, sigmas, evaluate, state):
-        return _apply(x, evaluate(x, sigmas[i]), [], self.stages(sigmas, i)[0])
+    def step(self, i, x, sigmas, evaluate, state, stages=None):
+        stages = stages or self.stages(sigmas, i)
+        return _apply(x, evaluate(x, sigmas[i]), [], stages[0])
 
 
 class DDIM(Euler):
@@ -201,8 +217,8 @@ class Heun(Solver):
         s0, s1 = sigmas[i], sigmas[i + 1]
         return [Stage(*euler_coefficients(s0, s1))] if _is_zero(s1) else [Stage(*c) for c in heun_coefficients(s0, s1)]
 
-    def step(self, i, x, sigmas, evaluate, state):
-        stages = self.stages(sigmas, i)
+    def step(self, i, x, sigmas, evaluate, state, stages=None):
+        stages = stages or self.stages(sigmas, i)
         x_pred, d = _apply(x, evaluate(x, sigmas[i]), [], stages[0])
         if len(stages) == 1:
             return x_pred, d
@@ -273,9 +289,10 @@ class _Multistep(Solver):
     def stages(self, sigmas, i):
         return [Stage(*self.coefficients(sigmas, i))]
 
-    def step(self, i, x, sigmas, evaluate, state):
+    def step(self, i, x, sigmas, evaluate, state, stages=None):
         hist = state["history"]
-        x_next, d = _apply(x, evaluate(x, sigmas[i]), hist, self.stages(sigmas, i)[0])
+        stages = stages or self.stages(sigmas, i)
+        x_next, d = _apply(x, evaluate(x, sigmas[i]), hist, stages[0])
         state["history"] = [d] + hist[: self.keep - 1]
         return x_next, d
 
@@ -343,9 +360,10 @@ class IPNDM(Solver):
         # The history entry is the derivative d_i = (x - D) / s0, produced by the same pass.
         return [Stage(*ipndm_coefficients(sigmas, i, self.max_order), 1 / sigmas[i], -1 / sigmas[i])]
 
-    def step(self, i, x, sigmas, evaluate, state):
+    def step(self, i, x, sigmas, evaluate, state, stages=None):
         hist = state["history"]
-        x_next, d_i = _apply(x, evaluate(x, sigmas[i]), hist, self.stages(sigmas, i)[0])
+        stages = stages or self.stages(sigmas, i)
+        x_next, d_i = _apply(x, evaluate(x, sigmas[i]), hist, stages[0])
         state["history"] = [d_i] + hist[: max(self.max_order - 2, 0)]
         return x_next, x - sigmas[i] * d_i
 
@@ -446,9 +464,9 @@ class UniPC(Solver):
         c_order = self.predictor_order(i - 1, n)
         return [Stage(*unipc_corrector_coefficients(sigmas, i, c_order, self.variant)), predictor]
 
-    def step(self, i, x, sigmas, evaluate, state):
+    def step(self, i, x, sigmas, evaluate, state, stages=None):
         hist = state["history"]
-        stages = self.stages(sigmas, i)
+        stages = stages or self.stages(sigmas, i)
         den = evaluate(x, sigmas[i])
         if len(stages) == 2:  # correct x_i from the previous corrected state, reusing this evaluation
             x, d = _apply(state["base"], den, hist, stages[0])

@@ -54,6 +54,7 @@ class GaussianMixture(nn.Module):
             if classes.shape != (k,):
                 raise ValueError(f"classes must have shape [{k}]")
         self.register_buffer("classes", classes)
+        self._num_classes = 0 if classes is None else int(classes.max()) + 1  # read once, not per call on a GPU
 
     @property
     def dim(self) -> int:
@@ -61,7 +62,7 @@ class GaussianMixture(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return 0 if self.classes is None else int(self.classes.max()) + 1
+        return self._num_classes
 
     def _log_prior(self, class_labels, batch: int, device, dtype) -> torch.Tensor:
         """``[B, K]`` log mixture weights, restricted to each sample's class."""
@@ -71,7 +72,7 @@ class GaussianMixture(nn.Module):
         if self.classes is None:
             raise ValueError("this mixture has no classes; call it without class_labels")
         y = torch.as_tensor(class_labels, device=device).long().reshape(-1).expand(batch)
-        if ((y < -1) | (y >= self.num_classes)).any():
+        if y.device.type == "cpu" and ((y < -1) | (y >= self.num_classes)).any():  # no host sync per call on a GPU
             raise ValueError(f"class_labels must lie in [-1, {self.num_classes}), got {y.unique().tolist()}")
         keep = (self.classes.to(device)[None, :] == y[:, None]) | (y[:, None] == -1)
         # Renormalise within the class; -inf removes the other components.

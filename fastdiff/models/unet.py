@@ -278,9 +278,11 @@ class UNet(nn.Module):
             c = c.expand(b)
         if c.shape != (b,):
             raise ValueError(f"c_noise must be a scalar or have shape [{b}], got {tuple(c.shape)}")
-        # Value checks read the tensors back to the host: skip them where that is impossible (CUDA graph capture)
-        # or would break the graph (torch.compile). Shapes are always checked.
-        check_values = not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+        # Value checks read the tensors back to the host. On a GPU that is a sync per forward (and impossible under
+        # CUDA graph capture), and under torch.compile a graph break, so they run only on CPU tensors in eager
+        # mode; fastdiff's samplers check labels on the host before they reach the device. Shapes are always
+        # checked.
+        check_values = x.device.type == "cpu" and not torch.compiler.is_compiling()
         if check_values and not torch.isfinite(c).all():
             raise ValueError("c_noise must be finite (EDMPrecond gives -inf for sigma = 0, which has no denoiser call)")
         if class_labels is None:

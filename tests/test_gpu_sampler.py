@@ -1,0 +1,154 @@
+"""GPU checks of fastdiff.Sampler: a replayed CUDA graph equals the eager loop at every step, the eager loop
+makes no host sync, schedule updates need no recapture, and capture fails clearly. Run with `pytest -m gpu`."""
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import denoisers, models, schedules
+from fastdiff.models.unet import EDMUNet, UNetConfig
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+SIGMAS = schedules.karras(12, 0.002, 80.0)
+INTERVAL = fastdiff.Guidance(2.0, interval=(0.28, 2.9))
+
+
+def _unet(seed=0):
+    torch.manual_seed(seed)
+    net = EDMUNet(UNetConfig.tiny()).cuda().eval()
+    for p in net.parameters():  # the zero-initialised output layer would make D = c_skip x for every input
+        p.data.add_(torch.randn_like(p) * 0.02)
+    return net
+
+
+def _inputs(batch=4, seed=0, res=8):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(batch, 1, res, res, device="cuda", generator=g) * 80
+    y = torch.randint(0, 10, (batch,), device="cuda", generator=g)
+    return x, {"class_labels": y}, {"class_labels": torch.full_like(y, -1)}
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("solver", sorted(fastdiff.SOLVERS))
+def test_replay_equals_eager_at_every_step(solver):
+    net = _unet()
+    eager = fastdiff.Sampler(net, solver=solver, sigmas=SIGMAS, guidance=INTERVAL)
+    graph = fastdiff.Sampler(net, solver=solver, sigmas=SIGMAS, guidance=INTERVAL, cuda_graph=True)
+    for seed in (0, 1):  # the second replay takes new noise and new labels
+        x, cond, uncond = _inputs(seed=seed)
+        ref, ref_traj = eager.sample(x, cond, uncond, trajectory=True)
+        out, traj = graph.sample(x, cond, uncond, trajectory=True)
+        for i in range(len(SIGMAS)):
+            _close(traj[i], ref_traj[i])
+        _close(out, ref)
+
+
+def test_builtin_digits_model_replays_its_eager_result():
+    net = models.get("digits").cuda()
+    sampler = fastdiff.Sampler(net, solver="dpmpp_2m", sigmas=schedules.karras(10, 0.002, 80.0),
+                               guidance=fastdiff.Guidance(1.5), cuda_graph=True)  # fmt: skip
+    x, cond, uncond = _inputs(batch=16, res=16)
+    eager = fastdiff.sample(net, x, sampler.sigmas, solver="dpmpp_2m", guidance=fastdiff.Guidance(1.5), cond=cond,
+                            uncond=uncond)  # fmt: skip
+    _close(sampler.sample(x, cond, uncond), eager)
+
+
+def test_eager_loop_makes_no_host_sync():
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1, num_class_embeds=3,
+    ).cuda()  # fmt: skip
+    vp = denoisers.VPDenoiser(unet, diffusers.DDPMScheduler().alphas_cumprod).cuda()
+    y = torch.zeros(2, dtype=torch.long, device="cuda")
+    cases = [
+        (_unet(), _inputs()),
+        (vp, (torch.randn(2, 4, 8, 8, device="cuda") * 14, {"class_labels": y}, {"class_labels": y + 2})),
+    ]
+    for model, (x, cond, uncond) in cases:
+        for solver in sorted(fastdiff.SOLVERS):
+            sampler = fastdiff.Sampler(model, solver=solver, sigmas=schedules.karras(8, 0.03, 14.0), guidance=INTERVAL)
+            sampler.sample(x, cond, uncond)  # first call: buffers are copied to the GPU, outside the check
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                sampler.sample(x, cond, uncond)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+
+def test_schedule_update_needs_no_recapture_unless_the_plan_changes():
+    net = _unet()
+    x, cond, uncond = _inputs()
+    sampler = fastdiff.Sampler(net, solver="heun", sigmas=SIGMAS, guidance=INTERVAL, cuda_graph=True)
+    sampler.sample(x, cond, uncond)
+    graph = sampler._graph
+    new = SIGMAS.clone()
+    new[1:-1] *= torch.linspace(0.98, 1.02, len(SIGMAS) - 2, dtype=torch.float64)
+    sampler.set_sigmas(new)
+    assert sampler.plan.guided == fastdiff.Sampler(net, solver="heun", sigmas=SIGMAS, guidance=INTERVAL).plan.guided
+    out = sampler.sample(x, cond, uncond)
+    assert sampler._graph is graph  # replayed, not recaptured
+    _close(out, fastdiff.sample(net, x, new, solver="heun", guidance=INTERVAL, cond=cond, uncond=uncond))
+    changed = schedules.karras(7, 0.002, 80.0)
+    sampler.set_sigmas(changed)
+    out = sampler.sample(x, cond, uncond)
+    assert sampler._graph is not graph
+    _close(out, fastdiff.sample(net, x, changed, solver="heun", guidance=INTERVAL, cond=cond, uncond=uncond))
+
+
+def test_shape_change_recaptures_or_is_refused():
+    net = _unet()
+    sampler = fastdiff.Sampler(net, solver="dpmpp_2m", sigmas=SIGMAS, guidance=INTERVAL, cuda_graph=True)
+    for batch in (4, 6, 4):
+        x, cond, uncond = _inputs(batch=batch, seed=batch)
+        eager = fastdiff.Sampler(net, solver="dpmpp_2m", sigmas=SIGMAS, guidance=INTERVAL)
+        _close(sampler.sample(x, cond, uncond), eager.sample(x, cond, uncond))
+    fixed = fastdiff.Sampler(net, sigmas=SIGMAS, guidance=INTERVAL, shape=(4, 1, 8, 8), cuda_graph=True)
+    fixed.capture(*_inputs(batch=4))
+    with pytest.raises(ValueError, match="built for shape"):
+        fixed.sample(*_inputs(batch=6))
+
+
+def test_capture_failure_is_clear_and_eager_still_works():
+    net = _unet()
+
+    def syncing(x, sigma, **kw):
+        if float(sigma[0]) > 1e3:  # reads a device value on the host: not capturable
+            return x
+        return net(x, sigma, **kw)
+
+    x, cond, uncond = _inputs()
+    with pytest.raises(fastdiff.CaptureError, match="could not be captured"):
+        fastdiff.Sampler(syncing, sigmas=SIGMAS, guidance=INTERVAL, cuda_graph=True).sample(x, cond, uncond)
+    out = fastdiff.Sampler(syncing, sigmas=SIGMAS, guidance=INTERVAL).sample(x, cond, uncond)
+    _close(out, fastdiff.Sampler(net, sigmas=SIGMAS, guidance=INTERVAL).sample(x, cond, uncond))
+
+
+@pytest.mark.parametrize("how", ["separate_uncond_model", "unbatched", "batched"])
+def test_guidance_forms_in_the_captured_loop(how):
+    net, small = _unet(0), _unet(1)
+    g = {
+        "separate_uncond_model": fastdiff.Guidance(2.0, interval=(0.28, 2.9), uncond_model=small),
+        "unbatched": fastdiff.Guidance(2.0, interval=(0.28, 2.9), batch=False),
+        "batched": INTERVAL,
+    }[how]
+    x, cond, uncond = _inputs()
+    ref = fastdiff.sample(net, x, SIGMAS, solver="unipc", guidance=g, cond=cond, uncond=uncond)
+    _close(fastdiff.sample(net, x, SIGMAS, solver="unipc", guidance=g, cond=cond, uncond=uncond, cuda_graph=True), ref)
+
+
+def test_compile_composes_with_capture():
+    net = _unet()
+    x, cond, uncond = _inputs()
+    ref = fastdiff.sample(net, x, SIGMAS, solver="dpmpp_2m", guidance=INTERVAL, cond=cond, uncond=uncond)
+    sampler = fastdiff.Sampler(net, solver="dpmpp_2m", sigmas=SIGMAS, guidance=INTERVAL, compile=True, cuda_graph=True)
+    torch.testing.assert_close(sampler.sample(x, cond, uncond), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
