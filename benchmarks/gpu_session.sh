@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of the step kernels in one device call (the device machine has no package
-# registry, and device time is scarce): build fastdiff._C with CUDA, run the GPU tests, run the CUDA tests under
-# compute-sanitizer, and benchmark the kernels. Logs, kernels.csv and kernels.png land in $OUT.
+# Every GPU check and benchmark in one device call (the device machine has no package registry, and device time is
+# scarce): build fastdiff._C with CUDA, run the GPU tests, run the CUDA tests under compute-sanitizer, benchmark the
+# kernels, and run the end-to-end sampling benchmark (k-diffusion-style and diffusers loops against fastdiff.Sampler,
+# eager and CUDA graph). Logs, kernels.csv/.png and sample_loops.csv/.png land in $OUT.
 #
 #     bash benchmarks/gpu_session.sh        (from the repository root, on a machine with CUDA)
 set -uo pipefail
@@ -18,3 +19,11 @@ FASTDIFF_BACKEND=cuda compute-sanitizer --tool memcheck --error-exitcode 3 \
     python3 -m pytest -m gpu -q -p no:cacheprovider -k "kernels_match or backward_kernels" 2>&1 \
     | tee "$OUT/sanitizer.log" | tail -8
 python3 -m fastdiff bench kernels --progress --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+# The end-to-end benchmark builds diffusers networks; the device machine has no registry, so bring the wheels
+# (pip download diffusers huggingface_hub ... -d wheels/ on a machine with one). Without diffusers its rows are
+# recorded as failed and the others still run.
+python3 -c "import diffusers" 2>/dev/null || python3 -m pip install -q --no-index --find-links "${WHEELS:-wheels}" \
+    diffusers 2>&1 | tail -3
+# End-to-end loops: SD-like latents 4x64x64 and 4x128x128, batch 1, 8, 32 (about 5 minutes on an H100). The time
+# budget records the rows that would start after it as skipped, so that the CSV and the plot are always written.
+python3 -m fastdiff bench sample --preset gpu --time-budget 330 --out "$OUT" 2>&1 | tee "$OUT/sample_loops.log" | tail -120

@@ -10,7 +10,10 @@ from pathlib import Path
 import torch
 
 import fastdiff
-from fastdiff import bench, metrics, models, schedules, solvers
+from fastdiff import metrics, models, schedules, solvers
+from fastdiff.bench import baselines as bench_baselines
+from fastdiff.bench import kernels as bench_kernels
+from fastdiff.bench import loops
 from fastdiff.guidance import Guidance
 from fastdiff.ode import reference_sample
 
@@ -142,20 +145,75 @@ def build_parser() -> argparse.ArgumentParser:
     k = bsub.add_parser(
         "kernels",
         help="the fused guided step against eager torch, torch.compile and the copy bandwidth",
-        description=bench.__doc__,
+        description=bench_kernels.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     k.add_argument("--sizes", default=None, help="elements per tensor, e.g. 16K,1M,50M (default: those on a GPU, "
                    "16K,1M on the CPU)")  # fmt: skip
-    k.add_argument("--dtypes", default="fp32,fp32+bf16", help=f"comma-separated, from {list(bench.DTYPES)}")
-    k.add_argument("--workloads", default=",".join(bench.WORKLOADS), help="comma-separated workloads")
+    k.add_argument("--dtypes", default="fp32,fp32+bf16", help=f"comma-separated, from {list(bench_kernels.DTYPES)}")
+    k.add_argument("--workloads", default=",".join(bench_kernels.WORKLOADS), help="comma-separated workloads")
     k.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     k.add_argument("--reps", type=int, default=20, help="timed repetitions on the CPU")
     k.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     k.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for kernels.csv and kernels.png")
     k.add_argument("--progress", action="store_true", help="print each measurement as it starts")
     k.set_defaults(func=cmd_bench_kernels)
+    e2e = bsub.add_parser(
+        "sample",
+        help="whole sampling loops with CFG: k-diffusion-style and diffusers loops against fastdiff.Sampler",
+        description=(
+            "End-to-end sampling benchmark (see fastdiff/bench/loops.py and BENCHMARKS.md). Variants: kdiff_eager "
+            "(k-diffusion-style loop, CFG batch at every step), diffusers (scheduler loop, CFG every step), "
+            "fastdiff_eager (fastdiff.Sampler), fastdiff_graph (the whole loop in one CUDA graph; CUDA only), "
+            "fastdiff_interval (guidance only on sigma in (0.28, 2.9]; a CUDA graph on CUDA). Per row: time per "
+            "batch, model time (the network forwards alone), host overhead per step, NFE, peak memory. Writes "
+            "sample_loops.csv and sample_loops.png to --out and prints a Markdown table."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    e2e.add_argument("--preset", default=None, choices=sorted(loops.PRESETS),
+                     help="cpu: tiny networks at 4x8x8 (< 2 min on 2 cores); gpu: SD-like latents 4x64x64 and "
+                     "4x128x128 at reduced width, batches 1, 8, 32 (default: gpu where CUDA is available)")  # fmt: skip
+    e2e.add_argument("--models", default=",".join(loops.MODELS), help="comma-separated model families")
+    e2e.add_argument("--variants", default=",".join(loops.VARIANTS), help="comma-separated loop variants")
+    e2e.add_argument("--scenarios", default=",".join(loops.SCENARIOS),
+                     help="e2e (every model and batch) and/or edm2_interval (digits, 32 Heun steps)")  # fmt: skip
+    e2e.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the preset's)")
+    e2e.add_argument("--resolutions", default=None, help="comma-separated latent sizes (default: the preset's)")
+    e2e.add_argument("--solver", default="dpmpp_2m", choices=sorted(bench_baselines.KDIFF_SAMPLERS),
+                     help="solver of the e2e scenario")  # fmt: skip
+    e2e.add_argument("--steps", type=int, default=None, help="steps of the e2e scenario (default: the preset's)")
+    e2e.add_argument("--reps", type=int, default=None, help="timed repetitions per row (default: the preset's)")
+    e2e.add_argument("--scale", type=float, default=2.0, help="guidance scale")
+    e2e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    e2e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="diffusers networks' weights (default: bfloat16 on CUDA, float32 on the CPU)")  # fmt: skip
+    e2e.add_argument("--time-budget", type=float, default=None, metavar="S",
+                     help="record the rows that would start after S seconds as skipped")  # fmt: skip
+    e2e.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: the preset's, 1)")
+    e2e.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the CSV and PNG")
+    e2e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e2e.set_defaults(func=cmd_bench_sample)
     return p
+
+
+def cmd_bench_sample(args: argparse.Namespace) -> int:
+    ints = lambda text: [int(v) for v in text.split(",")] if text else None  # noqa: E731
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = loops.bench_sample(
+        args.preset or ("gpu" if device.type == "cuda" else "cpu"), models=args.models, variants=args.variants,
+        scenarios=args.scenarios, batches=ints(args.batches), resolutions=ints(args.resolutions), solver=args.solver,
+        steps=args.steps, reps=args.reps, scale=args.scale, device=device, dtype=args.dtype,
+        time_budget=args.time_budget, threads=args.threads, progress=not args.no_progress,
+    )  # fmt: skip
+    csv_path, png_path = loops.write_results(rows, args.out)
+    print(loops.markdown_table(rows))
+    summary = loops.edm2_summary(rows)
+    if summary:
+        print()
+        print(summary)
+    print(f"device {rows[0]['device']}, {rows[0]['date']}; wrote {csv_path} and {png_path}")
+    return 0
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
@@ -163,15 +221,15 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     sizes = args.sizes or ("16K,1M,50M" if device.type == "cuda" else "16K,1M")
     dtypes = args.dtypes.split(",")
     workloads = args.workloads.split(",")
-    for name, known in [(d, bench.DTYPES) for d in dtypes] + [(w, bench.WORKLOADS) for w in workloads]:
+    for name, known in [(d, bench_kernels.DTYPES) for d in dtypes] + [(w, bench_kernels.WORKLOADS) for w in workloads]:
         if name not in known:
             raise ValueError(f"unknown {name!r}; choose from {list(known)}")
-    rows = bench.bench_kernels(
-        [bench.parse_size(v) for v in sizes.split(",")], dtypes, workloads, device, reps=args.reps,
+    rows = bench_kernels.bench_kernels(
+        [bench_kernels.parse_size(v) for v in sizes.split(",")], dtypes, workloads, device, reps=args.reps,
         compile=not args.no_compile, progress=(lambda m: print(m, file=sys.stderr)) if args.progress else None,
     )  # fmt: skip
-    bench.write_results(rows, args.out)
-    print(bench.markdown_table(rows))
+    bench_kernels.write_results(rows, args.out)
+    print(bench_kernels.markdown_table(rows))
     print(f"wrote {args.out / 'kernels.csv'} and {args.out / 'kernels.png'}")
     return 0
 
