@@ -278,7 +278,9 @@ def _guided_step_op(
     noise: torch.Tensor | None,
     coef: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(x, d_cond, d_uncond, list(history), noise, coef)
+    x_out, e_out = _forward(x, d_cond, d_uncond, list(history), noise, coef)
+    # The reference returns d_cond itself as E when E = D; an op's outputs must not alias its inputs.
+    return x_out, e_out.clone() if e_out is d_cond else e_out
 
 
 @_guided_step_op.register_fake

@@ -214,6 +214,19 @@ def _solve(
     return x
 
 
+def _check_eval_sigmas(eval_sigmas, sigmas: torch.Tensor) -> torch.Tensor | None:
+    """Validate decoupled evaluation sigmas (LD3): one per schedule entry, positive where the model is called.
+    Returns them as float64 on their device, or None."""
+    if eval_sigmas is None:
+        return None
+    ev = torch.as_tensor(eval_sigmas, dtype=torch.float64).detach()
+    if ev.shape != sigmas.shape:
+        raise ValueError(f"eval_sigmas must have the schedule's shape {tuple(sigmas.shape)}, got {tuple(ev.shape)}")
+    if not bool(torch.isfinite(ev).all()) or not bool((ev[:-1] > 0).all()):
+        raise ValueError("eval_sigmas must be finite and positive wherever the model is evaluated")
+    return ev
+
+
 def _check_schedule_for(model: Model, sigmas: Sequence[float]) -> None:
     """Let a model refuse a schedule before sampling starts (``VPDenoiser`` has a bounded timestep grid)."""
     check = getattr(model, "check_sigmas", None)
@@ -236,6 +249,7 @@ def sample(
     check_finite: bool = False,
     cuda_graph: bool = False,
     compile: bool | dict = False,
+    eval_sigmas: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleStats]:
     """Solve the probability-flow ODE from noise ``x`` along ``sigmas``.
 
@@ -255,6 +269,8 @@ def sample(
             per evaluation).
         cuda_graph: run the whole loop as one captured CUDA graph (see :class:`Sampler`; CUDA tensors only).
         compile: ``torch.compile`` the model (a dict gives ``torch.compile``'s options); see :class:`Sampler`.
+        eval_sigmas: ``[N + 1]`` noise levels at which the model is called, when they differ from the ones the
+            solver's coefficients use (LD3's decoupled evaluation times; :func:`fastdiff.ld3.load_schedule`).
 
     Returns:
         The sample at ``sigmas[-1]``, shape and dtype of ``x``; with ``return_stats``, ``(sample, stats)``.
@@ -264,15 +280,19 @@ def sample(
             raise ValueError("callback and check_finite read every step on the host; they cannot run with "
                              "cuda_graph=True or compile=")  # fmt: skip
         sampler = Sampler(
-            model, solver=solver, sigmas=sigmas, guidance=guidance, cuda_graph=cuda_graph, compile=compile
-        )
+            model, solver=solver, sigmas=sigmas, guidance=guidance, cuda_graph=cuda_graph, compile=compile,
+            eval_sigmas=eval_sigmas,
+        )  # fmt: skip
         out = sampler.sample(x, cond, uncond)
         return (out, sampler.stats()) if return_stats else out
 
-    sig = _check_inputs(model, x, sigmas).tolist()
+    sig_t = _check_inputs(model, x, sigmas)
+    sig = sig_t.tolist()
+    ev = _check_eval_sigmas(eval_sigmas, sig_t)
+    sig_model = sig if ev is None else ev.tolist()
     solver = solvers.get(solver)
     _check_guidance(guidance)
-    _check_schedule_for(model, sig)
+    _check_schedule_for(model, sig_model)
     plan = make_plan(solver, sig, guidance)
     if any(plan.guided) and cond is None:
         raise ValueError("guidance needs cond: the keyword arguments of the conditional pass (e.g. class labels)")
@@ -287,7 +307,7 @@ def sample(
     def stages_of(i):
         return solver.stages(sig[plan.starts[i] :], i - plan.starts[i])
 
-    x = _solve(solver, plan, x, sig, stages_of, evaluate, progress, on_step if callback is not None else None)
+    x = _solve(solver, plan, x, sig_model, stages_of, evaluate, progress, on_step if callback is not None else None)
     if not return_stats:
         return x
     stats = SampleStats(plan.steps, evaluate.nfe_cond, evaluate.nfe_uncond, evaluate.calls)
@@ -357,6 +377,8 @@ class Sampler:
             ``torch.compile`` as options. Composes with ``cuda_graph`` (compilation happens in the warm-up).
         warmup: eager runs before a capture, so that lazy initialisation (cuBLAS, cuDNN autotuning,
             compilation) happens outside it.
+        eval_sigmas: ``[N + 1]`` noise levels at which the model is called, when they differ from ``sigmas``
+            (LD3's decoupled evaluation times); the coefficients always use ``sigmas``.
 
     Example::
 
@@ -376,6 +398,7 @@ class Sampler:
         cuda_graph: bool = False,
         compile: bool | dict = False,
         warmup: int = 2,
+        eval_sigmas: torch.Tensor | Sequence[float] | None = None,
     ):
         if not callable(model):
             raise TypeError("model must be callable as model(x, sigma, **cond) -> D(x; sigma)")
@@ -401,27 +424,31 @@ class Sampler:
         self._batched = False
         self.plan: Plan | None = None
         self.n_history: list[list[int]] = []
-        self.set_sigmas(sigmas)
+        self.set_sigmas(sigmas, eval_sigmas)
 
     # ------------------------------------------------------------------------------------------- schedule
 
-    def set_sigmas(self, sigmas: torch.Tensor | Sequence[float]) -> None:
+    def set_sigmas(
+        self, sigmas: torch.Tensor | Sequence[float], eval_sigmas: torch.Tensor | Sequence[float] | None = None
+    ) -> None:
         """Replace the schedule (e.g. after an LD3 update). The host reads it once, here, to fix the plan.
         With the same plan the new coefficients are copied into the existing buffers, so a captured graph
         replays the new schedule without a recapture; a different plan makes the next :meth:`sample`
         capture again. The schedule is copied: later changes to ``sigmas`` do not reach the sampler."""
         sig = schedules.validate(sigmas).detach()
         host = sig.tolist()
-        _check_schedule_for(self._raw_model, host)
+        ev = _check_eval_sigmas(eval_sigmas, sig)
+        model_sig = sig if ev is None else ev.to(sig.device)
+        _check_schedule_for(self._raw_model, model_sig.tolist())
         plan = make_plan(self.solver, host, self.guidance)
         w = self.guidance.scale if self.guidance is not None else 1.0
         table, n_history = plan_coefficients(self.solver, sig, plan, w)
         same = plan == self.plan and n_history == self.n_history
         self.plan, self.n_history = plan, n_history
-        self._sigmas, self._table = sig.clone(), table
+        self._sigmas, self._model_sigmas, self._table = sig.clone(), model_sig.clone(), table
         if same:
             for sig_buf, table_buf in self._buffers.values():
-                sig_buf.copy_(sig)
+                sig_buf.copy_(model_sig)
                 table_buf.copy_(table)
         else:
             self._buffers.clear()
@@ -444,11 +471,12 @@ class Sampler:
         return SampleStats(self.plan.steps, cond, uncond, cond + (0 if self._batched else uncond), guided)
 
     def _device_buffers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sigmas [N + 1], table [N, S, 6 + MAX_HISTORY])`` on x's device in the run's dtype."""
+        """``(model sigmas [N + 1], table [N, S, 6 + MAX_HISTORY])`` on x's device in the run's dtype."""
         key = (x.device, _acc_dtype(x))
         if key not in self._buffers:
             # copy=True: a buffer must never alias the caller's tensor or the float64 master.
-            self._buffers[key] = tuple(t.to(x.device, key[1], copy=True) for t in (self._sigmas, self._table))
+            masters = (self._model_sigmas, self._table)
+            self._buffers[key] = tuple(t.to(x.device, key[1], copy=True) for t in masters)
         return self._buffers[key]
 
     # ----------------------------------------------------------------------------------------------- runs
@@ -478,8 +506,9 @@ class Sampler:
         table: torch.Tensor,
         trajectory: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The eager loop over explicit device tensors ``sigmas [N + 1]`` and ``table`` (as
-        :func:`plan_coefficients`, for this sampler's plan). Differentiable with respect to all of them. With
+        """The eager loop over explicit device tensors: ``sigmas [N + 1]``, where the model is evaluated, and
+        ``table``, the coefficients (as :func:`plan_coefficients` makes them for this sampler's plan; LD3 passes a
+        differentiable one). Differentiable with respect to x, sigmas and table. With
         ``trajectory`` ``[N + 1, B, ...]``, every step's state is written into it (row 0 is ``x``)."""
         guide = any(self.plan.guided) and self.guidance.batch
         w = self.guidance.scale if self.guidance is not None else 1.0

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fastdiff import ops
+from fastdiff import ops, solvers
 from fastdiff.checkpoint import atomic_write
 
 SCHEDULE_FORMAT = "fastdiff-schedule"
@@ -142,16 +144,69 @@ def get(name: str, n: int, sigma_min: float, sigma_max: float, **kwargs) -> torc
     raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)} or a .json schedule file")
 
 
-def save(path: str | os.PathLike, sigmas: torch.Tensor, **metadata) -> None:
-    """Write a schedule as JSON, atomically (a temporary file, then a rename)."""
+def _check_eval_sigmas(eval_sigmas, sigmas: torch.Tensor, where: str) -> torch.Tensor:
+    ev = torch.as_tensor(eval_sigmas, dtype=torch.float64)
+    if ev.shape != sigmas.shape:
+        raise ValueError(f"{where}: eval_sigmas has {ev.numel()} entries, sigmas {sigmas.numel()}; they must match")
+    if not torch.isfinite(ev).all() or not (ev[:-1] > 0).all():
+        raise ValueError(f"{where}: eval_sigmas must be finite and positive wherever the model is evaluated")
+    return ev
+
+
+def save(path: str | os.PathLike, sigmas: torch.Tensor, eval_sigmas: torch.Tensor | None = None, **metadata) -> None:
+    """Write a schedule as JSON, atomically (a temporary file, then a rename). ``eval_sigmas`` are LD3's decoupled
+    evaluation sigmas; ``metadata`` (JSON values) records what it was made for, e.g. ``solver``, ``nfe``,
+    ``model``."""
     s = validate(sigmas)
     payload = {"format": SCHEDULE_FORMAT, "version": 1, "sigmas": s.tolist(), "metadata": metadata}
+    if eval_sigmas is not None:
+        payload["eval_sigmas"] = _check_eval_sigmas(eval_sigmas.detach().cpu(), s.cpu(), "save").tolist()
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
 
 
-def load(path: str | os.PathLike) -> torch.Tensor:
-    """Read a schedule written by :func:`save` (for example a learned LD3 schedule) and validate it."""
+@dataclass
+class LearnedSchedule:
+    """A schedule file's contents: ``sigmas`` ``[N + 1]`` float64, ``eval_sigmas`` ``[N + 1]`` or None, and the
+    ``metadata`` it was saved with."""
+
+    sigmas: torch.Tensor
+    eval_sigmas: torch.Tensor | None
+    metadata: dict
+
+
+def load_schedule(path: str | os.PathLike, *, solver: str | None = None, nfe: int | None = None) -> LearnedSchedule:
+    """Read a schedule file and check it. A file that records its solver and NFE must agree with itself (the
+    solver must spend that NFE on its sigmas). Given the ``solver`` or ``nfe`` it is about to be used with, a
+    mismatch with the recorded ones warns: timesteps learned for one solver and NFE are rarely good for another."""
     path = Path(path)
+    payload = _read_schedule_json(path)
+    sig = validate(payload["sigmas"], name=f"sigmas in {path}")
+    ev = _check_eval_sigmas(payload["eval_sigmas"], sig, str(path)) if payload.get("eval_sigmas") is not None else None
+    meta = payload.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: metadata must be a JSON object")
+    made_for, made_nfe = meta.get("solver"), meta.get("nfe")
+    if made_for is not None and made_nfe is not None:
+        spent = sum(solvers.get(made_for).evaluations(sig.tolist()))
+        if spent != made_nfe:
+            raise ValueError(f"{path} says it was learned for {made_for} at NFE {made_nfe}, but {made_for} spends "
+                             f"{spent} evaluations on its {len(sig)} sigmas: the file is inconsistent")  # fmt: skip
+    if solver is not None and made_for is not None and solver != made_for:
+        warnings.warn(f"{path} was learned for solver {made_for!r}, not {solver!r}; its timesteps may suit "
+                      f"{solver!r} badly", stacklevel=2)  # fmt: skip
+    if nfe is not None and made_nfe is not None and nfe != made_nfe:
+        warnings.warn(f"{path} was learned for NFE {made_nfe}, but this run spends {nfe}", stacklevel=2)
+    return LearnedSchedule(sig, ev, meta)
+
+
+def load(path: str | os.PathLike) -> torch.Tensor:
+    """Read a schedule written by :func:`save` (for example a learned LD3 schedule) and validate it; returns
+    only the sigmas (:func:`load_schedule` gives evaluation sigmas and metadata too)."""
+    path = Path(path)
+    return validate(_read_schedule_json(path)["sigmas"], name=f"sigmas in {path}")
+
+
+def _read_schedule_json(path: Path) -> dict:
     try:
         payload = json.loads(path.read_text())
     except FileNotFoundError:
@@ -160,4 +215,4 @@ def load(path: str | os.PathLike) -> torch.Tensor:
         raise ValueError(f"schedule file {path} is not valid JSON: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != SCHEDULE_FORMAT or "sigmas" not in payload:
         raise ValueError(f"{path} is not a fastdiff schedule file (expected format {SCHEDULE_FORMAT!r})")
-    return validate(payload["sigmas"], name=f"sigmas in {path}")
+    return payload

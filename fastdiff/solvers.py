@@ -365,7 +365,7 @@ class IPNDM(Solver):
         stages = stages or self.stages(sigmas, i)
         x_next, d_i = _apply(x, evaluate(x, sigmas[i]), hist, stages[0])
         state["history"] = [d_i] + hist[: max(self.max_order - 2, 0)]
-        return x_next, x - sigmas[i] * d_i
+        return x_next, x - d_i / stages[0][2]  # D = x - sigma_i d_i, with sigma_i = 1 / hx of the coefficients
 
 
 # ------------------------------------------------------------------------------------------------------ UniPC

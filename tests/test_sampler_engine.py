@@ -241,3 +241,21 @@ def test_compiled_model_gives_the_eager_result(gmm, noise):
     )
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
     assert (stats.nfe_cond, stats.nfe_uncond) == fastdiff.count_nfe("dpmpp_2m", S, g)
+
+
+@pytest.mark.parametrize("solver", ["heun", "ipndm", "unipc"])
+def test_decoupled_evaluation_sigmas(gmm, noise, solver):
+    """LD3's evaluation sigmas move where the model is called; the coefficients keep the schedule's sigmas."""
+    ev = S.clone()
+    ev[1:-2] *= 1.05  # the endpoints and the final 0 stay
+    cond, _ = _labels(noise.shape[0])
+    ref = fastdiff.sample(gmm, noise * 80, S, solver=solver, cond=cond, eval_sigmas=ev)
+    out = fastdiff.Sampler(gmm, solver=solver, sigmas=S, eval_sigmas=ev).sample(noise * 80, cond)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    plain = fastdiff.sample(gmm, noise * 80, S, solver=solver, cond=cond)
+    assert torch.equal(fastdiff.sample(gmm, noise * 80, S, solver=solver, cond=cond, eval_sigmas=S), plain)
+    assert (out - plain).abs().max() > 1e-6  # they really moved the evaluations
+    with pytest.raises(ValueError, match="eval_sigmas must have the schedule's shape"):
+        fastdiff.Sampler(gmm, sigmas=S, eval_sigmas=ev[:-1])
+    with pytest.raises(ValueError, match="positive wherever the model is evaluated"):
+        fastdiff.sample(gmm, noise, S, eval_sigmas=torch.zeros_like(S))
