@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import fastdiff
 from fastdiff import metrics, models, schedules, solvers
@@ -98,8 +99,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="images: cuda or cpu (default: cuda when available)")
     s.add_argument("--unconditional", action="store_true", help="gmm: sample the whole mixture")
     s.add_argument("--dtype", default="float64", choices=["float32", "float64"], help="gmm: sampling dtype")
+    s.add_argument("--cuda-graph", action="store_true",
+                   help="images on CUDA: replay the whole loop as one captured CUDA graph per batch size")  # fmt: skip
     s.add_argument("--progress", action="store_true", help="show a progress bar")
     s.set_defaults(func=cmd_sample)
+
+    d = sub.add_parser(
+        "ld3",
+        help="learn a schedule's timesteps for a solver and NFE (LD3) and save it as JSON",
+        description=(
+            "LD3 (Tong et al. 2025): make teacher pairs with a long solve (cached beside --out), learn the "
+            "timesteps xi and evaluation offsets xi_c of --solver at --nfe against them with the slack objective, "
+            "log the teacher distance on the validation pairs per round, then compare the learned schedule with "
+            "the Karras and logSNR-uniform schedules on held-out noise. `fastdiff sample --schedule OUT` uses it."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d.add_argument("--model", default="digits", help=f"built-in model {sorted(models.MODELS)} or a .safetensors UNet")
+    d.add_argument("--solver", default="ipndm", choices=sorted(solvers.SOLVERS), help="the solver to learn for")
+    d.add_argument("--nfe", type=int, default=4, help="model evaluations per sample")
+    d.add_argument("--out", type=Path, required=True, help="the learned schedule (.json)")
+    d.add_argument("--pairs", type=int, default=100, help="teacher pairs, half for training, half for validation")
+    d.add_argument("--held-out", type=int, default=200, help="new pairs for the final comparison")
+    d.add_argument("--teacher-solver", default="heun", choices=sorted(solvers.SOLVERS), help="teacher solver")
+    d.add_argument("--teacher-steps", type=int, default=32, help="teacher steps (Karras schedule)")
+    d.add_argument("--teacher-cache", type=Path, default=None,
+                   help="teacher pairs, reused when they match (default: OUT with .teacher.safetensors)")  # fmt: skip
+    d.add_argument("--space", default="logsnr", choices=["logsnr", "time"], help="where xi is normalised")
+    d.add_argument("--no-decoupled", action="store_true", help="do not learn the evaluation offsets xi_c")
+    d.add_argument("--metric", default="auto", choices=["auto", "lpips", "l2", "l1"],
+                   help="teacher distance (auto: LPIPS where lpips imports, else L2)")  # fmt: skip
+    d.add_argument("--rounds-xi", type=int, default=2, help="rounds of xi alone")
+    d.add_argument("--rounds-both", type=int, default=5, help="then rounds of xi and xi_c")
+    d.add_argument("--batch-size", type=int, default=2, help="pairs per step")
+    d.add_argument("--lr-xi", type=float, default=5e-3, help="RMSprop learning rate of xi")
+    d.add_argument("--gamma", type=float, default=1e-3, help="slack radius r = gamma * d / N^2")
+    d.add_argument("--sigma-min", type=float, default=0.002, help="smallest nonzero sigma")
+    d.add_argument("--sigma-max", type=float, default=80.0, help="largest sigma")
+    d.add_argument("--guidance", type=float, default=None, metavar="W", help="classifier-free guidance scale w")
+    d.add_argument("--interval", type=_pair, default=None, metavar="LO,HI", help="guidance interval (LO, HI]")
+    d.add_argument("--seed", type=int, default=0, help="seed of the training order")
+    d.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    d.add_argument("--progress", action="store_true", help="show progress bars")
+    d.set_defaults(func=cmd_ld3)
 
     t = sub.add_parser("train", help="training jobs (EDM diffusion models, the digits classifier)")
     tsub = t.add_subparsers(dest="train", required=True, metavar="JOB")
@@ -257,15 +299,47 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ld3(args: argparse.Namespace) -> int:
+    from fastdiff.train.ld3 import LD3Config, learn_schedule
+
+    model = models.get(args.model)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device)
+    guidance = Guidance(args.guidance, args.interval) if args.guidance is not None else None
+    config = LD3Config(space=args.space, decoupled=not args.no_decoupled, rounds_xi=args.rounds_xi,
+                       rounds_both=args.rounds_both, batch_size=args.batch_size, lr_xi=args.lr_xi, gamma=args.gamma,
+                       metric=args.metric, seed=args.seed)  # fmt: skip
+    result, errors = learn_schedule(
+        model, args.model, args.solver, args.nfe, args.out, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+        pairs=args.pairs, held_out=args.held_out, teacher_solver=args.teacher_solver, teacher_steps=args.teacher_steps,
+        teacher_cache=args.teacher_cache, guidance=guidance, config=config, device=device, progress=args.progress,
+        echo=tqdm.write,  # above the progress bar
+    )  # fmt: skip
+    print(f"learned        {args.solver} at NFE {args.nfe} in {result.seconds:.0f} s (metric {result.metric})")
+    print("sigmas         " + " ".join(f"{v:.4g}" for v in result.sigmas.tolist()))
+    print("eval sigmas    " + " ".join(f"{v:.4g}" for v in result.eval_sigmas.tolist()))
+    print(f"held-out teacher RMSE ({args.held_out} new pairs): LD3 {errors['ld3']:.4f}   karras "
+          f"{errors['karras']:.4f}   logsnr_uniform (LD3's start) {errors['logsnr_uniform']:.4f}")  # fmt: skip
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     model = models.get(args.model)
     steps = args.steps if args.steps is not None else (6 if isinstance(model, models.GaussianMixture) else 10)
     n = args.n if args.n is not None else (2000 if isinstance(model, models.GaussianMixture) else 200)
     if steps < 1 or n < 2:
         raise ValueError("--steps must be >= 1 and --n >= 2")
-    kwargs = {"rho": args.rho} if args.schedule == "karras" else {}
-    sigmas = schedules.get(args.schedule, steps, args.sigma_min, args.sigma_max, **kwargs)
     solver = solvers.get(args.solver, **dict(args.option))
+    args.eval_sigmas = None
+    if args.schedule.endswith(".json"):  # a learned schedule brings its own steps and evaluation sigmas
+        learned = schedules.load_schedule(args.schedule, solver=args.solver)
+        sigmas, args.eval_sigmas = learned.sigmas, learned.eval_sigmas
+        if args.steps is not None and args.steps != len(sigmas) - 1:
+            raise ValueError(f"--steps {args.steps} disagrees with {args.schedule} ({len(sigmas) - 1} steps); drop it")
+    else:
+        kwargs = {"rho": args.rho} if args.schedule == "karras" else {}
+        sigmas = schedules.get(args.schedule, steps, args.sigma_min, args.sigma_max, **kwargs)
     guidance = Guidance(args.guidance, args.interval) if args.guidance is not None else None
     run = _sample_gmm if isinstance(model, models.GaussianMixture) else _sample_images
     return run(args, model, sigmas, solver, guidance, n)
@@ -290,7 +364,8 @@ def _sample_images(args, model, sigmas, solver, guidance, n: int) -> int:
                   device=ctx.device)  # fmt: skip
         indices = generate.shard(n, ctx.rank, ctx.world_size)
         t0 = time.perf_counter()
-        gen = generate.generate(model, indices, sigmas, solver=solver, progress=args.progress and ctx.is_main, **kw)
+        gen = generate.generate(model, indices, sigmas, solver=solver, progress=args.progress and ctx.is_main,
+                                cuda_graph=args.cuda_graph, eval_sigmas=args.eval_sigmas, **kw)  # fmt: skip
         wall = time.perf_counter() - t0
         if args.out_dir is not None:
             generate.write_part(args.out_dir, gen, ctx.rank, ctx.world_size)
@@ -391,8 +466,9 @@ def _sample_gmm(args, model, sigmas, solver, guidance, n: int) -> int:
 
     t0 = time.perf_counter()
     out, stats = fastdiff.sample(
-        model, x, sigmas, solver=solver, guidance=guidance, cond=cond, return_stats=True, progress=args.progress
-    )
+        model, x, sigmas, solver=solver, guidance=guidance, cond=cond, return_stats=True, progress=args.progress,
+        eval_sigmas=args.eval_sigmas,
+    )  # fmt: skip
     wall = time.perf_counter() - t0
     ref = reference_sample(model, noise * sigmas[0], sigmas, guidance=guidance, cond=cond)
     err = (out.double() - ref).norm(dim=1)

@@ -73,17 +73,19 @@ def generate(
     device: torch.device | str = "cpu",
     progress: bool = False,
     cuda_graph: bool = False,
+    eval_sigmas: torch.Tensor | None = None,
 ) -> Generated:
     """Sample the images with the given ``indices [N]`` (int64), ``batch_size`` at a time, on ``device`` in float32,
     over ``sigmas`` (a schedule ending in 0); ``shape`` is one image's ``(C, H, W)``. Returns :class:`Generated`
     with images ``[N, C, H, W]`` on the CPU. With guidance the unconditional pass uses the null label -1 (batched
     with the conditional one). One :class:`~fastdiff.Sampler` serves every batch; with ``cuda_graph`` it replays
-    one captured graph per batch size."""
+    one captured graph per batch size. ``eval_sigmas``: a learned schedule's evaluation sigmas (LD3)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     labels = sample_labels(indices, num_classes, class_label)
     images = []
-    sampler = fastdiff.Sampler(model, solver=solver, sigmas=sigmas, guidance=guidance, cuda_graph=cuda_graph)
+    sampler = fastdiff.Sampler(model, solver=solver, sigmas=sigmas, guidance=guidance, cuda_graph=cuda_graph,
+                               eval_sigmas=eval_sigmas)  # fmt: skip
     batches = list(indices.split(batch_size))
     label_batches = labels.split(batch_size) if labels is not None else [None] * len(batches)
     steps = tqdm(

@@ -203,3 +203,26 @@ def test_steps_for_nfe():
     assert ld3.steps_for_nfe("heun", 7) == 4
     with pytest.raises(ValueError, match="cannot spend exactly 4"):
         ld3.steps_for_nfe("heun", 4)
+
+
+def test_cli_learns_saves_and_samples_a_schedule(tmp_path, capsys):
+    from fastdiff.cli import main
+
+    out = tmp_path / "sched.json"
+    args = ["ld3", "--model", "gmm", "--solver", "dpmpp_2m", "--nfe", "4", "--out", str(out), "--pairs", "12",
+            "--held-out", "40", "--rounds-xi", "1", "--rounds-both", "1"]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "round 2 (xi+xi_c): teacher distance" in text and "held-out teacher RMSE" in text
+    learned = schedules.load_schedule(out, solver="dpmpp_2m", nfe=4)
+    assert learned.metadata["model"] == "gmm" and learned.eval_sigmas is not None and len(learned.sigmas) == 5
+    assert (tmp_path / "sched.teacher.safetensors").exists()
+    assert main(args) == 0  # reuses the cached teacher pairs
+    assert "teacher pairs: " + str(tmp_path / "sched.teacher.safetensors") in capsys.readouterr().out
+
+    assert main(["sample", "--model", "gmm", "--solver", "dpmpp_2m", "--schedule", str(out), "-n", "64"]) == 0
+    assert "NFE            4 per sample" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="learned for solver 'dpmpp_2m', not 'euler'"):
+        assert main(["sample", "--model", "gmm", "--solver", "euler", "--schedule", str(out), "-n", "64"]) == 0
+    assert main(["sample", "--model", "gmm", "--schedule", str(out), "--steps", "6", "-n", "64"]) == 2
+    assert "disagrees with" in capsys.readouterr().err

@@ -19,14 +19,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from fastdiff import solvers
+from fastdiff import ld3, schedules, solvers
 from fastdiff.guidance import Guidance
 from fastdiff.ld3 import LD3Schedule, Student, TeacherPairs, make_metric, project_to_ball, slack_radius
-from fastdiff.sampler import Model
+from fastdiff.sampler import Model, Sampler
 
 
 @dataclass
@@ -164,7 +165,7 @@ def train_ld3(
 
     val, val_rmse = validation_distance(student, val_pairs, metric, device, dtype)
     best = (val, schedule.xi.detach().clone(), schedule.xi_c.detach().clone())
-    log = [{"round": 0, "phase": "initial", "train_loss": float("nan"), "val_distance": val, "val_rmse": val_rmse,
+    log = [{"round": 0, "phase": "initial", "train_loss": None, "val_distance": val, "val_rmse": val_rmse,
             "lr_xi": config.lr_xi, "seconds": time.perf_counter() - t0}]  # fmt: skip
     if on_round:
         on_round(log[-1])
@@ -204,3 +205,90 @@ def train_ld3(
         schedule.xi_c.copy_(best[2])
         sigmas, eval_sigmas = schedule.sigmas().cpu(), schedule.eval_sigmas().cpu()
     return LD3Result(schedule, sigmas, eval_sigmas, log, metric_name, time.perf_counter() - t0, asdict(config))
+
+
+def model_spec(model: Model) -> tuple[tuple[int, ...], int, torch.dtype]:
+    """``(sample shape, number of classes, dtype)`` of fastdiff's built-in model types, for teacher pairs."""
+    from fastdiff.models import EDMUNet, GaussianMixture
+
+    if isinstance(model, GaussianMixture):
+        return (model.dim,), model.num_classes, torch.float64
+    if isinstance(model, EDMUNet):
+        cfg = model.config
+        return (cfg.in_channels, cfg.resolution, cfg.resolution), cfg.num_classes, torch.float32
+    raise TypeError(f"no sample shape known for {type(model).__name__}; build TeacherPairs yourself and call train_ld3")
+
+
+def learn_schedule(
+    model: Model,
+    model_name: str,
+    solver: str,
+    nfe: int,
+    out: str | Path,
+    *,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    pairs: int = 100,
+    held_out: int = 200,
+    teacher_solver: str = "heun",
+    teacher_steps: int = 32,
+    teacher_cache: str | Path | None = None,
+    guidance: Guidance | None = None,
+    config: LD3Config | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    echo: Callable[[str], None] = print,
+) -> tuple[LD3Result, dict[str, float]]:
+    """The job behind ``fastdiff ld3``: teacher pairs (made once, cached in ``teacher_cache``), split half and
+    half into training and validation, :func:`train_ld3`, then the held-out teacher RMSE of the learned schedule
+    against the Karras and logSNR-uniform (LD3's starting point) schedules at the same NFE, on ``held_out`` new
+    pairs. Saves the schedule to ``out`` (JSON with sigmas, eval_sigmas, solver, NFE, model and the log)."""
+    shape, classes, dtype = model_spec(model)
+    steps = ld3.steps_for_nfe(solver, nfe)
+    if pairs < 4:
+        raise ValueError(f"LD3 needs at least 4 teacher pairs (half train, half validation), got {pairs}")
+    out = Path(out)
+    cache = Path(teacher_cache) if teacher_cache is not None else out.with_suffix(".teacher.safetensors")
+    kw = dict(shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, num_classes=classes, solver=teacher_solver,
+              steps=teacher_steps, guidance=guidance, dtype=dtype, device=device, model_name=model_name)  # fmt: skip
+    want = {"model": model_name, "solver": teacher_solver, "steps": teacher_steps, "sigma_min": sigma_min,
+            "sigma_max": sigma_max, "n": pairs, "first_index": 0, "guidance": repr(guidance)}  # fmt: skip
+    made = None
+    if cache.exists():
+        made = ld3.TeacherPairs.load(cache)
+        if any(made.metadata.get(k) != v for k, v in want.items()):
+            echo(f"teacher pairs in {cache} were made for other settings; making new ones")
+            made = None
+        else:
+            echo(f"teacher pairs: {cache} ({len(made)} pairs)")
+    if made is None:
+        made = ld3.make_teacher_pairs(model, pairs, progress=progress, **kw)
+        made.save(cache)
+        teacher = f"{teacher_solver} {teacher_steps} steps ({made.metadata['nfe']} NFE)"
+        echo(f"teacher pairs: {pairs} from {teacher} -> {cache}")
+    train_pairs, val_pairs = made.split(pairs // 2)
+
+    def on_round(row):
+        echo(f"round {row['round']} ({row['phase']}): teacher distance {row['val_distance']:.5g} "
+             f"(RMSE {row['val_rmse']:.4g}) on {len(val_pairs)} validation pairs, {row['seconds']:.0f} s")  # fmt: skip
+
+    result = train_ld3(model, solver, train_pairs, val_pairs, steps=steps, sigma_min=sigma_min,
+                       sigma_max=sigma_max, guidance=guidance, config=config, device=device, progress=progress,
+                       on_round=on_round)  # fmt: skip
+    schedules.save(out, result.sigmas, eval_sigmas=result.eval_sigmas, solver=solver, nfe=nfe, model=model_name,
+                   space=result.config["space"], metric=result.metric, seconds=round(result.seconds, 1),
+                   teacher=f"{teacher_solver} {teacher_steps} steps", log=result.log)  # fmt: skip
+
+    held = ld3.make_teacher_pairs(model, held_out, first_index=1_000_000, **kw)
+    noise, target = held.noise.to(device), held.target.to(device)
+    cond, uncond = ld3.label_kwargs(None if held.labels is None else held.labels.to(device))
+
+    def rmse(sig, ev=None):
+        with torch.no_grad():
+            x = Sampler(model, solver=solver, sigmas=sig, guidance=guidance, eval_sigmas=ev).sample(noise, cond, uncond)
+        return (x - target).double().flatten(1).square().mean(1).sqrt().mean().item()
+
+    errors = {"ld3": rmse(result.sigmas, result.eval_sigmas)}
+    for name in ("karras", "logsnr_uniform"):
+        errors[name] = rmse(schedules.get(name, steps, sigma_min, sigma_max))
+    return result, errors
