@@ -214,19 +214,6 @@ def _solve(
     return x
 
 
-def _check_eval_sigmas(eval_sigmas, sigmas: torch.Tensor) -> torch.Tensor | None:
-    """Validate decoupled evaluation sigmas (LD3): one per schedule entry, positive where the model is called.
-    Returns them as float64 on their device, or None."""
-    if eval_sigmas is None:
-        return None
-    ev = torch.as_tensor(eval_sigmas, dtype=torch.float64).detach()
-    if ev.shape != sigmas.shape:
-        raise ValueError(f"eval_sigmas must have the schedule's shape {tuple(sigmas.shape)}, got {tuple(ev.shape)}")
-    if not bool(torch.isfinite(ev).all()) or not bool((ev[:-1] > 0).all()):
-        raise ValueError("eval_sigmas must be finite and positive wherever the model is evaluated")
-    return ev
-
-
 def _check_schedule_for(model: Model, sigmas: Sequence[float]) -> None:
     """Let a model refuse a schedule before sampling starts (``VPDenoiser`` has a bounded timestep grid)."""
     check = getattr(model, "check_sigmas", None)
@@ -288,8 +275,7 @@ def sample(
 
     sig_t = _check_inputs(model, x, sigmas)
     sig = sig_t.tolist()
-    ev = _check_eval_sigmas(eval_sigmas, sig_t)
-    sig_model = sig if ev is None else ev.tolist()
+    sig_model = sig if eval_sigmas is None else schedules.check_eval_sigmas(eval_sigmas, sig_t).tolist()
     solver = solvers.get(solver)
     _check_guidance(guidance)
     _check_schedule_for(model, sig_model)
@@ -437,8 +423,7 @@ class Sampler:
         capture again. The schedule is copied: later changes to ``sigmas`` do not reach the sampler."""
         sig = schedules.validate(sigmas).detach()
         host = sig.tolist()
-        ev = _check_eval_sigmas(eval_sigmas, sig)
-        model_sig = sig if ev is None else ev.to(sig.device)
+        model_sig = sig if eval_sigmas is None else schedules.check_eval_sigmas(eval_sigmas, sig).to(sig.device)
         _check_schedule_for(self._raw_model, model_sig.tolist())
         plan = make_plan(self.solver, host, self.guidance)
         w = self.guidance.scale if self.guidance is not None else 1.0

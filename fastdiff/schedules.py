@@ -144,8 +144,10 @@ def get(name: str, n: int, sigma_min: float, sigma_max: float, **kwargs) -> torc
     raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)} or a .json schedule file")
 
 
-def _check_eval_sigmas(eval_sigmas, sigmas: torch.Tensor, where: str) -> torch.Tensor:
-    ev = torch.as_tensor(eval_sigmas, dtype=torch.float64)
+def check_eval_sigmas(eval_sigmas, sigmas: torch.Tensor, where: str = "eval_sigmas") -> torch.Tensor:
+    """Check decoupled evaluation sigmas (LD3) against their schedule: one per entry, finite, and positive
+    wherever the model is evaluated (all but the last). Returns them detached, float64, on the CPU."""
+    ev = torch.as_tensor(eval_sigmas, dtype=torch.float64).detach().cpu()
     if ev.shape != sigmas.shape:
         raise ValueError(f"{where}: eval_sigmas has {ev.numel()} entries, sigmas {sigmas.numel()}; they must match")
     if not torch.isfinite(ev).all() or not (ev[:-1] > 0).all():
@@ -160,7 +162,7 @@ def save(path: str | os.PathLike, sigmas: torch.Tensor, eval_sigmas: torch.Tenso
     s = validate(sigmas)
     payload = {"format": SCHEDULE_FORMAT, "version": 1, "sigmas": s.tolist(), "metadata": metadata}
     if eval_sigmas is not None:
-        payload["eval_sigmas"] = _check_eval_sigmas(eval_sigmas.detach().cpu(), s.cpu(), "save").tolist()
+        payload["eval_sigmas"] = check_eval_sigmas(eval_sigmas, s, "save").tolist()
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
 
 
@@ -181,7 +183,7 @@ def load_schedule(path: str | os.PathLike, *, solver: str | None = None, nfe: in
     path = Path(path)
     payload = _read_schedule_json(path)
     sig = validate(payload["sigmas"], name=f"sigmas in {path}")
-    ev = _check_eval_sigmas(payload["eval_sigmas"], sig, str(path)) if payload.get("eval_sigmas") is not None else None
+    ev = check_eval_sigmas(payload["eval_sigmas"], sig, str(path)) if payload.get("eval_sigmas") is not None else None
     meta = payload.get("metadata") or {}
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: metadata must be a JSON object")
