@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import fastdiff  # noqa: E402
-from fastdiff import evaluate, gits, ld3, models, schedules  # noqa: E402
+from fastdiff import evaluate, gits, ld3, metrics, models, schedules  # noqa: E402
 from fastdiff.train.ld3 import LD3Config, train_ld3  # noqa: E402
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -102,7 +102,7 @@ def run(args) -> None:
                             x = fastdiff.Sampler(model, solver=solver, sigmas=sigmas, eval_sigmas=eval_sigmas).sample(
                                 held.noise, cond
                             )
-                        rmse = (x - held.target).double().flatten(1).square().mean(1).sqrt().mean().item()
+                        rmse = metrics.teacher_error(x, held.target)["rmse_mean"]
                         row = {"model": name, "solver": solver, "nfe": nfe, "schedule": sched, "rmse": rmse,
                                "fd": "", "accuracy": "", "ld3_seconds": seconds,
                                "sigmas": " ".join(f"{v:.5g}" for v in sigmas.tolist())}  # fmt: skip

@@ -35,7 +35,7 @@ def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape + (1,) * (x.ndim - 1))
 
 
-def _output(out) -> torch.Tensor:
+def network_output(out) -> torch.Tensor:
     """A network's output tensor: diffusers returns an object with ``.sample``, some networks a tuple."""
     if isinstance(out, torch.Tensor):
         return out
@@ -136,7 +136,7 @@ class VPDenoiser(nn.Module):
         s = _sigma_batch(sigma, x)
         t = self.sigma_to_t(s).to(s.dtype).to(x.device)
         sb = _expand(s, x)
-        out = _output(self.net(x / torch.sqrt(1 + sb**2), t, **cond))
+        out = network_output(self.net(x / torch.sqrt(1 + sb**2), t, **cond))
         return _vp_to_denoised(self.prediction, out, x, sb)
 
 
@@ -164,7 +164,7 @@ class VPContinuousDenoiser(nn.Module):
         s = _sigma_batch(sigma, x)
         t = schedules.vp_sigma_to_t(s, self.beta_min, self.beta_max).to(s.dtype)
         sb = _expand(s, x)
-        out = _output(self.net(x / torch.sqrt(1 + sb**2), t * self.time_scale, **cond))
+        out = network_output(self.net(x / torch.sqrt(1 + sb**2), t * self.time_scale, **cond))
         return _vp_to_denoised(self.prediction, out, x, sb)
 
 
@@ -182,7 +182,7 @@ class FlowDenoiser(nn.Module):
         s = _sigma_batch(sigma, x)
         t = s / (1 + s)
         x_t = x / (1 + _expand(s, x))
-        v = _output(self.net(x_t, t * self.time_scale, **cond))
+        v = network_output(self.net(x_t, t * self.time_scale, **cond))
         return x_t - _expand(t, x) * v.to(torch.promote_types(v.dtype, x.dtype))
 
 
@@ -208,7 +208,7 @@ class EDMPrecond(nn.Module):
         c_skip = sd**2 / (sb**2 + sd**2)
         c_out = sb * sd / torch.sqrt(sb**2 + sd**2)
         c_in = 1 / torch.sqrt(sb**2 + sd**2)
-        f = _output(self.net(c_in * x, s.log() / 4, **cond))
+        f = network_output(self.net(c_in * x, s.log() / 4, **cond))
         return c_skip * x + c_out * f.to(torch.promote_types(f.dtype, x.dtype))
 
 

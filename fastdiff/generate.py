@@ -46,6 +46,14 @@ def sample_labels(indices: torch.Tensor, num_classes: int, class_label: int | No
     return torch.full_like(indices, class_label)
 
 
+def label_kwargs(labels: torch.Tensor | None) -> tuple[dict | None, dict | None]:
+    """``(cond, uncond)`` keyword arguments for class labels ``[B]``: the labels, and the null label -1 for the
+    unconditional pass; ``(None, None)`` for an unconditional model."""
+    if labels is None:
+        return None, None
+    return {"class_labels": labels}, {"class_labels": torch.full_like(labels, -1)}
+
+
 @dataclass
 class Generated:
     """Images ``[N, C, H, W]`` float32 in [-1, 1] (clamped), their labels ``[N]`` (or None) and sample indices
@@ -93,10 +101,7 @@ def generate(
     )
     for idx, lab in steps:
         x = (sample_noise(idx, shape, seed) * sigmas[0]).to(device=device, dtype=torch.float32)
-        cond = uncond = None
-        if lab is not None:
-            cond = {"class_labels": lab.to(device)}
-            uncond = {"class_labels": torch.full_like(cond["class_labels"], -1)}
+        cond, uncond = label_kwargs(None if lab is None else lab.to(device))
         with torch.no_grad():
             out = sampler.sample(x, cond, uncond)
         images.append(out.clamp(-1, 1).float().cpu())

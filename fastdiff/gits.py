@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from fastdiff import generate, schedules
-from fastdiff.ld3 import label_kwargs
 from fastdiff.sampler import Model, Sampler
 
 
@@ -40,7 +39,7 @@ def cost_matrix(
     sig = schedules.karras(grid, sigma_min, sigma_max)
     indices = torch.arange(n)
     labels = generate.sample_labels(indices, num_classes, None)
-    cond, uncond = label_kwargs(None if labels is None else labels.to(device))
+    cond, uncond = generate.label_kwargs(None if labels is None else labels.to(device))
     x = (generate.sample_noise(indices, shape, seed) * sigma_max).to(device, dtype)
     _, traj = Sampler(model, solver="heun", sigmas=sig).sample(x, cond, uncond, trajectory=True)
     g1 = len(sig)

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastdiff import checkpoint, generate, schedules, solvers
+from fastdiff import checkpoint, generate, ops, schedules, solvers
 from fastdiff.guidance import Guidance
-from fastdiff.sampler import Model, Sampler, count_nfe, plan_coefficients
+from fastdiff.sampler import Model, Sampler, count_nfe, make_plan, plan_coefficients
 
 TEACHER_FORMAT = "fastdiff-teacher-pairs"
 
@@ -113,7 +113,7 @@ def make_teacher_pairs(
     outs = []
     for lo in tqdm(range(0, n, batch_size), desc="teacher", disable=not progress, leave=False):
         x = noise[lo : lo + batch_size].to(device=device, dtype=dtype)
-        cond, uncond = label_kwargs(None if labels is None else labels[lo : lo + batch_size].to(device))
+        cond, uncond = generate.label_kwargs(None if labels is None else labels[lo : lo + batch_size].to(device))
         with torch.no_grad():
             outs.append(sampler.sample(x, cond, uncond).cpu())
     meta = {
@@ -122,13 +122,6 @@ def make_teacher_pairs(
         "guidance": repr(guidance),
     }  # fmt: skip
     return TeacherPairs(noise.to(dtype), torch.cat(outs), labels, meta)
-
-
-def label_kwargs(labels: torch.Tensor | None) -> tuple[dict | None, dict | None]:
-    """``cond``/``uncond`` keyword arguments for class labels (the null label -1 for the unconditional pass)."""
-    if labels is None:
-        return None, None
-    return {"class_labels": labels}, {"class_labels": torch.full_like(labels, -1)}
 
 
 # ------------------------------------------------------------------------------------------ parameterisation
@@ -201,11 +194,14 @@ class Student:
     def __call__(self, x_T: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         sig = self.schedule.sigmas()
         if self.guidance is not None and self.guidance.interval is not None:
-            self.sampler.set_sigmas(sig.detach())  # keeps the plan in step with the moving sigmas
+            # the guided steps follow the moving sigmas; the sampler is rebuilt only when they change
+            plan = make_plan(self.sampler.solver, sig.detach().tolist(), self.guidance)
+            if plan != self.sampler.plan:
+                self.sampler.set_sigmas(sig.detach())
         table, _ = plan_coefficients(self.sampler.solver, sig, self.sampler.plan, self.w)
-        acc = torch.float64 if x_T.dtype == torch.float64 else torch.float32
+        acc = ops.acc_dtype(x_T)
         ev = self.schedule.eval_sigmas().to(x_T.device, acc)
-        cond, uncond = label_kwargs(labels)
+        cond, uncond = generate.label_kwargs(labels)
         return self.sampler.run(x_T, cond or {}, uncond or {}, ev, table.to(x_T.device, acc))
 
 

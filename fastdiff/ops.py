@@ -248,7 +248,7 @@ def _forward(
     x_out = torch.empty_like(args[0])
     e_out = torch.empty_like(args[0])
     if isinstance(coef, torch.Tensor) or backend == "triton":
-        coef = torch.as_tensor(coef, dtype=_acc_dtype(x), device=device)
+        coef = torch.as_tensor(coef, dtype=acc_dtype(x), device=device)
     if backend == "triton":
         _triton_kernels().guided_step(*args, coef, x_out, e_out)
     else:
@@ -262,7 +262,9 @@ def _contiguous(x, d_cond, d_uncond, history, noise):
     return x.contiguous(), d_cond.contiguous(), maybe(d_uncond), [h.contiguous() for h in history], maybe(noise)
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels accumulate a state ``x`` in, and take coefficients in: float64 for float64, else
+    float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -331,7 +333,7 @@ def _guided_step_backward_op(
         grads = _backward_reference(x, d_cond, d_uncond, history, noise, coef, g_x, g_e)
     else:
         args = _contiguous(x, d_cond, d_uncond, history, noise)
-        coef_k = coef.to(device=x.device, dtype=_acc_dtype(x))
+        coef_k = coef.to(device=x.device, dtype=acc_dtype(x))
         kernel = _C.guided_step_backward if backend in ("cpu", "cuda") else _triton_kernels().guided_step_backward
         grads = kernel(*args, coef_k, g_x.contiguous(), g_e.contiguous())
     grad_x, grad_dc, grad_du, grad_h, grad_noise, grad_coef = grads

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fastdiff import schedules, solvers
+from fastdiff import ops, schedules, solvers
 from fastdiff.guidance import Guidance
 from fastdiff.solvers import Denoised, Solver
 
@@ -68,18 +68,33 @@ def _cat_kwargs(cond: Mapping, uncond: Mapping) -> dict:
     return {k: torch.cat([cond[k], uncond[k]]) if isinstance(cond[k], torch.Tensor) else cond[k] for k in cond}
 
 
-def _check_inputs(model, x, sigmas) -> torch.Tensor:
+def _check_model(model) -> None:
     if not callable(model):
         raise TypeError("model must be callable as model(x, sigma, **cond) -> D(x; sigma)")
+
+
+def _check_state(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"x must have a non-empty batch dimension first, got shape {tuple(x.shape)}")
+
+
+def _check_inputs(model, x, sigmas) -> torch.Tensor:
+    _check_model(model)
+    _check_state(x)
     if isinstance(sigmas, torch.Tensor) and sigmas.device.type != "cpu" and sigmas.device != x.device:
         raise ValueError(f"sigmas are on {sigmas.device} but x is on {x.device}; keep them on the CPU or x's device")
     return schedules.validate(sigmas)
+
+
+def _cond_kwargs(plan: Plan, cond: Mapping | None, uncond: Mapping | None) -> tuple[dict, dict]:
+    """``cond`` and ``uncond`` as dicts; guided steps need ``cond``."""
+    if any(plan.guided) and cond is None:
+        raise ValueError("guidance needs cond: the keyword arguments of the conditional pass (e.g. class labels)")
+    return dict(cond or {}), dict(uncond or {})
 
 
 def _sigma_batch(sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -93,9 +108,14 @@ class _Evaluator:
     """The model calls of one run: the conditional pass alone, or both passes (one batched forward where the
     keyword arguments allow it) and the guided estimate. Counts what it spends."""
 
-    def __init__(self, model: Model, uncond_model: Model, w: float, cond: dict, uncond: dict, batch: int, guide: bool):
-        self.model, self.uncond_model, self.w = model, uncond_model, w
+    def __init__(
+        self, model: Model, uncond_model: Model, guidance: Guidance | None, plan: Plan, cond: dict, uncond: dict,
+        batch: int,
+    ):  # fmt: skip
+        self.model, self.uncond_model = model, uncond_model
+        self.w = guidance.scale if guidance is not None else 1.0
         self.cond, self.uncond = cond, uncond
+        guide = any(plan.guided) and guidance.batch
         self.both = (
             _cat_kwargs(cond, uncond) if guide and uncond_model is model and _batchable(cond, uncond, batch) else None
         )
@@ -280,11 +300,8 @@ def sample(
     _check_guidance(guidance)
     _check_schedule_for(model, sig_model)
     plan = make_plan(solver, sig, guidance)
-    if any(plan.guided) and cond is None:
-        raise ValueError("guidance needs cond: the keyword arguments of the conditional pass (e.g. class labels)")
-    w, uncond_model = (guidance.scale, guidance.unconditional_model(model)) if guidance else (1.0, model)
-    guide = any(plan.guided) and guidance.batch
-    evaluate = _Evaluator(model, uncond_model, w, dict(cond or {}), dict(uncond or {}), x.shape[0], guide)
+    uncond_model = guidance.unconditional_model(model) if guidance is not None else model
+    evaluate = _Evaluator(model, uncond_model, guidance, plan, *_cond_kwargs(plan, cond, uncond), x.shape[0])
     evaluate.check_finite = check_finite
 
     def on_step(i, x, x_next, d):
@@ -334,11 +351,6 @@ def _signature(x: torch.Tensor, cond: Mapping, uncond: Mapping, trajectory: bool
     return tuple(x.shape), x.dtype, x.device, of(cond), of(uncond), trajectory
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype of a run's schedule and coefficients: float64 for a float64 state, else float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 class Sampler:
     """A sampling loop built once and run many times, with its schedule and coefficients on the device.
 
@@ -386,8 +398,7 @@ class Sampler:
         warmup: int = 2,
         eval_sigmas: torch.Tensor | Sequence[float] | None = None,
     ):
-        if not callable(model):
-            raise TypeError("model must be callable as model(x, sigma, **cond) -> D(x; sigma)")
+        _check_model(model)
         _check_guidance(guidance)
         if isinstance(compile, dict) and compile.get("mode") in ("reduce-overhead", "max-autotune") and cuda_graph:
             raise ValueError(f"compile mode {compile['mode']!r} captures its own CUDA graphs; with cuda_graph=True "
@@ -457,7 +468,7 @@ class Sampler:
 
     def _device_buffers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(model sigmas [N + 1], table [N, S, 6 + MAX_HISTORY])`` on x's device in the run's dtype."""
-        key = (x.device, _acc_dtype(x))
+        key = (x.device, ops.acc_dtype(x))  # the kernels' coefficient dtype
         if key not in self._buffers:
             # copy=True: a buffer must never alias the caller's tensor or the float64 master.
             masters = (self._model_sigmas, self._table)
@@ -467,20 +478,12 @@ class Sampler:
     # ----------------------------------------------------------------------------------------------- runs
 
     def _check_x(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        if x.ndim < 1 or x.shape[0] == 0:
-            raise ValueError(f"x must have a non-empty batch dimension first, got shape {tuple(x.shape)}")
+        _check_state(x)
         if self.shape is not None and tuple(x.shape) != self.shape:
             raise ValueError(f"this Sampler was built for shape {self.shape}, got x of shape {tuple(x.shape)}; "
                              "build one for the new shape, or leave shape=None")  # fmt: skip
         if self.cuda_graph and not x.is_cuda:
             raise ValueError(f"cuda_graph=True needs CUDA tensors, x is on {x.device}")
-
-    def _kwargs(self, cond, uncond) -> tuple[dict, dict]:
-        if any(self.plan.guided) and cond is None:
-            raise ValueError("guidance needs cond: the keyword arguments of the conditional pass (e.g. class labels)")
-        return dict(cond or {}), dict(uncond or {})
 
     def run(
         self,
@@ -495,9 +498,7 @@ class Sampler:
         ``table``, the coefficients (as :func:`plan_coefficients` makes them for this sampler's plan; LD3 passes a
         differentiable one). Differentiable with respect to x, sigmas and table. With
         ``trajectory`` ``[N + 1, B, ...]``, every step's state is written into it (row 0 is ``x``)."""
-        guide = any(self.plan.guided) and self.guidance.batch
-        w = self.guidance.scale if self.guidance is not None else 1.0
-        evaluate = _Evaluator(self.model, self.uncond_model, w, cond, uncond, x.shape[0], guide)
+        evaluate = _Evaluator(self.model, self.uncond_model, self.guidance, self.plan, cond, uncond, x.shape[0])
         self._batched = evaluate.both is not None
 
         def rows(i):
@@ -524,7 +525,7 @@ class Sampler:
         a new tensor (a replayed graph's output is copied out, so later replays do not overwrite it). With
         ``trajectory=True`` also the state after every step, ``[N + 1, B, ...]`` (row 0 is ``x``)."""
         self._check_x(x)
-        cond, uncond = self._kwargs(cond, uncond)
+        cond, uncond = _cond_kwargs(self.plan, cond, uncond)
         if self.cuda_graph:
             return self._replay(x, cond, uncond, trajectory)
         traj = x.new_empty((self.plan.steps + 1, *x.shape)) if trajectory else None
@@ -548,7 +549,7 @@ class Sampler:
             x = torch.randn(self.shape, device="cuda") * float(self._sigmas[0])
         self.cuda_graph = True
         self._check_x(x)
-        cond, uncond = self._kwargs(cond, uncond)
+        cond, uncond = _cond_kwargs(self.plan, cond, uncond)
         self._capture(x, cond, uncond)
 
     def _capture(self, x: torch.Tensor, cond: dict, uncond: dict, trajectory: bool = False) -> None:

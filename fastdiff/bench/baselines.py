@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from fastdiff.denoisers import discrete_sigmas, network_output
+from fastdiff.sampler import _cat_kwargs
+
 Model = Callable[..., torch.Tensor]
 
 __all__ = [
@@ -28,7 +31,6 @@ __all__ = [
     "cat_cond",
     "diffusers_loop",
     "edm_scheduler",
-    "network_output",
     "sample_dpmpp_2m",
     "sample_euler",
     "sample_heun",
@@ -41,7 +43,7 @@ def cat_cond(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict:
     """Cond and uncond keyword arguments as one batch: tensors concatenated along dim 0, cond first."""
     if cond.keys() != uncond.keys():
         raise ValueError(f"cond and uncond need the same keys, got {sorted(cond)} and {sorted(uncond)}")
-    return {k: torch.cat([cond[k], uncond[k]]) if isinstance(cond[k], torch.Tensor) else cond[k] for k in cond}
+    return _cat_kwargs(cond, uncond)
 
 
 class CFGDenoiser:
@@ -183,21 +185,10 @@ def scheduler_sigmas(scheduler, steps: int) -> torch.Tensor:
     """The ``[steps + 1]`` VE sigmas (float64, ending in 0) a scheduler steps through after ``set_timesteps(steps)``,
     in fastdiff's form: EDM schedulers hold them directly; discrete VP schedulers through their timesteps (Heun's
     repeated timesteps collapse to one per step)."""
-    from fastdiff.denoisers import discrete_sigmas
-
     scheduler.set_timesteps(steps)
     if type(scheduler).__name__.startswith("EDM"):
         return scheduler.sigmas.double()
     return discrete_sigmas(scheduler.alphas_cumprod, scheduler.timesteps.round().long().unique_consecutive())
-
-
-def network_output(out: Any) -> torch.Tensor:
-    """A diffusers network's output tensor (``.sample``, a tuple, or the tensor itself)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    return out[0]
 
 
 @torch.no_grad()

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 import fastdiff
-from fastdiff import denoisers, schedules
+from fastdiff import denoisers, generate, schedules
 from fastdiff.bench import baselines
 
 VARIANTS = ("kdiff_eager", "diffusers", "fastdiff_eager", "fastdiff_graph", "fastdiff_interval")
@@ -176,8 +176,7 @@ def build_workload(family: str, resolution: int, size: str, device: torch.device
         model = fastdiff.models.get("digits").to(device).eval()
 
         def make_cond(b, g):
-            labels = torch.arange(b, device=device) % model.config.num_classes
-            return {"class_labels": labels}, {"class_labels": torch.full_like(labels, -1)}
+            return generate.label_kwargs(torch.arange(b, device=device) % model.config.num_classes)
 
         params = sum(v.numel() for v in model.parameters())
         return Workload(

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fastdiff import ld3, schedules, solvers
+from fastdiff import generate, ld3, metrics, schedules, solvers
 from fastdiff.guidance import Guidance
 from fastdiff.ld3 import LD3Schedule, Student, TeacherPairs, make_metric, project_to_ball, slack_radius
 from fastdiff.sampler import Model, Sampler
@@ -83,13 +83,10 @@ def _batches(pairs: TeacherPairs, device, dtype):
 def validation_distance(student: Student, pairs: TeacherPairs, metric, device, dtype, batch_size: int = 64):
     """``(mean metric, mean RMSE)`` of the student's samples from the pairs' own ``x_T`` against their targets."""
     noise, target, labels = _batches(pairs, device, dtype)
-    dist, sq = [], []
-    for lo in range(0, len(pairs), batch_size):
-        sl = slice(lo, lo + batch_size)
-        out = student(noise[sl], None if labels is None else labels[sl])
-        dist.append(metric(out, target[sl]))
-        sq.append((out - target[sl]).flatten(1).square().mean(1))
-    return float(torch.cat(dist).mean()), float(torch.cat(sq).sqrt().mean())
+    outs = [student(noise[lo : lo + batch_size], None if labels is None else labels[lo : lo + batch_size])
+            for lo in range(0, len(pairs), batch_size)]  # fmt: skip
+    out = torch.cat(outs)
+    return float(metric(out, target).mean()), metrics.teacher_error(out, target)["rmse_mean"]
 
 
 def slack_step(
@@ -281,12 +278,12 @@ def learn_schedule(
 
     held = ld3.make_teacher_pairs(model, held_out, first_index=1_000_000, **kw)
     noise, target = held.noise.to(device), held.target.to(device)
-    cond, uncond = ld3.label_kwargs(None if held.labels is None else held.labels.to(device))
+    cond, uncond = generate.label_kwargs(None if held.labels is None else held.labels.to(device))
 
     def rmse(sig, ev=None):
         with torch.no_grad():
             x = Sampler(model, solver=solver, sigmas=sig, guidance=guidance, eval_sigmas=ev).sample(noise, cond, uncond)
-        return (x - target).double().flatten(1).square().mean(1).sqrt().mean().item()
+        return metrics.teacher_error(x, target)["rmse_mean"]
 
     errors = {"ld3": rmse(result.sigmas, result.eval_sigmas)}
     for name in ("karras", "logsnr_uniform"):
