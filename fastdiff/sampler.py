@@ -327,6 +327,32 @@ class CaptureError(RuntimeError):
     """The sampling loop could not be captured in a CUDA graph (the eager loop still works)."""
 
 
+def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 1) -> tuple[Any, Any]:
+    """Run ``fn()`` ``warmup`` times on a side stream (lazy initialisation such as cuBLAS handles, cuDNN autotuning
+    or compilation must not happen under capture), then capture one call in a CUDA graph. Returns ``(graph,
+    output of the captured call)``; ``graph.replay()`` reruns it. Raises :class:`CaptureError` when the capture
+    fails; errors of the warm-up propagate as they are."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except Exception as exc:
+        cause = f"{exc}" + (f" (after: {exc.__context__})" if exc.__context__ is not None else "")
+        raise CaptureError(
+            f"the sampling loop could not be captured in a CUDA graph: {cause}. A capturable model does not "
+            "read device values on the host (.item(), .cpu(), .tolist(), printing a tensor, Python branches on "
+            "tensor values) and does not copy CPU tensors to the GPU inside forward. The same loop runs "
+            "eagerly with cuda_graph=False."
+        ) from exc
+    return graph, out
+
+
 @dataclass
 class _Graph:
     key: tuple
@@ -558,24 +584,7 @@ class Sampler:
         sx, sc, su = x.clone(), static(cond), static(uncond)
         traj = x.new_empty((self.plan.steps + 1, *x.shape)) if trajectory else None
         buffers = (*self._device_buffers(x), traj)
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.run(sx, sc, su, *buffers)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                out = self.run(sx, sc, su, *buffers)
-        except Exception as exc:
-            cause = f"{exc}" + (f" (after: {exc.__context__})" if exc.__context__ is not None else "")
-            raise CaptureError(
-                f"the sampling loop could not be captured in a CUDA graph: {cause}. A capturable model does not "
-                "read device values on the host (.item(), .cpu(), .tolist(), printing a tensor, Python branches on "
-                "tensor values) and does not copy CPU tensors to the GPU inside forward. The same loop runs "
-                "eagerly with cuda_graph=False."
-            ) from exc
+        graph, out = capture_graph(lambda: self.run(sx, sc, su, *buffers), x.device, self.warmup)
         self._graph = _Graph(_signature(x, cond, uncond, trajectory), graph, sx, sc, su, out, traj)
 
     def _replay(self, x: torch.Tensor, cond: dict, uncond: dict, trajectory: bool):

@@ -54,6 +54,7 @@ import torch
 import fastdiff
 from fastdiff import denoisers, generate, schedules
 from fastdiff.bench import baselines
+from fastdiff.sampler import capture_graph
 
 VARIANTS = ("kdiff_eager", "diffusers", "fastdiff_eager", "fastdiff_graph", "fastdiff_interval")
 MODELS = ("null", "digits", "dit", "unet", "unet_cond")  # roughly by cost
@@ -279,15 +280,7 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device, 
 
 def _graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
     """``fn`` captured in one CUDA graph (after a warm-up on a side stream); returns the replay."""
-    side = torch.cuda.Stream(device=device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return capture_graph(fn, device)[0].replay
 
 
 def forward_plan(variant: str, batch: int, nfe: tuple[int, int]) -> tuple[int, ...]:
