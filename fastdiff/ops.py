@@ -209,9 +209,10 @@ def _forward(
     x, d_cond, d_uncond, history, noise, coef: list[float] | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward pass on the chosen backend. ``coef = [a, w, hx, hd, c_noise, b0, ..., bK]``: Python floats,
-    or a tensor. A tensor on x's GPU stays there and the kernel reads it (no host round trip, so it can be
-    captured in a CUDA graph, and it is not checked for NaN); any other is read on the host."""
-    if isinstance(coef, torch.Tensor) and not (coef.is_cuda and x.is_cuda):
+    or a tensor. A tensor on x's device, when that is not the CPU, stays there and the kernel (or the reference)
+    reads it: no host round trip, so it can be captured in a CUDA graph, and it is not checked for NaN. Any other
+    is read on the host."""
+    if isinstance(coef, torch.Tensor) and not (coef.device == x.device and x.device.type != "cpu"):
         coef = coef.double().tolist()
     if isinstance(coef, list) and not all(map(math.isfinite, coef)):
         raise ValueError(f"guided_step: coefficients must be finite, got {coef}")
@@ -241,7 +242,8 @@ def _forward(
     else:
         backend = next((bk for bk in ("cuda", "triton") if _usable(bk, device) is None), None)
         if backend is None:
-            _say_missing_once()
+            if device.type == "cuda":
+                _say_missing_once()
             return reference()
 
     args = _contiguous(x, d_cond, d_uncond, history, noise)
@@ -496,14 +498,26 @@ def guided_step_coef(
     """The guided step with its coefficients as a tensor, differentiable with respect to every input.
 
     ``coef``: ``[6 + len(history)]`` float tensor ``[a, w, hx, hd, c_noise, b0, ..., bK]``. This is the form
-    LD3 learns timesteps through, and the registered op ``torch.ops.fastdiff.guided_step`` that
-    ``torch.compile`` and CUDA graph capture see. Returns ``(x_next, E)`` as :func:`guided_step_reference`.
+    LD3 learns timesteps through (via the registered op ``torch.ops.fastdiff.guided_step``, which autograd and
+    ``torch.compile`` see), and the form a device-resident loop uses: a coefficient tensor on x's GPU is read by
+    the kernel, so a captured CUDA graph replays coefficients written in place. Returns ``(x_next, E)`` as
+    :func:`guided_step_reference`.
     """
     history = list(history)
     if coef.ndim != 1 or not coef.is_floating_point():
         raise ValueError(f"guided_step: coef must be a 1-D float tensor, got {coef.dtype} {tuple(coef.shape)}")
     _check_args(x, d_cond, d_uncond, history, noise, coef.numel())
-    return torch.ops.fastdiff.guided_step(x, d_cond, d_uncond, history, noise, coef)
+    if _through_op([x, d_cond, d_uncond, noise, coef, *history]):
+        return torch.ops.fastdiff.guided_step(x, d_cond, d_uncond, history, noise, coef)
+    return _forward(x, d_cond, d_uncond, history, noise, coef)
+
+
+def _through_op(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """Whether a call must go through the registered op: for autograd, or under ``torch.compile``. Otherwise the
+    forward runs directly, which saves the op's dispatch (about 50 us a call on the CPU) and, on a process's first
+    call, the import of ``torch._dynamo`` that dispatching a custom op triggers (seconds)."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return needs_grad or torch.compiler.is_compiling()
 
 
 def guided_step(
@@ -528,9 +542,7 @@ def guided_step(
     history = list(history)
     coef = [float(v) for v in (a, w, hx, hd, c_noise, *b)]
     _check_args(x, d_cond, d_uncond, history, noise, len(coef))
-    tensors = [x, d_cond, d_uncond, noise, *history]
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if needs_grad or torch.compiler.is_compiling():
+    if _through_op([x, d_cond, d_uncond, noise, *history]):
         return torch.ops.fastdiff.guided_step(
             x, d_cond, d_uncond, history, noise, torch.tensor(coef, dtype=torch.float64)
         )

@@ -100,12 +100,17 @@ class _Watch(TorchDispatchMode):
 
 
 def _meta_run(model, solver, guidance, x, cond=None, uncond=None):
+    """Both paths of the step: the registered op (x requires grad: autograd's path, the op's fake kernel) and the
+    direct forward (no grad: the eager path, the reference with coefficients left on the device)."""
     sampler = fastdiff.Sampler(model, solver=solver, sigmas=schedules.karras(10, 0.002, 80.0), guidance=guidance)
     with _Watch() as watch:
-        out = sampler.sample(x, cond, uncond)
+        out = sampler.sample(x.requires_grad_(True), cond, uncond)
     assert out.device.type == "meta" and out.shape == x.shape
     assert "fastdiff.guided_step.default" in watch.ops
-    return watch.ops
+    with torch.no_grad(), _Watch() as eager:
+        out = sampler.sample(x.detach(), cond, uncond)
+    assert out.device.type == "meta" and out.shape == x.shape
+    return watch.ops + eager.ops
 
 
 @pytest.mark.parametrize("solver", list(fastdiff.SOLVERS))
