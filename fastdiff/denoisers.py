@@ -18,6 +18,7 @@ from torch import nn
 from fastdiff import schedules
 
 PREDICTIONS = ("eps", "v", "x0")
+OUTPUTS = PREDICTIONS + ("flow",)  # what :func:`to_denoised` converts
 
 
 def _sigma_batch(sigma, x: torch.Tensor) -> torch.Tensor:
@@ -52,15 +53,23 @@ def _check_prediction(prediction: str) -> str:
     return prediction
 
 
-def _vp_to_denoised(prediction: str, out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """D from a VP network's output; ``x`` is the VE state and ``sigma`` is already broadcast to it."""
+def to_denoised(prediction: str, out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """D from a network's output at the VE state ``x`` (``sigma`` already broadcast to it).
+
+    ``prediction``: ``"eps"``, ``"v"`` or ``"x0"`` for a VP network (it saw ``x / sqrt(1 + sigma^2)``), or
+    ``"flow"`` for a rectified-flow network predicting ``v = eps - x0`` (it saw ``x / (1 + sigma)``).
+    """
     out = out.to(torch.promote_types(out.dtype, x.dtype))
     if prediction == "eps":
         return x - sigma * out
     if prediction == "v":
         # v = sqrt(ab) eps - sqrt(1 - ab) x0  =>  x0 = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) v
         return x / (1 + sigma**2) - sigma / torch.sqrt(1 + sigma**2) * out
-    return out
+    if prediction == "flow":
+        return (x - sigma * out) / (1 + sigma)  # x_t - t v with x_t = x / (1 + sigma), t = sigma / (1 + sigma)
+    if prediction == "x0":
+        return out
+    raise ValueError(f"prediction must be one of {OUTPUTS}, got {prediction!r}")
 
 
 class VPDenoiser(nn.Module):
@@ -137,7 +146,7 @@ class VPDenoiser(nn.Module):
         t = self.sigma_to_t(s).to(s.dtype).to(x.device)
         sb = _expand(s, x)
         out = network_output(self.net(x / torch.sqrt(1 + sb**2), t, **cond))
-        return _vp_to_denoised(self.prediction, out, x, sb)
+        return to_denoised(self.prediction, out, x, sb)
 
 
 class VPContinuousDenoiser(nn.Module):
@@ -165,7 +174,7 @@ class VPContinuousDenoiser(nn.Module):
         t = schedules.vp_sigma_to_t(s, self.beta_min, self.beta_max).to(s.dtype)
         sb = _expand(s, x)
         out = network_output(self.net(x / torch.sqrt(1 + sb**2), t * self.time_scale, **cond))
-        return _vp_to_denoised(self.prediction, out, x, sb)
+        return to_denoised(self.prediction, out, x, sb)
 
 
 class FlowDenoiser(nn.Module):
@@ -180,10 +189,9 @@ class FlowDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         s = _sigma_batch(sigma, x)
-        t = s / (1 + s)
-        x_t = x / (1 + _expand(s, x))
-        v = network_output(self.net(x_t, t * self.time_scale, **cond))
-        return x_t - _expand(t, x) * v.to(torch.promote_types(v.dtype, x.dtype))
+        sb = _expand(s, x)
+        v = network_output(self.net(x / (1 + sb), s / (1 + s) * self.time_scale, **cond))
+        return to_denoised("flow", v, x, sb)
 
 
 class EDMPrecond(nn.Module):
@@ -221,4 +229,12 @@ def discrete_sigmas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> to
     return torch.cat([sig, sig.new_zeros(1)])
 
 
-__all__ = ["VPDenoiser", "VPContinuousDenoiser", "FlowDenoiser", "EDMPrecond", "discrete_sigmas", "PREDICTIONS"]
+__all__ = [
+    "to_denoised",
+    "VPDenoiser",
+    "VPContinuousDenoiser",
+    "FlowDenoiser",
+    "EDMPrecond",
+    "discrete_sigmas",
+    "PREDICTIONS",
+]

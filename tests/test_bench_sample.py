@@ -112,6 +112,8 @@ def test_diffusers_vp_loop_matches_fastdiff_on_a_diffusers_unet(one_thread, solv
 def test_forward_plan_counts_batched_and_unguided_forwards():
     assert loops.forward_plan("kdiff_eager", 4, (10, 10)) == (8,) * 10
     assert loops.forward_plan("diffusers", 4, (10, 10)) == (8,) * 10
+    assert loops.forward_plan("fastdiff_scheduler", 4, (10, 10)) == (8,) * 10
+    assert loops.forward_plan("pipeline_interval", 4, (10, 3)) == (8,) * 3 + (4,) * 7
     assert loops.forward_plan("fastdiff_interval", 4, (10, 3)) == (8,) * 3 + (4,) * 7
 
 
@@ -130,8 +132,16 @@ def test_bench_sample_cli_writes_csv_plot_and_table(capsys, tmp_path):
     assert [(r["model"], r["variant"]) for r in rows] == [(m, v) for m in ("null", "digits") for v in loops.VARIANTS]
     for r in rows:
         assert r["device"] == "cpu" and r["date"] and r["peak_mem_mb"] == "n/a"
-        if r["variant"] == "fastdiff_graph":  # CUDA only: skipped with the reason
-            assert r["note"] == "skipped: CUDA graphs need a CUDA device" and r["total_ms"] == "nan"
+        skipped = {
+            "fastdiff_graph": "skipped: CUDA graphs need a CUDA device",
+            "pipeline_interval": "skipped: the pipeline path runs diffusers networks",
+        }
+        if r["model"] == "digits":
+            skipped["fastdiff_scheduler"] = (
+                "skipped: FastDiffScheduler drives DDPM-family networks; the digits model is an EDM network"
+            )
+        if r["variant"] in skipped:
+            assert r["note"] == skipped[r["variant"]] and r["total_ms"] == "nan"
             continue
         assert r["note"] == "", r["note"]
         assert float(r["total_ms"]) > 0 and float(r["model_ms"]) > 0 and math.isfinite(float(r["overhead_us_per_step"]))
@@ -143,6 +153,18 @@ def test_bench_sample_cli_writes_csv_plot_and_table(capsys, tmp_path):
     assert (tmp_path / "sample_loops.png").read_bytes()[:4] == b"\x89PNG"
     assert "| e2e | digits | 1x16x16 | 1 | dpmpp_2m, 3 | kdiff_eager | 3+3 |" in out
     assert "skipped: CUDA graphs need a CUDA device" in out
+
+
+def test_scheduler_and_pipeline_rows_on_a_diffusers_unet(one_thread):
+    """The FastDiffScheduler row runs the diffusers loop (CFG every step), the pipeline row PipelineSampler with
+    interval guidance; both on the same tiny UNet2DModel."""
+    rows = loops.bench_sample("cpu", models="unet", batches=[1], steps=4, reps=1, scenarios="e2e",
+                              variants="diffusers,fastdiff_scheduler,pipeline_interval", progress=False)  # fmt: skip
+    by = {r["variant"]: r for r in rows}
+    assert all(r["note"] == "" and r["total_ms"] > 0 for r in rows), [r["note"] for r in rows]
+    assert (by["fastdiff_scheduler"]["nfe_cond"], by["fastdiff_scheduler"]["nfe_uncond"]) == (4, 4)
+    assert by["pipeline_interval"]["nfe_cond"] == 4 and 0 < by["pipeline_interval"]["nfe_uncond"] < 4
+    assert by["pipeline_interval"]["guidance"] == "cfg on (0.28, 2.9]"
 
 
 def test_edm2_interval_scenario_reports_the_unconditional_fraction(one_thread):
@@ -169,6 +191,9 @@ def test_bench_sample_gpu_variants_run_and_graphs_capture():
     rows = loops.bench_sample("gpu", models="null,digits", batches=[2], resolutions=[64], steps=4, reps=2,
                               scenarios="e2e", progress=False)  # fmt: skip
     for r in rows:
+        if r["variant"] == "pipeline_interval" or (r["variant"] == "fastdiff_scheduler" and r["model"] == "digits"):
+            assert r["note"].startswith("skipped"), r["note"]
+            continue
         assert r["note"] == "", (r["model"], r["variant"], r["note"])
         assert r["total_ms"] > 0 and r["peak_mem_mb"] != "n/a"
     graph = {r["model"]: r for r in rows if r["variant"] == "fastdiff_graph"}

@@ -11,31 +11,14 @@ import pytest
 import torch
 
 import fastdiff
+from _vp_mixture import MixtureNet
+
 from fastdiff import denoisers, solvers
 
 diffusers = pytest.importorskip("diffusers")
 
 TOL = 5e-5
 BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-
-
-class MixtureNet:
-    """The mixture as a discrete-time network ``net(x_vp, t) -> eps or v`` on the given ``alphas_cumprod``."""
-
-    def __init__(self, gmm, alphas_cumprod, prediction):
-        self.gmm, self.prediction = gmm, prediction
-        self.grid = denoisers.VPDenoiser(lambda *a: None, alphas_cumprod)
-
-    def __call__(self, x_vp, t):
-        dtype = x_vp.dtype
-        x_vp = x_vp.double()
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(x_vp.shape[0])
-        s = self.grid.t_to_sigma(t).reshape(-1, 1, 1, 1)
-        x = x_vp * torch.sqrt(1 + s**2)
-        d = self.gmm(x, s.flatten())
-        eps = (x - d) / s
-        out = eps if self.prediction == "eps" else (eps - s * d) / torch.sqrt(1 + s**2)
-        return out.to(dtype)
 
 
 def _noise(n=32):

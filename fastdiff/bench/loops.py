@@ -7,10 +7,15 @@ Every row samples one batch from the same noise with the same model, solver and 
 * ``diffusers``: the diffusers scheduler loop (``set_timesteps``, ``scale_model_input``, cond+uncond batch,
   ``step``), guidance at every step, driving the raw network (for the digits model diffusers' EDM schedulers
   around its raw UNet);
+* ``fastdiff_scheduler``: the same diffusers loop with :class:`~fastdiff.integrations.diffusers.FastDiffScheduler`
+  (built from the diffusers scheduler's config) in place of the diffusers scheduler: the one-line swap;
 * ``fastdiff_eager``: :class:`fastdiff.Sampler`, guidance at every step;
 * ``fastdiff_graph``: the same with ``cuda_graph=True``, the whole loop replayed as one CUDA graph (CUDA only);
 * ``fastdiff_interval``: guidance only in the noise interval ``(0.28, 2.9]`` (EDM2-S's), the other steps skip
   the unconditional pass; a CUDA graph on CUDA, eager on the CPU.
+* ``pipeline_interval``: :class:`~fastdiff.integrations.diffusers.PipelineSampler` on the diffusers network and
+  scheduler config (what ``sample_pipeline`` runs), guidance on the same interval, a CUDA graph on CUDA; diffusers
+  networks only.
 
 Per row: the median time of one sampled batch (CUDA events after warm-up on a GPU, wall clock on the CPU); the
 model time, the median time of the network forwards that row issues (their count and batch sizes), alone and back
@@ -47,6 +52,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -56,7 +62,10 @@ from fastdiff import denoisers, generate, schedules
 from fastdiff.bench import baselines
 from fastdiff.sampler import capture_graph
 
-VARIANTS = ("kdiff_eager", "diffusers", "fastdiff_eager", "fastdiff_graph", "fastdiff_interval")
+VARIANTS = (
+    "kdiff_eager", "diffusers", "fastdiff_scheduler", "fastdiff_eager", "fastdiff_graph", "fastdiff_interval",
+    "pipeline_interval",
+)  # fmt: skip
 MODELS = ("null", "digits", "dit", "unet", "unet_cond")  # roughly by cost
 SCENARIOS = ("e2e", "edm2_interval")
 INTERVAL = (0.28, 2.9)  # EDM2-S's guidance interval (Kynkaenniemi et al. 2024)
@@ -163,6 +172,7 @@ class Workload:
     timestep: Callable[[torch.Tensor], torch.Tensor]  # [B] sigmas -> what the raw network takes as t
     dtype: torch.dtype = torch.float32
     edm: bool = False  # sigmas come from the Karras schedule (EDM) rather than the scheduler's timesteps
+    raw: torch.nn.Module | None = None  # the diffusers network itself (for the pipeline path)
 
     def sigmas(self, solver: str, steps: int) -> torch.Tensor:
         """``[steps + 1]`` float64 schedule, the one the diffusers scheduler steps through."""
@@ -240,7 +250,7 @@ def build_workload(family: str, resolution: int, size: str, device: torch.device
     den = denoisers.VPDenoiser(net, ab, prediction="eps").to(device)
     return Workload(
         family, desc, (4, resolution, resolution), den, net, baselines.vp_scheduler, make_cond,
-        lambda s: den.sigma_to_t(s).to(torch.float32), dtype,
+        lambda s: den.sigma_to_t(s).to(torch.float32), dtype, raw=raw,
     )  # fmt: skip
 
 
@@ -288,7 +298,7 @@ def forward_plan(variant: str, batch: int, nfe: tuple[int, int]) -> tuple[int, .
     needs the multiset): the baselines run ``2B`` at every evaluation; fastdiff batches cond and uncond into one
     ``2B`` forward on guided evaluations and runs ``B`` on the others."""
     cond, uncond = nfe
-    if variant in ("kdiff_eager", "diffusers"):
+    if variant in ("kdiff_eager", "diffusers", "fastdiff_scheduler"):
         return (2 * batch,) * cond
     return (2 * batch,) * uncond + (batch,) * (cond - uncond)
 
@@ -345,6 +355,38 @@ def _runner(case: Case, variant: str, device: torch.device) -> tuple[Callable[[]
         cfg = baselines.CFGDenoiser(w.den, scale)
         extra = {"cond": case.cond, "uncond": case.uncond}
         return lambda: sampler(cfg, x, sig, extra), fastdiff.count_nfe(case.solver, case.sigmas, full), "cfg every step"
+    if variant == "fastdiff_scheduler":
+        from fastdiff.integrations.diffusers import FastDiffScheduler
+
+        if w.edm:
+            raise _Skip("FastDiffScheduler drives DDPM-family networks; the digits model is an EDM network")
+        scheduler = FastDiffScheduler.from_config(w.scheduler(case.solver).config, solver=case.solver)
+        x = case.noise * scheduler.init_noise_sigma
+
+        def run():
+            return baselines.diffusers_loop(w.net, scheduler, x, case.steps, case.cond, case.uncond, scale)
+
+        scheduler.set_timesteps(case.steps)
+        n = len(scheduler.timesteps)
+        return run, (n, n), "cfg every step"
+    if variant == "pipeline_interval":
+        from fastdiff.integrations.diffusers import PipelineSampler
+
+        if w.raw is None:
+            raise _Skip("the pipeline path runs diffusers networks")
+        role = "transformer" if w.family == "dit" else "unet"
+        pipe = SimpleNamespace(**{role: w.raw}, scheduler=w.scheduler(case.solver))
+        guidance = fastdiff.Guidance(scale, interval=case.interval)
+        runner = PipelineSampler(pipe, solver=case.solver, steps=case.steps, guidance=guidance,
+                                 cuda_graph=device.type == "cuda")  # fmt: skip
+        label = f"cfg on ({case.interval[0]:g}, {case.interval[1]:g}]" + (
+            ", CUDA graph" if runner.sampler.cuda_graph else ""
+        )
+
+        def run():
+            return runner(cond=case.cond, uncond=case.uncond, latents=case.noise, output_type="latent").images
+
+        return run, tuple(runner.sampler.nfe), label
     if variant == "diffusers":
         scheduler = w.scheduler(case.solver)
         if scheduler is None:
@@ -402,7 +444,7 @@ def run_case(case: Case, variant: str, device: torch.device, reps: int, warmup: 
                 run()
             if cuda:  # the loop's own footprint (weights included), before the model-only timing allocates
                 row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-            graph = cuda and variant in ("fastdiff_graph", "fastdiff_interval")
+            graph = cuda and variant in ("fastdiff_graph", "fastdiff_interval", "pipeline_interval")
             plan = forward_plan(variant, case.batch, nfe)
             forwards = model_forwards(case.w, case.batch, plan, float(case.sigmas[1]), device, graph)
             forwards()

@@ -1,0 +1,628 @@
+"""fastdiff inside diffusers: a drop-in scheduler and a pipeline loop.
+
+* :class:`FastDiffScheduler` is a diffusers scheduler (``SchedulerMixin``/``ConfigMixin``) that steps any fastdiff
+  solver along any schedule, a fastdiff named schedule or a learned LD3 file::
+
+      pipe.scheduler = FastDiffScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m")
+
+  The pipeline keeps its own loop and its own classifier-free guidance, so every step runs both passes.
+* :class:`PipelineSampler` (and the one-shot :func:`sample_pipeline`) run a pipeline's UNet or transformer
+  through fastdiff's own loop instead: coefficients on the device, a CUDA graph of the whole loop if asked for,
+  and interval guidance that skips the unconditional half of the batch outside ``(sigma_lo, sigma_hi]``.
+
+Conventions. A scheduler's samples live in the model's own space, as diffusers' DDIM, DPM-Solver and UniPC
+schedulers keep them: ``x_vp = x / sqrt(1 + sigma^2)`` for a VP (DDPM-family) model, ``x_t = x / (1 + sigma)``
+for a rectified-flow model, where ``x = x0 + sigma * eps`` is fastdiff's VE state. So ``init_noise_sigma`` is 1
+and ``scale_model_input`` is the identity (except under a learned schedule with decoupled evaluation sigmas).
+A flow model's first noise level ``t = 1`` is ``sigma = inf`` in the VE form; fastdiff steps from
+``t = 1 - 1e-9`` instead (``sigma = 1e9``), which changes the first step's coefficients by about 1e-9.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from fastdiff import schedules, solvers
+from fastdiff.denoisers import FlowDenoiser, VPDenoiser, discrete_sigmas, network_output, to_denoised
+from fastdiff.guidance import Guidance
+from fastdiff.sampler import Sampler
+from fastdiff.solvers import Denoised
+
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow": "flow"}
+FLOW_T_MAX = 1 - 1e-9  # t = 1 is sigma = inf in the VE form; see the module docstring
+
+
+@dataclass
+class FastDiffSchedulerOutput(BaseOutput):
+    """``prev_sample``: the state the pipeline evaluates next (the final sample after the last step), shape and
+    dtype of the ``sample`` given to :meth:`FastDiffScheduler.step`. ``pred_original_sample``: this
+    evaluation's estimate of x0."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+class _NeedEvaluation(Exception):
+    """Raised inside a replayed solver step when it asks for an evaluation the pipeline has not made yet."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+
+class _Schedule:
+    """What :meth:`FastDiffScheduler.set_timesteps` fixes, as host values: VE ``sigmas`` ``[N + 1]`` (the
+    solver's), ``model_sigmas`` ``[N + 1]`` (where the model is called; LD3 may decouple them), the network
+    timestep of each model sigma ``[N]``, and ``evals``: per model evaluation, ``(step, index into
+    model_sigmas)``."""
+
+    def __init__(self, sigmas: list[float], model_sigmas: list[float], timesteps: list[float], evals):
+        self.sigmas, self.model_sigmas, self.timesteps, self.evals = sigmas, model_sigmas, timesteps, evals
+
+
+def _evaluation_sigmas(solver: solvers.Solver, sigmas: list[float], model_sigmas: list[float]) -> list[tuple]:
+    """``(step, index into model_sigmas)`` of every model evaluation, in order: a dry run of the solver on a
+    one-element state, recording where it calls the model."""
+    evals: list[tuple[int, int]] = []
+    state, x = solver.start(), torch.zeros(1, dtype=torch.float64)
+    for i in range(len(sigmas) - 1):
+
+        def evaluate(xi, s, i=i):
+            m = next(m for m in range(i, len(model_sigmas)) if model_sigmas[m] == s)
+            evals.append((i, m))
+            return Denoised(torch.zeros_like(xi))
+
+        solver.step(i, x, model_sigmas, evaluate, state, solver.stages(sigmas, i))
+    return evals
+
+
+def _scheduler_class_of(config: Mapping[str, Any]) -> str | None:
+    """The diffusers scheduler a config belongs to. A live scheduler's config does not name its class, but it
+    holds exactly that class's ``__init__`` parameters; among classes with the same parameters (DDIM and its
+    parallel variant, say) the shortest name, the base one, wins."""
+    matches = []
+    for name in dir(diffusers):
+        if not name.endswith("Scheduler") or name == "FastDiffScheduler":
+            continue
+        cls = getattr(diffusers, name, None)
+        if isinstance(cls, type) and issubclass(cls, SchedulerMixin):
+            params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+            if params == set(config):
+                matches.append(name)
+    return min(matches, key=lambda n: (len(n), n)) if matches else None
+
+
+class FastDiffScheduler(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler that steps a fastdiff solver.
+
+    Built from any DDPM-family or flow-matching scheduler's config, it reads the training noise schedule
+    (``num_train_timesteps``, ``beta_*``, ``trained_betas``, ``rescale_betas_zero_snr``; or flow ``shift`` and
+    dynamic shifting) and ``prediction_type`` from it, and adds fastdiff's own options:
+
+    Args:
+        solver: a fastdiff solver name (``euler``, ``heun``, ``ddim``, ``dpmpp_2m``, ``dpmpp_3m``, ``ipndm``,
+            ``unipc``), with ``solver_options`` (e.g. ``{"order": 3}`` for UniPC).
+        schedule: ``None`` steps through the noise levels that the scheduler this config came from
+            (``from_config(pipe.scheduler.config)``; else diffusers' Euler, or flow-matching Euler, scheduler)
+            would step through, with all its options (``timestep_spacing``, ``steps_offset``,
+            ``use_karras_sigmas``, ``shift``...), so that a solver swap is the only change. Schedulers without
+            sigmas (DDIM, PNDM) end per ``final_sigmas_type``.
+            A fastdiff schedule name (``karras``, ``logsnr_uniform``, ``time_uniform``; VP models) spans the
+            model's whole training range, with ``schedule_options`` (e.g. ``{"rho": 7}``).
+        learned_schedule: the path of a fastdiff schedule file (an LD3 result), used as is, with its evaluation
+            sigmas; ``num_inference_steps`` must then be its step count or None.
+        prediction_type: ``epsilon``, ``v_prediction``, ``sample`` or ``flow``; None means ``flow`` when the
+            config is a flow-matching one (it has ``shift``), else ``epsilon``.
+        reference_scheduler: ``{"class_name", "config"}`` of the scheduler whose noise levels are the default;
+            :meth:`from_config` fills it in.
+
+    The last step goes to sigma = 0 and returns the final denoised estimate (diffusers'
+    ``final_sigmas_type="zero"``); ``final_sigmas_type="sigma_min"`` stops at the smallest training sigma instead.
+    ``timesteps`` has one entry per model evaluation (Heun: two a step, as diffusers' Heun scheduler), and
+    ``order`` is the most evaluations a step makes.
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Sequence[float] | None = None,
+        prediction_type: str | None = None,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        interpolation_type: str = "linear",
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        final_sigmas_type: str = "zero",
+        shift: float | None = None,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int | None = 256,
+        max_image_seq_len: int | None = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: float | None = None,
+        time_shift_type: str = "exponential",
+        solver: str = "dpmpp_2m",
+        solver_options: dict | None = None,
+        schedule: str | None = None,
+        schedule_options: dict | None = None,
+        learned_schedule: str | None = None,
+        reference_scheduler: dict | None = None,
+    ):
+        kind = prediction_type or ("flow" if shift is not None else "epsilon")
+        if kind not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {sorted(PREDICTION_TYPES)}, got {prediction_type!r}")
+        self.prediction = PREDICTION_TYPES[kind]
+        self.solver = solvers.get(solver, **(solver_options or {}))
+        if schedule is not None and schedule not in schedules.SCHEDULES:
+            raise ValueError(f"schedule must be None (diffusers' own) or one of {sorted(schedules.SCHEDULES)}, "
+                             f"got {schedule!r}")  # fmt: skip
+        if schedule is not None and self.prediction == "flow":
+            raise ValueError("fastdiff's named schedules are for VP models; a flow model takes diffusers' flow "
+                             "schedule, custom sigmas or a learned schedule file")  # fmt: skip
+        if schedule is not None and learned_schedule is not None:
+            raise ValueError("give a named schedule or a learned schedule file, not both")
+        if final_sigmas_type not in ("zero", "sigma_min"):
+            raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+        self._reference = self._reference_scheduler()
+        self.alphas_cumprod = None if self.prediction == "flow" else self._reference.alphas_cumprod.double()
+        self._grid = None if self.prediction == "flow" else VPDenoiser(None, self.alphas_cumprod)
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.zeros(0)
+        self.sigmas = torch.zeros(0)
+        self._schedule: _Schedule | None = None
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """Build from another scheduler's config, which is also kept (``reference_scheduler``): that scheduler's
+        own ``set_timesteps`` then gives the default noise levels, so that a solver swap is the only change."""
+        config = dict(config or {})
+        own = {k: v for k, v in config.items() if not k.startswith("_")}
+        if "reference_scheduler" not in kwargs and "solver" not in own:  # another scheduler's config
+            source = config.get("_class_name") or _scheduler_class_of(own)
+            if source and source != cls.__name__:
+                kwargs["reference_scheduler"] = {"class_name": source, "config": own}
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def _reference_scheduler(self):
+        """The diffusers scheduler whose noise levels :meth:`set_timesteps` uses by default: the one this
+        config came from, else diffusers' Euler scheduler (flow models: its flow-matching Euler scheduler)."""
+        ref = self.config.reference_scheduler
+        if ref is not None:
+            cls = getattr(diffusers, ref["class_name"], None)
+            if cls is None or not hasattr(cls, "set_timesteps"):
+                raise ValueError(f"unknown diffusers scheduler {ref['class_name']!r} in reference_scheduler")
+            if ref["class_name"].startswith("EDM"):
+                raise ValueError("diffusers' EDM schedulers drive EDM-preconditioned networks; sample those with "
+                                 "fastdiff.sample or fastdiff.Sampler directly")  # fmt: skip
+            return cls.from_config(ref["config"])
+        cls = FlowMatchEulerDiscreteScheduler if self.prediction == "flow" else EulerDiscreteScheduler
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs = {k: v for k, v in self.config.items() if k in accepted and v is not None}
+        kwargs.pop("prediction_type", None)
+        return cls(**kwargs)
+
+    def _reference_schedule(self, n, sigmas, timesteps, mu) -> tuple[torch.Tensor, list[float]]:
+        """``(VE sigmas [N + 1], network timesteps [N])`` of the reference scheduler's ``set_timesteps``."""
+        ref = self._reference
+        params = inspect.signature(ref.set_timesteps).parameters
+        kwargs = {k: v for k, v in (("sigmas", sigmas), ("timesteps", timesteps), ("mu", mu)) if v is not None}
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise ValueError(f"{type(ref).__name__}.set_timesteps takes no {', '.join(unknown)}")
+        ref.set_timesteps(n, device="cpu", **kwargs)
+        ts = ref.timesteps.double().cpu()
+        first = torch.cat([torch.tensor([True]), ts[1:] != ts[:-1]])  # Heun and PNDM repeat timesteps
+        sig = getattr(ref, "sigmas", None)
+        if isinstance(sig, torch.Tensor) and len(sig) == len(ts) + 1:
+            sig = torch.cat([sig.double().cpu()[:-1][first], sig.double().cpu()[-1:]])
+            if self.prediction == "flow":
+                t = sig.clamp(max=FLOW_T_MAX)
+                sig = t / (1 - t)
+        else:  # DDIM, PNDM, DDPM...: integer timesteps on the training grid
+            last = 0.0 if self.config.final_sigmas_type == "zero" else self._grid.sigma_min
+            sig = torch.cat([discrete_sigmas(self.alphas_cumprod, ts[first].round())[:-1], torch.tensor([last])])
+        return sig, ts[first].tolist()
+
+    # ---------------------------------------------------------------------------------- diffusers interface
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return 1.0
+
+    @property
+    def order(self) -> int:
+        """The most model evaluations one step makes (diffusers pipelines size their progress bars by it)."""
+        return 2 if isinstance(self.solver, solvers.Heun) else 1
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next model evaluation in :attr:`timesteps`."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at evaluation ``begin_index`` (image-to-image pipelines skip the first steps)."""
+        self._begin_index = begin_index
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: Sequence[float] | None = None,
+        timesteps: Sequence[float] | None = None,
+        mu: float | None = None,
+    ) -> None:
+        """Fix the schedule. ``sigmas`` and ``timesteps`` are custom schedules in the convention of the
+        diffusers scheduler this config came from (VE sigmas, or flow ``t`` values; training timesteps);
+        ``mu`` is flow matching's dynamic shift."""
+        cfg = self.config
+        if cfg.learned_schedule is not None:
+            if sigmas is not None or timesteps is not None:
+                raise ValueError("this scheduler uses a learned schedule file; it takes no custom sigmas/timesteps")
+            sched = schedules.load_schedule(cfg.learned_schedule, solver=self.solver.name)
+            n = len(sched.sigmas) - 1
+            if num_inference_steps not in (None, n):
+                raise ValueError(f"{cfg.learned_schedule} has {n} steps; num_inference_steps={num_inference_steps}")
+            step_sig = sched.sigmas
+            model_sig = sched.eval_sigmas if sched.eval_sigmas is not None else step_sig
+            t_model = None
+        elif cfg.schedule is not None and sigmas is None and timesteps is None:
+            if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+                raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+            lo, hi = self._grid.sigma_min, self._grid.sigma_max
+            step_sig = schedules.get(cfg.schedule, num_inference_steps, lo, hi, **(cfg.schedule_options or {}))
+            model_sig, t_model = step_sig, None
+        else:
+            step_sig, t_model = self._reference_schedule(num_inference_steps, sigmas, timesteps, mu)
+            model_sig = step_sig
+        step_sig = schedules.validate(step_sig)
+        model_sig = schedules.check_eval_sigmas(model_sig, step_sig, "the scheduler's evaluation sigmas")
+        if self._grid is not None:
+            self._grid.check_sigmas(model_sig[:-1])
+        if self.prediction == "flow" and isinstance(self.solver, solvers.Heun) and step_sig[0] > 1e6:
+            raise ValueError("Heun's trapezoidal step in sigma is unbounded from the flow schedule's t = 1 (sigma = "
+                             "inf); use euler, dpmpp_2m, dpmpp_3m, unipc or ipndm, or start below t = 1")  # fmt: skip
+        sig, msig = step_sig.tolist(), model_sig.tolist()
+        if t_model is None:
+            t_model = self._timesteps_of(model_sig[:-1]).tolist()
+        evals = _evaluation_sigmas(self.solver, sig, msig)
+        self._schedule = _Schedule(sig, msig, t_model, evals)
+        self.num_inference_steps = len(sig) - 1
+        self.timesteps = torch.tensor([t_model[m] for _, m in evals], dtype=torch.float32, device=device)
+        self.sigmas = step_sig.float()
+        self._step_index = self._begin_index = None
+        self._state: dict = {}
+        self._start = 0
+        self._x_start: torch.Tensor | None = None
+        self._recorded: list[Denoised] = []
+
+    def _timesteps_of(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The network timestep of VE sigmas: log-sigma interpolation on the training grid (VP), ``t * T``
+        with ``t = sigma / (1 + sigma)`` (flow)."""
+        if self.prediction == "flow":
+            return sigma / (1 + sigma) * self.config.num_train_timesteps
+        return self._grid.sigma_to_t(sigma)
+
+    def _scale(self, sigma: float) -> float:
+        """``x / x_model``: from the model's own space to the VE state at ``sigma``."""
+        return 1 + sigma if self.prediction == "flow" else math.sqrt(1 + sigma**2)
+
+    def _init_step_index(self, timestep) -> None:
+        if self._begin_index is not None:
+            self._step_index = self._begin_index
+            return
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)[:1].cpu()
+        match = (self.timesteps.cpu() == t).nonzero()
+        if not len(match):
+            raise ValueError(f"timestep {float(t)} is not in this scheduler's timesteps; call set_timesteps and "
+                             "pass its timesteps in order")  # fmt: skip
+        self._step_index = int(match[0])
+
+    def _require_schedule(self) -> _Schedule:
+        if self._schedule is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before stepping the scheduler")
+        return self._schedule
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """The network's input for the current evaluation: ``sample`` itself, unless a learned schedule
+        evaluates the model at a sigma other than the state's (then rescaled to that sigma)."""
+        sched = self._require_schedule()
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        _, m = sched.evals[self._step_index]
+        r = self._scale(sched.sigmas[m]) / self._scale(sched.model_sigmas[m])
+        return sample if r == 1 else sample * r
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> FastDiffSchedulerOutput | tuple:
+        """Take in the network's output at the current evaluation and return the next state.
+
+        Args:
+            model_output: the (guided) network output, eps, v, x0 or flow velocity as configured, shape of
+                ``sample``.
+            timestep: the current entry of :attr:`timesteps` (used only to find the first evaluation).
+            sample: the current state, in the model's space.
+            generator: unused; the solvers are deterministic.
+
+        The solver step is replayed from the step's start state with the evaluations made so far; a step that
+        needs another evaluation (Heun's corrector) returns the point to evaluate as ``prev_sample``.
+        """
+        sched = self._require_schedule()
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        k = self._step_index
+        if k >= len(sched.evals):
+            raise IndexError(f"the scheduler's {len(sched.evals)} evaluations are done; call set_timesteps again")
+        i, m = sched.evals[k]
+        dt = torch.promote_types(sample.dtype, torch.float32)
+        x = sample.to(dt) * self._scale(sched.sigmas[m])
+        s_model = torch.tensor(sched.model_sigmas[m], dtype=dt, device=sample.device)
+        d = to_denoised(self.prediction, model_output.to(dt), x, s_model)
+        if k == 0 or k == self._begin_index or sched.evals[k - 1][0] != i:  # the step's first evaluation
+            if k == 0 or k == self._begin_index:
+                self._start, self._state = i, self.solver.start()
+            if m != i:
+                raise ValueError(f"evaluation {k} is not the first of its step; begin_index must start a step")
+            self._x_start, self._recorded = x, []
+        self._recorded.append(Denoised(d))
+        recorded = self._recorded
+
+        def replay(xi, s):
+            j = replay.calls
+            replay.calls += 1
+            if j < len(recorded):
+                return recorded[j]
+            raise _NeedEvaluation(xi)
+
+        replay.calls = 0
+        first, trial = self._start, dict(self._state)
+        try:
+            x_next, _ = self.solver.step(
+                i - first, self._x_start, sched.model_sigmas[first:], replay, trial,
+                self.solver.stages(sched.sigmas[first:], i - first),
+            )  # fmt: skip
+            prev = x_next / self._scale(sched.sigmas[i + 1])
+            self._state = trial
+        except _NeedEvaluation as need:
+            prev = need.x / self._scale(sched.sigmas[sched.evals[k + 1][1]])
+        self._step_index = k + 1
+        prev = prev.to(sample.dtype)
+        return FastDiffSchedulerOutput(prev, d.to(sample.dtype)) if return_dict else (prev,)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``original_samples`` noised to ``timesteps`` (one per sample, or one for all), in the model's space:
+        ``sqrt(ab) x0 + sqrt(1 - ab) noise`` (VP) or ``(1 - t) x0 + t noise`` (flow)."""
+        x0 = original_samples
+        t = torch.as_tensor(timesteps, device=x0.device).to(torch.float64).reshape(-1)
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        if self.prediction == "flow":
+            tf = (t / self.config.num_train_timesteps).to(x0.dtype).reshape(shape)
+            return (1 - tf) * x0 + tf * noise
+        s = self._grid.t_to_sigma(t.cpu()).to(x0.device, x0.dtype).reshape(shape)
+        return (x0 + s * noise) / torch.sqrt(1 + s**2)
+
+    def scale_noise(self, sample: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Flow matching's name and argument order for :meth:`add_noise`."""
+        return self.add_noise(sample, noise, timestep)
+
+
+# ------------------------------------------------------------------------------------------ pipeline path
+
+
+class _PipelineNetwork(torch.nn.Module):
+    """A pipeline's UNet or transformer as ``net(x_model, t, **cond) -> output``, the form fastdiff's denoiser
+    adapters call. SDXL's ``text_embeds``/``time_ids``/``image_embeds`` arrive as flat keyword arguments (so that
+    fastdiff can batch them) and go into ``added_cond_kwargs``; a learned-variance output (DiT: twice the input
+    channels) keeps its first half; the input is cast to the network's dtype."""
+
+    ADDED_COND = ("text_embeds", "time_ids", "image_embeds")
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+        self.input_name = "sample" if "sample" in inspect.signature(net.forward).parameters else "hidden_states"
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        added = {k: cond.pop(k) for k in self.ADDED_COND if k in cond}
+        if added:
+            cond["added_cond_kwargs"] = added
+        out = network_output(self.net(**{self.input_name: x.to(self.net.dtype)}, timestep=t, return_dict=False, **cond))
+        return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+
+
+@dataclass
+class FastDiffPipelineOutput(BaseOutput):
+    """``images``: decoded images in the pipeline's ``output_type`` (PIL list, numpy array or tensor), or the
+    final latents ``[B, C, h, w]`` with ``output_type="latent"`` or without a VAE. ``nfe``: ``(conditional,
+    unconditional)`` network evaluations spent (a batched cond+uncond call counts in both)."""
+
+    images: Any
+    nfe: tuple[int, int]
+
+
+class PipelineSampler:
+    """A diffusers pipeline's network run by fastdiff's loop (:class:`fastdiff.Sampler`), built once and called
+    many times (a captured CUDA graph is kept between calls).
+
+    Args:
+        pipe: a diffusers pipeline with a ``unet`` or ``transformer``, a ``scheduler`` (its config gives the
+            training noise schedule, the prediction type and the default noise levels, as for
+            :class:`FastDiffScheduler`) and optionally a ``vae``.
+        solver, steps: the fastdiff solver and its number of steps.
+        guidance: a guidance scale (ordinary CFG at every step; 1 or None for none) or a :class:`fastdiff.Guidance`,
+            e.g. ``Guidance(7.5, interval=(0.28, 5.4))``: outside the interval the unconditional pass is not run.
+        schedule, schedule_options, learned_schedule, sigmas: the noise levels, as for :class:`FastDiffScheduler`
+            (``sigmas``: custom ones in the scheduler's convention).
+        cuda_graph, compile: see :class:`fastdiff.Sampler`.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        *,
+        solver: str = "dpmpp_2m",
+        steps: int | None = 20,
+        guidance: float | Guidance | None = None,
+        schedule: str | None = None,
+        schedule_options: dict | None = None,
+        learned_schedule: str | None = None,
+        sigmas: Sequence[float] | None = None,
+        cuda_graph: bool = False,
+        compile: bool | dict = False,
+    ):
+        net = getattr(pipe, "unet", None)
+        net = getattr(pipe, "transformer", None) if net is None else net
+        if net is None:
+            raise TypeError(f"{type(pipe).__name__} has neither a unet nor a transformer to sample")
+        sched = FastDiffScheduler.from_config(
+            pipe.scheduler.config, solver=solver, schedule=schedule, schedule_options=schedule_options,
+            learned_schedule=learned_schedule,
+        )  # fmt: skip
+        sched.set_timesteps(None if learned_schedule is not None or sigmas is not None else steps, sigmas=sigmas)
+        self.pipe, self.network = pipe, net
+        self.scheduler = sched
+        if sched.prediction == "flow":
+            model = FlowDenoiser(_PipelineNetwork(net), time_scale=sched.config.num_train_timesteps)
+        else:
+            model = VPDenoiser(_PipelineNetwork(net), sched.alphas_cumprod, prediction=sched.prediction)
+        if guidance is not None and not isinstance(guidance, Guidance):
+            guidance = Guidance(float(guidance))
+        self.guidance = guidance
+        self.sigmas = torch.tensor(sched._schedule.sigmas, dtype=torch.float64)
+        self.sampler = Sampler(
+            model, solver=sched.solver, sigmas=self.sigmas, guidance=guidance, cuda_graph=cuda_graph,
+            compile=compile, eval_sigmas=torch.tensor(sched._schedule.model_sigmas, dtype=torch.float64),
+        )  # fmt: skip
+
+    @property
+    def guided(self) -> bool:
+        return any(self.sampler.plan.guided)
+
+    def latent_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+        """``[batch, C, h, w]`` of the initial latents for an image of ``height x width`` pixels (default: the
+        network's ``sample_size`` in latents)."""
+        cfg = self.network.config
+        scale = getattr(self.pipe, "vae_scale_factor", 1) if getattr(self.pipe, "vae", None) is not None else 1
+        size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
+        h = size[0] if height is None else height // scale
+        w = size[1] if width is None else width // scale
+        return (batch, cfg.in_channels, h, w)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        *,
+        cond: Mapping[str, Any] | None = None,
+        uncond: Mapping[str, Any] | None = None,
+        latents: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: str = "pil",
+    ) -> FastDiffPipelineOutput:
+        """Sample, and decode if the pipeline has a VAE.
+
+        Args:
+            prompt_embeds, negative_prompt_embeds: ``[B, L, D]`` text embeddings (the network's
+                ``encoder_hidden_states``), as the pipeline's own arguments of those names; the negative ones are
+                needed when guidance is on.
+            cond, uncond: further network keyword arguments of each pass, e.g. ``{"class_labels": y}`` for a
+                DiT or UNet2DModel, ``{"text_embeds": ..., "time_ids": ...}`` for SDXL (batch-first tensors).
+            latents: initial latents in the pipeline's convention (unit-variance noise); by default drawn as the
+                pipeline draws them, with ``generator``.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+        """
+        device = self.network.device
+        cond, uncond = dict(cond or {}), dict(uncond or {})
+        if prompt_embeds is not None:
+            cond["encoder_hidden_states"] = prompt_embeds
+        if negative_prompt_embeds is not None:
+            uncond["encoder_hidden_states"] = negative_prompt_embeds
+        if self.guided and "encoder_hidden_states" in cond and "encoder_hidden_states" not in uncond:
+            raise ValueError("guidance needs negative_prompt_embeds (the unconditional pass's text embeddings)")
+        n = num_images_per_prompt
+        cond = {k: v.repeat_interleave(n, 0) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+        uncond = {k: v.repeat_interleave(n, 0) if isinstance(v, torch.Tensor) else v for k, v in uncond.items()}
+        batch = next((v.shape[0] for v in cond.values() if isinstance(v, torch.Tensor)), n)
+        if latents is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            latents = randn_tensor(self.latent_shape(batch, height, width), generator=generator, device=device)
+        elif latents.shape[0] != batch:
+            raise ValueError(f"latents have batch {latents.shape[0]}, the conditioning {batch}")
+        x = latents.to(device, torch.float32) * self.scheduler._scale(float(self.sigmas[0]))
+        z = self.sampler.sample(x, cond, uncond or None)
+        return FastDiffPipelineOutput(self.decode(z, output_type), self.sampler.nfe)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Final latents to images as the pipeline decodes them (or the latents themselves)."""
+        vae = getattr(self.pipe, "vae", None)
+        if output_type == "latent" or vae is None:
+            return latents
+        z = latents / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None) is not None:
+            z = z + vae.config.shift_factor
+        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        processor = getattr(self.pipe, "image_processor", None)
+        if processor is None:
+            return (image / 2 + 0.5).clamp(0, 1)
+        return processor.postprocess(image, output_type=output_type)
+
+
+def sample_pipeline(
+    pipe,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    *,
+    guidance: float | Guidance | None = None,
+    solver: str = "dpmpp_2m",
+    steps: int = 20,
+    **kwargs,
+) -> FastDiffPipelineOutput:
+    """One call of :class:`PipelineSampler`: build it for ``pipe`` (``solver``, ``steps``, ``guidance`` and its
+    schedule options from ``kwargs``), then sample (the call's arguments from ``kwargs``)."""
+    build = set(inspect.signature(PipelineSampler.__init__).parameters) - {"self", "pipe"}
+    runner = PipelineSampler(
+        pipe, solver=solver, steps=steps, guidance=guidance, **{k: v for k, v in kwargs.items() if k in build}
+    )
+    call = {k: v for k, v in kwargs.items() if k not in build}
+    return runner(prompt_embeds, negative_prompt_embeds, **call)

@@ -1,0 +1,433 @@
+"""fastdiff inside diffusers: FastDiffScheduler against diffusers' own schedulers, the pipeline path against the
+scheduler loop, and the scheduler's public interface. Models are built from config (no downloads).
+
+Tolerances. diffusers steps in float32. On the Gaussian mixture (samples of unit scale) float32 rounding over
+10-20 steps moves samples by about 1e-6, so 5e-5 (max abs) leaves room for that and nothing else: a wrong
+coefficient shows up at 1e-3 or more (tests/test_parity_diffusers.py checks that the tolerance separates
+solvers). Random-weight UNets give latents of scale 5-40, compared relative to their largest entry (1e-5).
+"""
+
+import json
+
+import pytest
+import torch
+from _vp_mixture import MixtureNet
+
+import fastdiff
+from fastdiff import denoisers, schedules
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")  # diffusers' Stable Diffusion pipelines import it
+
+from fastdiff.integrations.diffusers import (  # noqa: E402
+    FastDiffScheduler,
+    PipelineSampler,
+    sample_pipeline,
+)
+
+TOL = 5e-5
+REL = 1e-5
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
+
+CASES = [
+    # (diffusers scheduler, its options, fastdiff solver, fastdiff solver options)
+    ("EulerDiscreteScheduler", {}, "euler", {}),
+    ("HeunDiscreteScheduler", {}, "heun", {}),
+    ("DDIMScheduler", dict(set_alpha_to_one=True, clip_sample=False), "ddim", {}),
+    ("DPMSolverMultistepScheduler", dict(solver_order=2), "dpmpp_2m", {}),
+    ("UniPCMultistepScheduler", dict(solver_order=2), "unipc", {}),
+    ("UniPCMultistepScheduler", dict(solver_order=3), "unipc", {"order": 3}),
+]
+
+
+def _mixture_loop(scheduler, net, steps, x, labels, w=2.0):
+    """A diffusers pipeline's denoising loop (as in StableDiffusionPipeline.__call__) with classifier-free
+    guidance on a class-conditional network: batch [uncond, cond], guided output, ``scheduler.step``."""
+    scheduler.set_timesteps(steps)
+    x = x * scheduler.init_noise_sigma
+    y = torch.cat([torch.full_like(labels, -1), labels])
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(torch.cat([x, x]), t)
+        out_u, out_c = net(inp, t, class_labels=y).chunk(2)
+        x = scheduler.step(out_u + w * (out_c - out_u), t, x).prev_sample
+    return x
+
+
+def _noise_and_labels(n=32):
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(n, 2, 1, 1, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+@pytest.mark.parametrize("steps", [6, 10])
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("cls,opts,solver,solver_opts", CASES, ids=lambda v: v if isinstance(v, str) else None)
+def test_scheduler_matches_diffusers(gmm, prediction, cls, opts, solver, solver_opts, steps):
+    reference = getattr(diffusers, cls)(**SD, prediction_type=prediction, **opts)
+    net = MixtureNet(gmm, reference.alphas_cumprod.double(), PREDICTIONS[prediction])
+    x, labels = _noise_and_labels()
+    expected = _mixture_loop(reference, net, steps, x, labels)
+    ours = FastDiffScheduler.from_config(reference.config, solver=solver, solver_options=solver_opts)
+    got = _mixture_loop(ours, net, steps, x, labels)
+    assert len(ours.timesteps) == len(reference.timesteps)
+    assert (got - expected).abs().max() < TOL
+
+
+@pytest.mark.parametrize("steps", [16, 20])
+def test_dpmpp_3m_matches_diffusers_from_15_steps(gmm, steps):
+    """DPM-Solver++(3M) agrees from 15 steps on; below that diffusers' ``lower_order_final`` lowers the order of
+    the last steps, which fastdiff's dpmpp_3m does not (a documented difference, measured here)."""
+    reference = diffusers.DPMSolverMultistepScheduler(**SD, solver_order=3)
+    net = MixtureNet(gmm, reference.alphas_cumprod.double(), "eps")
+    x, labels = _noise_and_labels()
+    ours = FastDiffScheduler.from_config(reference.config, solver="dpmpp_3m")
+    assert (
+        _mixture_loop(ours, net, steps, x, labels) - _mixture_loop(reference, net, steps, x, labels)
+    ).abs().max() < TOL
+    short = (_mixture_loop(ours, net, 8, x, labels) - _mixture_loop(reference, net, 8, x, labels)).abs().max()
+    assert short > 100 * TOL
+
+
+def test_default_noise_levels_follow_the_source_scheduler():
+    """From DPM-Solver's config the scheduler steps through DPM-Solver's timesteps, which differ from Euler's."""
+    dpm = diffusers.DPMSolverMultistepScheduler(**SD)
+    euler = diffusers.EulerDiscreteScheduler(**SD)
+    for source in (dpm, euler):
+        ours = FastDiffScheduler.from_config(source.config, solver="euler")
+        ours.set_timesteps(10)
+        source.set_timesteps(10)
+        assert torch.equal(ours.timesteps, source.timesteps.float())
+    assert not torch.equal(dpm.timesteps.float(), euler.timesteps.float())
+
+
+# ------------------------------------------------------------------------------------------ real pipelines
+
+
+@pytest.fixture(scope="module")
+def sd_parts():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4,
+    )  # fmt: skip
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(16,), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    embeds = torch.randn(2, 7, 32, generator=g), torch.randn(2, 7, 32, generator=g)
+    return unet, vae, embeds
+
+
+def _sd_pipe(sd_parts, scheduler):
+    unet, vae, _ = sd_parts
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run_pipe(pipe, embeds, steps=8, output_type="latent", w=5.0):
+    pe, ne = embeds
+    return pipe(
+        prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=steps, height=16, width=16,
+        output_type=output_type, guidance_scale=w, generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+
+
+def _close(got, expected):
+    return (got - expected).abs().max() <= REL * expected.abs().max()
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("cls,solver", [("EulerDiscreteScheduler", "euler"), ("HeunDiscreteScheduler", "heun"),
+                                        ("DPMSolverMultistepScheduler", "dpmpp_2m")])  # fmt: skip
+def test_stable_diffusion_pipeline_with_fastdiff_scheduler(sd_parts, prediction, cls, solver):
+    """A real StableDiffusionPipeline (UNet and VAE from config, text embeddings given) gives the same latents
+    with FastDiffScheduler as with the diffusers scheduler it replaces, and sample_pipeline (fastdiff's loop,
+    guidance at every step) gives them too."""
+    reference = getattr(diffusers, cls)(**SD, prediction_type=prediction)
+    pipe = _sd_pipe(sd_parts, reference)
+    expected = _run_pipe(pipe, sd_parts[2])
+    pipe.scheduler = FastDiffScheduler.from_config(reference.config, solver=solver)
+    assert _close(_run_pipe(pipe, sd_parts[2]), expected)
+    out = sample_pipeline(
+        pipe, *sd_parts[2], guidance=5.0, solver=solver, steps=8, generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    )  # fmt: skip
+    assert _close(out.images, expected)
+
+
+def _count_rows(module):
+    """A forward pre-hook recording the batch rows each call of ``module`` sees, and its handle."""
+    rows = []
+
+    def hook(m, args, kwargs):
+        rows.append(len(kwargs["sample"] if "sample" in kwargs else args[0]))
+
+    return rows, module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "heun"])
+def test_sample_pipeline_interval_guidance_spends_the_documented_nfe(sd_parts, solver):
+    """Guidance in (lo, hi] runs the unconditional half of the batch only on steps whose start sigma lies in the
+    interval; elsewhere the UNet sees the conditional batch alone. Counted at the UNet."""
+    pipe = _sd_pipe(sd_parts, diffusers.EulerDiscreteScheduler(**SD))
+    lo, hi = 0.5, 3.0
+    runner = PipelineSampler(pipe, solver=solver, steps=8, guidance=fastdiff.Guidance(5.0, interval=(lo, hi)))
+    sigmas = runner.sigmas.tolist()
+    evals = [1 if (solver != "heun" or s1 == 0) else 2 for s1 in sigmas[1:]]
+    guided = [lo < s <= hi for s in sigmas[:-1]]
+    assert 0 < sum(guided) < len(guided)
+    nfe = (sum(evals), sum(e for e, g in zip(evals, guided) if g))
+    unet = sd_parts[0]
+    rows, handle = _count_rows(unet)
+    try:
+        out = runner(*sd_parts[2], generator=torch.Generator().manual_seed(0), output_type="latent")
+    finally:
+        handle.remove()
+    batch = sd_parts[2][0].shape[0]
+    assert out.nfe == nfe
+    assert sum(rows) == batch * (nfe[0] + nfe[1])
+    assert len(rows) == nfe[0]  # the guided steps batch cond and uncond into one call
+
+
+def test_sample_pipeline_decodes_like_the_pipeline(sd_parts):
+    reference = diffusers.DPMSolverMultistepScheduler(**SD)
+    pipe = _sd_pipe(sd_parts, FastDiffScheduler.from_config(reference.config, solver="dpmpp_2m"))
+    expected = _run_pipe(pipe, sd_parts[2], output_type="pt")
+    out = sample_pipeline(pipe, *sd_parts[2], guidance=5.0, steps=8, generator=torch.Generator().manual_seed(0),
+                          output_type="pt")  # fmt: skip
+    assert out.images.shape == expected.shape == (2, 3, 16, 16)
+    assert (out.images - expected).abs().max() < 1e-4
+    pil = sample_pipeline(pipe, *sd_parts[2], guidance=5.0, steps=4, output_type="pil").images
+    assert len(pil) == 2 and pil[0].size == (16, 16)
+
+
+def test_sample_pipeline_needs_negative_embeddings_to_guide(sd_parts):
+    pipe = _sd_pipe(sd_parts, diffusers.EulerDiscreteScheduler(**SD))
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        sample_pipeline(pipe, sd_parts[2][0], guidance=5.0, steps=4)
+    with pytest.raises(TypeError, match="neither a unet nor a transformer"):
+        sample_pipeline(object(), sd_parts[2][0])
+
+
+def test_class_conditional_unet2d_through_sample_pipeline(gmm):
+    """A class-conditional UNet2DModel (no text, no VAE): sample_pipeline with class labels equals fastdiff.sample
+    on the same network behind VPDenoiser."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=5,
+    )  # fmt: skip
+    scheduler = diffusers.DDPMScheduler()
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
+    y, y_null = torch.tensor([1, 3]), torch.tensor([4, 4])
+    latents = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    guidance = fastdiff.Guidance(3.0, interval=(0.3, 5.0))
+    out = sample_pipeline(pipe, cond={"class_labels": y}, uncond={"class_labels": y_null}, latents=latents,
+                          guidance=guidance, solver="unipc", steps=6)  # fmt: skip
+    den = denoisers.VPDenoiser(lambda x, t, **c: unet(x, t, **c).sample, scheduler.alphas_cumprod)
+    ours = FastDiffScheduler.from_config(scheduler.config)
+    ours.set_timesteps(6)
+    with torch.no_grad():
+        expected = fastdiff.sample(den, latents * (1 + ours.sigmas[0].double() ** 2).sqrt().float(), ours.sigmas,
+                                   solver="unipc", guidance=guidance, cond={"class_labels": y},
+                                   uncond={"class_labels": y_null})  # fmt: skip
+    assert _close(out.images, expected)
+
+
+# ------------------------------------------------------------------------------------------ flow matching
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    torch.manual_seed(0)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+    )  # fmt: skip
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(16,), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), shift_factor=0.06,
+    )  # fmt: skip
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    embeds = [torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)]
+    pooled = [torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)]
+    return pipe, embeds, pooled
+
+
+def _run_sd3(pipe, embeds, pooled):
+    return pipe(
+        prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], pooled_prompt_embeds=pooled[0],
+        negative_pooled_prompt_embeds=pooled[1], num_inference_steps=6, height=8, width=8, output_type="latent",
+        guidance_scale=4.0, generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+
+
+def test_flow_matching_pipeline(sd3_pipe):
+    """SD3-style pipeline: FastDiffScheduler(euler) equals FlowMatchEulerDiscreteScheduler (same shifted
+    schedule), sample_pipeline equals the scheduler loop for a multistep solver, and Heun is refused from t = 1."""
+    pipe, embeds, pooled = sd3_pipe
+    original = pipe.scheduler
+    expected = _run_sd3(pipe, embeds, pooled)
+    try:
+        pipe.scheduler = FastDiffScheduler.from_config(original.config, solver="euler")
+        assert pipe.scheduler.prediction == "flow"
+        assert _close(_run_sd3(pipe, embeds, pooled), expected)
+        pipe.scheduler = FastDiffScheduler.from_config(original.config, solver="dpmpp_2m")
+        loop = _run_sd3(pipe, embeds, pooled)
+        out = sample_pipeline(
+            pipe, embeds[0], embeds[1], cond={"pooled_projections": pooled[0]},
+            uncond={"pooled_projections": pooled[1]}, guidance=4.0, solver="dpmpp_2m", steps=6,
+            generator=torch.Generator().manual_seed(0), output_type="latent",
+        )  # fmt: skip
+        assert _close(out.images, loop)
+        with pytest.raises(ValueError, match="Heun"):
+            FastDiffScheduler.from_config(original.config, solver="heun").set_timesteps(6)
+    finally:
+        pipe.scheduler = original
+
+
+# --------------------------------------------------------------------------------- the scheduler's interface
+
+
+def test_config_round_trip(tmp_path, gmm):
+    reference = diffusers.DPMSolverMultistepScheduler(**SD)
+    ours = FastDiffScheduler.from_config(reference.config, solver="unipc", solver_options={"order": 3})
+    ours.save_config(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "FastDiffScheduler" and saved["solver"] == "unipc"
+    loaded = FastDiffScheduler.from_pretrained(tmp_path)
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(ours.config)
+    net = MixtureNet(gmm, reference.alphas_cumprod.double(), "eps")
+    x, labels = _noise_and_labels()
+    assert torch.equal(_mixture_loop(loaded, net, 8, x, labels), _mixture_loop(ours, net, 8, x, labels))
+    # diffusers' own schedulers load the saved config (compatibility both ways)
+    back = diffusers.DPMSolverMultistepScheduler.from_config(loaded.config)
+    assert back.config.beta_schedule == "scaled_linear"
+    assert "DPMSolverMultistepScheduler" in ours.compatibles or "DPMSolverMultistepScheduler" in [
+        c.__name__ for c in ours.compatibles
+    ]
+
+
+def test_public_interface(gmm):
+    sched = FastDiffScheduler(**SD, solver="heun")
+    assert sched.init_noise_sigma == 1.0 and sched.order == 2 and len(sched) == 1000
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sched.step(torch.zeros(2), 1, torch.zeros(2))
+    sched.set_timesteps(5)
+    assert len(sched.timesteps) == 9  # two evaluations a step, one on the step to 0
+    x = torch.randn(4, 2, 1, 1)
+    assert sched.scale_model_input(x, sched.timesteps[0]) is x
+    net = MixtureNet(gmm, sched.alphas_cumprod, "eps")
+    t = sched.timesteps[0]
+    as_dict = sched.step(net(x, t), t, x)
+    sched.set_timesteps(5)
+    as_tuple = sched.step(net(x, t), t, x, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_dict.prev_sample)
+    assert as_dict.prev_sample.shape == x.shape and as_dict.pred_original_sample.shape == x.shape
+    with pytest.raises(ValueError, match="unknown solver"):
+        FastDiffScheduler(solver="lms")
+    with pytest.raises(ValueError, match="prediction_type"):
+        FastDiffScheduler(prediction_type="noise")
+    with pytest.raises(ValueError, match="schedule must be"):
+        FastDiffScheduler(schedule="cosine")
+
+
+def test_add_noise_matches_the_training_forward_process():
+    sched = FastDiffScheduler(**SD)
+    x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0, 500, 999])
+    ab = sched.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+    assert torch.allclose(sched.add_noise(x0, noise, t), ab.sqrt() * x0 + (1 - ab).sqrt() * noise, atol=1e-6)
+    flow = FastDiffScheduler(shift=3.0)
+    tf = torch.tensor([250.0, 500.0, 1000.0])
+    expected = (1 - tf / 1000).reshape(-1, 1, 1, 1) * x0 + (tf / 1000).reshape(-1, 1, 1, 1) * noise
+    assert torch.allclose(flow.scale_noise(x0, tf, noise), expected, atol=1e-6)
+
+
+def test_named_and_learned_schedules(gmm, tmp_path):
+    """A named fastdiff schedule spans the model's training range; a learned schedule file is used as saved,
+    evaluation sigmas included. Both equal fastdiff.sample on the same network behind VPDenoiser."""
+    sched = FastDiffScheduler(**SD, solver="dpmpp_2m", schedule="karras")
+    net = MixtureNet(gmm, sched.alphas_cumprod, "eps")
+    den = denoisers.VPDenoiser(net, sched.alphas_cumprod)
+    x = torch.randn(16, 2, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def loop(s):
+        s.set_timesteps(s.num_inference_steps or 7)
+        z = x * s.init_noise_sigma
+        for t in s.timesteps:
+            z = s.step(net(s.scale_model_input(z, t), t), t, z).prev_sample
+        return z
+
+    # The network sees diffusers' float32 timesteps, fastdiff.sample's VPDenoiser float64 ones: 1e-6 covers that.
+    sig = schedules.karras(7, den.sigma_min, den.sigma_max)
+    expected = fastdiff.sample(den, x * (1 + sig[0] ** 2).sqrt(), sig, solver="dpmpp_2m")
+    assert (loop(sched) - expected).abs().max() < 1e-6
+
+    learned = torch.tensor([10.0, 3.0, 1.2, 0.4, 0.0], dtype=torch.float64)
+    evals = torch.tensor([9.0, 3.3, 1.0, 0.5, 0.0], dtype=torch.float64)
+    path = tmp_path / "learned.json"
+    schedules.save(path, learned, eval_sigmas=evals, solver="dpmpp_2m", nfe=4)
+    sched = FastDiffScheduler(**SD, solver="dpmpp_2m", learned_schedule=str(path))
+    expected = fastdiff.sample(den, x * (1 + learned[0] ** 2).sqrt(), learned, solver="dpmpp_2m", eval_sigmas=evals)
+    sched.set_timesteps()
+    assert (loop(sched) - expected).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="4 steps"):
+        sched.set_timesteps(10)
+
+
+def test_begin_index_starts_mid_schedule(gmm):
+    """Image-to-image: the pipeline noises an image to the k-th timestep with add_noise and sets the begin
+    index; the solver starts there (first order, fresh history), as fastdiff.sample on the tail of the schedule."""
+    sched = FastDiffScheduler(**SD, solver="dpmpp_2m")
+    sched.set_timesteps(10)
+    net = MixtureNet(gmm, sched.alphas_cumprod, "eps")
+    den = denoisers.VPDenoiser(net, sched.alphas_cumprod)
+    x0 = torch.randn(8, 2, 1, 1, dtype=torch.float64)
+    noise = torch.randn(8, 2, 1, 1, dtype=torch.float64)
+    k = 4
+    z = sched.add_noise(x0, noise, sched.timesteps[k : k + 1].repeat(8))
+    sched.set_begin_index(k)
+    for t in sched.timesteps[k:]:
+        z = sched.step(net(z, t), t, z).prev_sample
+    tail = sched.sigmas[k:].double()
+    start = x0 + tail[0] * noise
+    assert (z - fastdiff.sample(den, start, tail, solver="dpmpp_2m")).abs().max() < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "heun"])
+def test_pipeline_sampler_cuda_graph_equals_eager(sd_parts, solver):
+    """The pipeline path captured as one CUDA graph (interval guidance, cond+uncond batched on the guided steps)
+    replays what the eager loop computes, for new latents and new embeddings without a recapture."""
+    import copy
+
+    unet, vae, (pe, ne) = copy.deepcopy(sd_parts)
+    pipe = _sd_pipe((unet.cuda(), vae.cuda(), None), diffusers.DPMSolverMultistepScheduler(**SD))
+    guidance = fastdiff.Guidance(5.0, interval=(0.5, 3.0))
+    eager = PipelineSampler(pipe, solver=solver, steps=8, guidance=guidance)
+    graph = PipelineSampler(pipe, solver=solver, steps=8, guidance=guidance, cuda_graph=True)
+    captured = None
+    for seed in (0, 1):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        latents = torch.randn(2, 4, 16, 16, device="cuda", generator=g)
+        kw = dict(latents=latents, output_type="latent")
+        a = eager(pe.cuda() + seed, ne.cuda(), **kw).images
+        b = graph(pe.cuda() + seed, ne.cuda(), **kw).images
+        assert _close(b, a)
+        captured = captured or graph.sampler._graph
+        assert graph.sampler._graph is captured  # replayed with the new inputs, not recaptured
