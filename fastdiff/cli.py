@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--progress", action="store_true", help="show progress bars")
     d.set_defaults(func=cmd_ld3)
 
-    t = sub.add_parser("train", help="training jobs (EDM diffusion models, the digits classifier)")
+    t = sub.add_parser("train", help="training jobs (EDM and Cas-DM diffusion models, the digits classifier)")
     tsub = t.add_subparsers(dest="train", required=True, metavar="JOB")
     e = tsub.add_parser(
         "edm",
@@ -155,22 +155,36 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    e.add_argument("--data", default="digits", help="digits, an image folder, or a .npy/.npz array file")
-    e.add_argument("--resolution", type=int, default=None, help="image size (digits: 16; folders: resize to it)")
-    e.add_argument("--size", default="small", choices=["tiny", "small"], help="UNet preset")
-    e.add_argument("--steps", type=int, default=2000, help="optimizer steps")
-    e.add_argument("--batch-size", type=int, default=128, help="batch size per process")
-    e.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
-    e.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    e.add_argument("--ema", type=float, default=0.998, help="EMA decay per step")
-    e.add_argument("--label-dropout", type=float, default=0.1, help="probability of training a sample unconditionally")
-    e.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and the noise")
-    e.add_argument("--amp", action="store_true", help="bf16 autocast")
-    e.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-    e.add_argument("--out-dir", default="runs/edm", help="checkpoints and log.csv (a rerun resumes from here)")
-    e.add_argument("--export", default=None, help="EMA weights file (default: OUT_DIR/model.safetensors)")
-    e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    _add_training_args(e, "runs/edm")
     e.set_defaults(func=cmd_train_edm)
+    k = tsub.add_parser(
+        "cascade",
+        help="train a Cas-DM model (cascaded eps + x0 networks with a metric loss) or a baseline",
+        description=(
+            "Train Cas-DM (An et al. 2024): an eps-prediction DDPM network theta, a cascaded x0 network phi that sees "
+            "theta's clean-image estimate through a stop-gradient, a learned per-pixel blend r, and a metric loss "
+            "(LPIPS where it imports, else pseudo-Huber) on phi only; or the baselines (--variant dual: one network "
+            "with eps, x0 and r heads; ddpm: eps only). Discrete VP training on the shared runtime (bf16, EMA, "
+            "checkpoints, exact resume, DDP under torchrun). The model file samples with every fastdiff solver: "
+            "fastdiff sample --model OUT_DIR/model.safetensors."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    k.add_argument("--variant", default="cascade", choices=["cascade", "dual", "ddpm"], help="model variant")
+    k.add_argument("--metric", default="auto", choices=["auto", "lpips", "pseudo_huber", "l2", "none"],
+                   help="metric on phi's x0 (auto: LPIPS where it imports, else pseudo-Huber)")  # fmt: skip
+    k.add_argument("--lam", type=float, default=1.0, help="the metric's weight")
+    k.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="DDPM beta schedule")
+    k.add_argument("--timesteps", type=int, default=1000, help="DDPM training timesteps T")
+    k.add_argument("--phi-inputs", default="xt_x0", choices=["xt_x0", "x0"], help="what phi sees besides t")
+    k.add_argument("--r-map", default="pixel", choices=["pixel", "channel"], help="r per pixel or per element")
+    k.add_argument("--r-loss", default="posterior", choices=["posterior", "uniform", "none"],
+                   help="r's loss weight: DDPM's posterior c_t^2, 1, or r untrained")  # fmt: skip
+    k.add_argument("--clip-phi-input", type=float, default=1.0, help="clamp phi's x0 input to [-c, c] (0: no clamp)")
+    k.add_argument("--staged", type=int, default=None, metavar="N",
+                   help="train theta alone for N steps, then phi with theta frozen (default: joint)")  # fmt: skip
+    _add_training_args(k, "runs/cascade")
+    k.set_defaults(func=cmd_train_cascade)
     c = tsub.add_parser(
         "classifier",
         help="train the digits classifier behind the quality metrics",
@@ -276,15 +290,58 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train_edm(args: argparse.Namespace) -> int:
-    from fastdiff.train import TrainConfig, recipes
+def _add_training_args(p: argparse.ArgumentParser, out_dir: str) -> None:
+    """The data, network size and runtime options every ``fastdiff train`` diffusion job shares."""
+    p.add_argument("--data", default="digits", help="digits, an image folder, or a .npy/.npz array file")
+    p.add_argument("--resolution", type=int, default=None, help="image size (digits: 16; folders: resize to it)")
+    p.add_argument("--size", default="small", choices=["tiny", "small"], help="UNet preset (of every network)")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size per process")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--ema", type=float, default=0.998, help="EMA decay per step")
+    p.add_argument("--label-dropout", type=float, default=0.1, help="probability of training a sample unconditionally")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and the noise")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--out-dir", default=out_dir, help="checkpoints and log.csv (a rerun resumes from here)")
+    p.add_argument("--export", default=None, help="EMA model file (default: OUT_DIR/model.safetensors)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
-    config = TrainConfig(
+
+def _train_config(args: argparse.Namespace):
+    from fastdiff.train import TrainConfig
+
+    return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, ema_decay=args.ema, amp=args.amp,
         checkpoint_every=args.checkpoint_every, out_dir=args.out_dir, warmup_steps=args.warmup, device=args.device,
+        progress=args.progress,
     )  # fmt: skip
+
+
+def cmd_train_edm(args: argparse.Namespace) -> int:
+    from fastdiff.train import recipes
+
     path = recipes.train_edm(
-        args.data, config, size=args.size, resolution=args.resolution, label_dropout=args.label_dropout,
+        args.data, _train_config(args), size=args.size, resolution=args.resolution, label_dropout=args.label_dropout,
+        export=args.export,
+    )  # fmt: skip
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_train_cascade(args: argparse.Namespace) -> int:
+    from fastdiff.train import recipes
+    from fastdiff.train.cascade import CascadeConfig
+
+    cascade = CascadeConfig(
+        variant=args.variant, schedule=args.schedule, timesteps=args.timesteps, phi_inputs=args.phi_inputs,
+        r_map=args.r_map, r_loss=args.r_loss, lam=args.lam, metric=args.metric,
+        clip_phi_input=args.clip_phi_input or None, label_dropout=args.label_dropout,
+    )  # fmt: skip
+    path = recipes.train_cascade(
+        args.data, _train_config(args), cascade, size=args.size, resolution=args.resolution, staged=args.staged,
         export=args.export,
     )  # fmt: skip
     print(f"wrote {path}")

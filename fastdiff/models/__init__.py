@@ -5,7 +5,8 @@
 * ``gmm``: the exact Gaussian mixture (the test oracle of every solver);
 * ``digits``: the built-in class-conditional UNet trained on sklearn's UCI digits at 16x16
   (``fastdiff/models/weights/digits_unet.safetensors``; the command that made it is in its metadata and the README);
-* a path to a ``.safetensors`` file written by :func:`fastdiff.models.unet.save_unet` (e.g. by ``fastdiff train edm``).
+* a path to a ``.safetensors`` file written by :func:`fastdiff.models.unet.save_unet` (e.g. by ``fastdiff train edm``)
+  or by :func:`fastdiff.train.cascade.save_cascade` (``fastdiff train cascade``; its blended denoiser).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def get(name: str | os.PathLike):
         return MODELS[str(name)]()
     path = Path(name)
     if path.suffix == ".safetensors":
+        from fastdiff.checkpoint import load_model_weights
+
+        if load_model_weights(path)[1].get("type") == "cascade":
+            from fastdiff.train.cascade import load_cascade
+
+            return load_cascade(path).denoiser()
         return load_unet(path)
     raise ValueError(f"unknown model {str(name)!r}; choose one of {sorted(MODELS)} or a .safetensors file path")
 

@@ -32,7 +32,8 @@ class UNetConfig:
 
     Attributes:
         resolution: height = width of the images; must be divisible by ``2 ** (len(channel_mult) - 1)``.
-        in_channels: image channels (the output has the same number).
+        in_channels: input channels (the image channels).
+        out_channels: output channels; None for ``in_channels`` (a denoiser's output is an image).
         channels: base width; level ``i`` has ``channels * channel_mult[i]`` channels.
         channel_mult: width multiplier per resolution level; level ``i`` works at ``resolution / 2**i``.
         num_blocks: residual blocks per level in the encoder (the decoder has one more, for the extra skip).
@@ -46,6 +47,7 @@ class UNetConfig:
 
     resolution: int = 16
     in_channels: int = 1
+    out_channels: int | None = None
     channels: int = 16
     channel_mult: tuple[int, ...] = (1, 2, 4)
     num_blocks: int = 2
@@ -66,6 +68,8 @@ class UNetConfig:
             raise ValueError(f"resolution {self.resolution} must be divisible by 2**{levels - 1} for {levels} levels")
         if self.in_channels < 1 or self.channels < 1 or self.num_blocks < 1 or self.head_channels < 1:
             raise ValueError("in_channels, channels, num_blocks and head_channels must be positive")
+        if self.out_channels is not None and self.out_channels < 1:
+            raise ValueError(f"out_channels must be positive or None, got {self.out_channels}")
         if any(not 0 <= a < levels for a in self.attention_levels):
             raise ValueError(f"attention_levels {self.attention_levels} must index levels 0..{levels - 1}")
         if self.num_classes < 0:
@@ -214,7 +218,7 @@ class UNet(nn.Module):
         class_labels: ``[B]`` int64 in ``[-1, num_classes)`` (``-1`` = null class), or None (all ``-1``).
 
     Returns:
-        ``[B, in_channels, resolution, resolution]`` in the parameters' dtype (float32 by default).
+        ``[B, out_channels, resolution, resolution]`` in the parameters' dtype (float32 by default).
 
     Raises ValueError for a wrong shape, a non-finite ``c_noise`` or a label outside ``[-1, num_classes)``;
     the value checks are skipped while a CUDA graph is captured or under ``torch.compile``.
@@ -264,7 +268,7 @@ class UNet(nn.Module):
             if level > 0:
                 self.up.append(Upsample(cur))
         self.norm_out = nn.GroupNorm(_groups(cur), cur)
-        self.conv_out = _zero(nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
+        self.conv_out = _zero(nn.Conv2d(cur, cfg.out_channels or cfg.in_channels, 3, padding=1))
 
     def _check(self, x: torch.Tensor, c_noise, class_labels) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config

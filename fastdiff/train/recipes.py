@@ -3,12 +3,15 @@
 * :func:`train_edm`: an EDM UNet (:mod:`fastdiff.models.unet`) with the EDM loss (:mod:`fastdiff.train.edm`) on
   the shared runtime (:mod:`fastdiff.train.runtime`: DDP, bf16, EMA, checkpoints, exact resume); exports the EMA
   weights. This made the built-in ``digits`` model.
+* :func:`train_cascade`: Cas-DM (:mod:`fastdiff.train.cascade`) and its baselines (the dual-output model, a plain
+  eps-DDPM) on the same runtime; exports the EMA model.
 * :func:`train_digits_classifier`: the classifier behind fastdiff's digits quality metrics
   (:mod:`fastdiff.evaluate`), trained on the train split of the UCI digits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -19,6 +22,7 @@ from fastdiff import data
 from fastdiff.checkpoint import atomic_write
 from fastdiff.models.classifier import evaluate_accuracy, save_classifier, train_classifier
 from fastdiff.models.unet import EDMUNet, UNetConfig, count_parameters, save_unet
+from fastdiff.train.cascade import CascadeConfig, CascadeLoss, build_cascade, save_cascade
 from fastdiff.train.edm import EDMLoss
 from fastdiff.train.runtime import TrainConfig, distributed_context, train
 
@@ -30,6 +34,19 @@ def _command() -> str:
     entry = Path(sys.argv[0]) if sys.argv else Path()
     ours = entry.name == "fastdiff" or entry.parts[-2:] == ("fastdiff", "__main__.py")
     return shlex.join(["fastdiff", *sys.argv[1:]]) if ours else ""
+
+
+def _data_and_unet(dataset_spec: str, size: str, resolution: int | None) -> tuple[torch.utils.data.Dataset, UNetConfig]:
+    """The dataset and ``UNetConfig.<size>()`` resized to its resolution, channels and classes."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    ds = data.get_dataset(dataset_spec, resolution)
+    channels, height, width = ds.shape
+    if height != width:
+        raise ValueError(f"the UNet needs square images, the data is {height}x{width}")
+    base = SIZES[size]().to_dict()
+    cfg = UNetConfig.from_dict({**base, "resolution": height, "in_channels": channels, "num_classes": ds.num_classes})
+    return ds, cfg
 
 
 def train_edm(
@@ -47,14 +64,7 @@ def train_edm(
     ``log.csv`` go to ``config.out_dir`` (a rerun resumes); the EMA weights to ``export`` (default
     ``<out_dir>/model.safetensors``), loadable with ``fastdiff.models.get(path)``. Returns that path.
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
-    ds = data.get_dataset(dataset_spec, resolution)
-    channels, height, width = ds.shape
-    if height != width:
-        raise ValueError(f"the UNet needs square images, the data is {height}x{width}")
-    base = SIZES[size]().to_dict()
-    cfg = UNetConfig.from_dict({**base, "resolution": height, "in_channels": channels, "num_classes": ds.num_classes})
+    ds, cfg = _data_and_unet(dataset_spec, size, resolution)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the initial weights are part of the run's seed
         model = EDMUNet(cfg)
@@ -70,6 +80,58 @@ def train_edm(
         save_unet(out, state.ema_model().cpu(), provenance=_command())
         plot_training_log(Path(config.out_dir) / "log.csv", Path(config.out_dir) / "loss.png")
     return out
+
+
+def train_cascade(
+    dataset_spec: str,
+    config: TrainConfig,
+    cascade: CascadeConfig,
+    *,
+    size: str = "small",
+    resolution: int | None = None,
+    staged: int | None = None,
+    export: str | Path | None = None,
+) -> Path:
+    """Train a Cas-DM model (or a baseline variant) of fastdiff UNets on ``dataset_spec`` and write its EMA model.
+
+    Every network is ``UNetConfig.<size>()`` with the variant's channel counts (:func:`build_cascade`). Training is
+    joint by default; ``staged=N`` first trains theta alone for N steps (``<out_dir>/theta``), then phi and r for
+    the remaining ``config.steps - N`` with theta frozen at its EMA weights (``<out_dir>/phi``). Checkpoints and
+    ``log.csv`` go to ``config.out_dir`` (a rerun resumes); the model to ``export`` (default
+    ``<out_dir>/model.safetensors``), loadable with ``fastdiff.models.get(path)``. Returns that path.
+    """
+    if staged is not None and (cascade.variant != "cascade" or not 0 < staged < config.steps):
+        raise ValueError(f"staged training needs the cascade variant and 0 < staged < steps, got {staged}")
+    ds, unet = _data_and_unet(dataset_spec, size, resolution)
+    if not ds.num_classes:
+        cascade = CascadeConfig.from_dict({**cascade.to_dict(), "label_dropout": 0.0})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_cascade(cascade, unet, ds.shape)
+    ctx = distributed_context(config.device)
+    if ctx.is_main:
+        nets = ", ".join(f"{n} {count_parameters(getattr(model, n)) / 1e6:.2f}M" for n in ("theta", "phi")
+                         if getattr(model, n) is not None)  # fmt: skip
+        loss = CascadeLoss(cascade, ds.shape)
+        print(f"Cas-DM {cascade.variant} ({nets} parameters), metric {loss.metric_name}, lam {cascade.lam}; data "
+              f"{dataset_spec}: {len(ds)} images {tuple(ds.shape)}", file=sys.stderr)  # fmt: skip
+    if staged is None:
+        state = train(model, CascadeLoss(cascade, ds.shape), ds, config)
+    else:
+        out = Path(config.out_dir)
+        first = dataclasses.replace(config, steps=staged, out_dir=str(out / "theta"))
+        state = train(model, CascadeLoss(cascade, ds.shape, terms="theta"), ds, first)
+        model.load_state_dict(state.ema_model().state_dict())
+        model.theta.requires_grad_(False)
+        second = dataclasses.replace(config, steps=config.steps - staged, out_dir=str(out / "phi"))
+        state = train(model, CascadeLoss(cascade, ds.shape, terms="phi"), ds, second)
+    path = Path(export) if export is not None else Path(config.out_dir) / "model.safetensors"
+    if ctx.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ema = state.ema_model().cpu()
+        ema.unet_config = unet
+        save_cascade(path, ema, provenance=_command())
+    return path
 
 
 def plot_training_log(log_csv: Path, out_png: Path) -> None:
