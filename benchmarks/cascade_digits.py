@@ -12,10 +12,11 @@ Each model is sampled class-conditionally (no guidance; sample i has class i mod
 with DDIM and DPM-Solver++(2M) at NFE 10, 20 and 50 on uniformly spaced integer timesteps ("trailing":
 t = round(T - k T / N) - 1, then sigma = 0), and judged with fastdiff's digits classifier (fastdiff.evaluate):
 the Fréchet distance to the real digits and the class accuracy. The training time per step comes from each
-run's log. Models missing under --runs are trained first (the commands are printed). Writes cascade_digits.csv
-and cascade_digits.png to --out and prints a Markdown table.
+run's log. Models missing under --runs are trained first (the commands are printed); several --runs folders are
+several training seeds (seed k for the k-th folder), and the table gives their mean and range. Writes
+cascade_digits.csv and cascade_digits.png to --out and prints a Markdown table.
 
-    python benchmarks/cascade_digits.py --runs runs/cascade --out benchmarks/results/cpu/cascade
+    python benchmarks/cascade_digits.py --runs runs/cascade runs/cascade_seed1 --out benchmarks/results/cpu/cascade
 """
 
 from __future__ import annotations
@@ -65,13 +66,9 @@ def seconds_per_step(log_csv: Path) -> float:
     return float(rows[-1]["time_s"]) / int(rows[-1]["step"])
 
 
-def evaluate_runs(runs: Path, names: list[str], n: int, batch: int) -> list[dict]:
-    judge = evaluate.default_judge()
+def evaluate_runs(runs: Path, seed: int, names: list[str], n: int, batch: int, judge) -> list[dict]:
     indices = torch.arange(n)
-    floor, count = judge.real_floor(n)
-    rows = [{"variant": "real held-out digits", "solver": "", "nfe": 0, "fd": floor, "accuracy": float("nan"),
-             "sample_s": float("nan"), "train_s_per_step": float("nan")}]  # fmt: skip
-    print(f"FD of {count} real held-out digits: {floor:.3f}", flush=True)
+    rows = []
     for name in names:
         den = models.get(runs / name / "model.safetensors")
         cascade = den.net.cascade
@@ -84,73 +81,99 @@ def evaluate_runs(runs: Path, names: list[str], n: int, batch: int) -> list[dict
                 with torch.no_grad():
                     gen = generate.generate(den, indices, sigmas, solver=solvers.get(solver), shape=shape,
                                             num_classes=classes, batch_size=batch)  # fmt: skip
-                row = {"variant": name, "solver": solver, "nfe": gen.nfe, **judge(gen.images, gen.labels),
+                row = {"variant": name, "seed": seed, "solver": solver, "nfe": gen.nfe, **judge(gen.images, gen.labels),
                        "sample_s": time.perf_counter() - t0, "train_s_per_step": train_s}  # fmt: skip
                 rows.append(row)
-                print(f"{name:17s} {solver:8s} NFE {nfe:2d}: FD {row['fd']:.3f}  accuracy {row['accuracy']:.3f}",
-                      flush=True)  # fmt: skip
+                print(f"seed {seed} {name:17s} {solver:8s} NFE {nfe:2d}: FD {row['fd']:.3f}  accuracy "
+                      f"{row['accuracy']:.3f}", flush=True)  # fmt: skip
     return rows
 
 
-def plot(rows: list[dict], out: Path) -> None:
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def plot(rows: list[dict], floor: float, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    floor = next(r["fd"] for r in rows if r["variant"] == "real held-out digits")
     for ax, solver in zip(axes, SOLVERS):
         for name in VARIANTS:
-            pts = [(r["nfe"], r["fd"]) for r in rows if r["variant"] == name and r["solver"] == solver]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
+            cells = [[r["fd"] for r in rows if r["variant"] == name and r["solver"] == solver and r["nfe"] == nfe]
+                     for nfe in NFES]  # fmt: skip
+            if cells[0]:
+                mean = [_mean(c) for c in cells]
+                err = [[m - min(c) for m, c in zip(mean, cells)], [max(c) - m for m, c in zip(mean, cells)]]
+                ax.errorbar(NFES, mean, yerr=err, marker="o", capsize=3, label=name)
         ax.axhline(floor, color="gray", ls="--", lw=1, label="real held-out digits")
         ax.set_xscale("log")
         ax.set_xticks(NFES, [str(v) for v in NFES])
         ax.set_xlabel("NFE")
         ax.set_title(f"{solver}: Fréchet distance to real digits (lower is better)", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("FD (digits classifier features)")
+    axes[0].set_ylabel("FD (digits classifier features); bars: seed range")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
+def table(rows: list[dict], names: list[str]) -> str:
+    """Markdown: per variant and solver, FD and accuracy at each NFE (mean over seeds, with the range when there
+    are several), and the training time per step against the DDPM's."""
+
+    def cell(values: list[float], digits: int) -> str:
+        text = f"{_mean(values):.{digits}f}"
+        return text if len(values) == 1 else f"{text} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    base = _mean([r["train_s_per_step"] for r in rows if r["variant"] == "ddpm"] or [float("nan")])
+    lines = ["| variant | solver | " + " | ".join(f"NFE {n}: FD / accuracy" for n in NFES) + " | train s/step |",
+             "|---|---|" + "---|" * (len(NFES) + 1)]  # fmt: skip
+    for name in names:
+        for solver in SOLVERS:
+            cells = []
+            for nfe in NFES:
+                sel = [r for r in rows if r["variant"] == name and r["solver"] == solver and r["nfe"] == nfe]
+                cells.append(f"{cell([r['fd'] for r in sel], 3)} / {cell([r['accuracy'] for r in sel], 3)}")
+            ts = _mean([r["train_s_per_step"] for r in rows if r["variant"] == name])
+            lines.append(f"| {name} | {solver} | " + " | ".join(cells) + f" | {ts:.2f} ({ts / base:.2f}x) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=Path, default=Path("runs/cascade"), help="one folder per variant")
+    p.add_argument("--runs", type=Path, nargs="+", default=[Path("runs/cascade")],
+                   help="one folder per training seed (seed k for the k-th), each holding the variants")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu/cascade"))
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--n", type=int, default=500, help="samples per cell")
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch")
     p.add_argument("--train-steps", type=int, default=1500, help="budget of a missing run (steps)")
     p.add_argument("--train-batch", type=int, default=64, help="budget of a missing run (batch)")
-    p.add_argument("--seed", type=int, default=0, help="training seed of a missing run")
     args = p.parse_args()
     names = args.variants.split(",")
     for name in names:
         if name not in VARIANTS:
             p.error(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
     torch.set_num_threads(1)
-    train_missing(args.runs, names, args.train_steps, args.train_batch, args.seed)
-    rows = evaluate_runs(args.runs, names, args.n, args.batch_size)
+    judge = evaluate.default_judge()
+    floor, count = judge.real_floor(args.n)
+    print(f"FD of {count} real held-out digits: {floor:.3f}", flush=True)
+    rows = []
+    for seed, runs in enumerate(args.runs):
+        train_missing(runs, names, args.train_steps, args.train_batch, seed)
+        rows += evaluate_runs(runs, seed, names, args.n, args.batch_size, judge)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "cascade_digits.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[1]))
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, args.out / "cascade_digits.png")
-    base = next((r["train_s_per_step"] for r in rows if r["variant"] == "ddpm"), float("nan"))
-    print("\n| variant | solver | NFE 10: FD / acc | NFE 20 | NFE 50 | train s/step (vs ddpm) |")
-    print("|---|---|---|---|---|---|")
-    for name in names:
-        for solver in SOLVERS:
-            cells = [r for r in rows if r["variant"] == name and r["solver"] == solver]
-            fmt = " | ".join(f"{r['fd']:.3f} / {r['accuracy']:.3f}" for r in cells)
-            ts = cells[0]["train_s_per_step"]
-            print(f"| {name} | {solver} | {fmt} | {ts:.2f} ({ts / base:.2f}x) |")
+    plot(rows, floor, args.out / "cascade_digits.png")
+    print(f"\nreal held-out digits ({count}): FD {floor:.3f}\n")
+    print(table(rows, names))
 
 
 if __name__ == "__main__":
