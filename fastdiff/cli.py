@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="karras",
         help="karras, logsnr_uniform, time_uniform, or a .json schedule file written by fastdiff.schedules.save",
     )
-    s.add_argument("--sigma-min", type=float, default=0.002, help="smallest nonzero sigma")
-    s.add_argument("--sigma-max", type=float, default=80.0, help="largest sigma")
+    s.add_argument("--sigma-min", type=float, default=None,
+                   help="smallest nonzero sigma (default 0.002, or the model's smallest if larger)")  # fmt: skip
+    s.add_argument("--sigma-max", type=float, default=None,
+                   help="largest sigma (default 80, or the model's largest if smaller)")  # fmt: skip
     s.add_argument("--rho", type=float, default=7.0, help="rho of the karras schedule")
     s.add_argument("--guidance", type=float, default=None, metavar="W", help="classifier-free guidance scale w")
     s.add_argument(
@@ -134,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=2, help="pairs per step")
     d.add_argument("--lr-xi", type=float, default=5e-3, help="RMSprop learning rate of xi")
     d.add_argument("--gamma", type=float, default=1e-3, help="slack radius r = gamma * d / N^2")
-    d.add_argument("--sigma-min", type=float, default=0.002, help="smallest nonzero sigma")
-    d.add_argument("--sigma-max", type=float, default=80.0, help="largest sigma")
+    d.add_argument("--sigma-min", type=float, default=None,
+                   help="smallest nonzero sigma (default 0.002, or the model's smallest if larger)")  # fmt: skip
+    d.add_argument("--sigma-max", type=float, default=None,
+                   help="largest sigma (default 80, or the model's largest if smaller)")  # fmt: skip
     d.add_argument("--guidance", type=float, default=None, metavar="W", help="classifier-free guidance scale w")
     d.add_argument("--interval", type=_pair, default=None, metavar="LO,HI", help="guidance interval (LO, HI]")
     d.add_argument("--seed", type=int, default=0, help="seed of the training order")
@@ -360,6 +364,7 @@ def cmd_ld3(args: argparse.Namespace) -> int:
     from fastdiff.train.ld3 import LD3Config, learn_schedule
 
     model = models.get(args.model)
+    _sigma_range(args, model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device)
     guidance = Guidance(args.guidance, args.interval) if args.guidance is not None else None
@@ -381,8 +386,17 @@ def cmd_ld3(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sigma_range(args: argparse.Namespace, model) -> None:
+    """EDM's default range 0.002..80, narrowed to a model's own (a DDPM model's timestep grid) where it has one."""
+    if args.sigma_min is None:
+        args.sigma_min = max(0.002, getattr(model, "sigma_min", 0.002))
+    if args.sigma_max is None:
+        args.sigma_max = min(80.0, getattr(model, "sigma_max", 80.0))
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     model = models.get(args.model)
+    _sigma_range(args, model)
     steps = args.steps if args.steps is not None else (6 if isinstance(model, models.GaussianMixture) else 10)
     n = args.n if args.n is not None else (2000 if isinstance(model, models.GaussianMixture) else 200)
     if steps < 1 or n < 2:

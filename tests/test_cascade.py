@@ -235,3 +235,13 @@ def test_bad_networks_and_metrics_fail_at_build():
         CascadeConfig(variant="triple")
     with pytest.raises(ValueError, match="metric must be one of"):
         CascadeConfig(metric="ssim")
+
+
+def test_the_cli_samples_a_cascade_model_file(tmp_path, capsys):
+    """`fastdiff sample --model FILE` on a Cas-DM file: the sigma range defaults to the DDPM grid's (0.01..80 here;
+    EDM's 0.002 lies below the grid)."""
+    from fastdiff.cli import main
+
+    path = save_cascade(tmp_path / "cas.safetensors", _perturb(_model()))
+    assert main(["sample", "--model", str(path), "-n", "4", "--steps", "3", "--no-teacher"]) == 0
+    assert "NFE            3 per sample" in capsys.readouterr().out

@@ -214,8 +214,13 @@ class CascadeModel(nn.Module):
         return CascadeOutput(eps, x0_theta, out_phi[:, :c], torch.sigmoid(out_phi[:, c:]))
 
     def denoiser(self) -> VPDenoiser:
-        """The blended estimate ``x0_mix`` as a fastdiff model ``D(x; sigma, class_labels=None)``."""
-        return VPDenoiser(_MixedX0(self), self.alphas_cumprod, prediction="x0")
+        """The blended estimate ``x0_mix`` as a fastdiff model ``D(x; sigma, class_labels=None)``. A model made by
+        :func:`build_cascade` also carries its UNet's ``config`` (image size, channels, classes), as fastdiff's
+        UNets do, for the CLI."""
+        den = VPDenoiser(_MixedX0(self), self.alphas_cumprod, prediction="x0")
+        if getattr(self, "unet_config", None) is not None:
+            den.config = self.unet_config
+        return den
 
 
 class _MixedX0(nn.Module):
