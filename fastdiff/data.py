@@ -18,11 +18,13 @@ going through a ``DataLoader``. Each also has ``.shape`` (``(C, H, W)``) and ``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,18 @@ class _PreloadedImages(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n={len(self)}, shape={self.shape}, num_classes={self.num_classes})"
+
+    def with_classes(self, classes: Sequence[int]) -> _PreloadedImages:
+        """A copy holding only the items whose label is in ``classes``. Labels and ``num_classes`` are unchanged,
+        so a conditional model trained on every class still fits (fine-tuning on held-out classes)."""
+        wanted = sorted({int(c) for c in classes})
+        bad = [c for c in wanted if not 0 <= c < self.num_classes]
+        if not wanted or bad:
+            raise ValueError(f"classes must be a non-empty subset of 0..{self.num_classes - 1}, got {list(classes)}")
+        keep = torch.isin(self.labels, torch.tensor(wanted))
+        out = copy.copy(self)
+        out._set(self.images[keep], self.labels[keep], self.num_classes)
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -40,6 +41,17 @@ def _bin_names(edges: Sequence[float]) -> list[str]:
     names += [f"loss_sigma{lo:g}-{hi:g}" for lo, hi in zip(edges[:-1], edges[1:])]
     names.append(f"loss_sigma>={edges[-1]:g}")
     return names
+
+
+class EDMDraw(NamedTuple):
+    """One step's draws and the model's answer, for losses built on the EDM loss (SADM)."""
+
+    x0: torch.Tensor  # [B, C, H, W] float32 clean images
+    sigma: torch.Tensor  # [B] float32 noise levels
+    denoised: torch.Tensor  # [B, C, H, W] D(x0 + sigma * noise; sigma, labels)
+    per_sample: torch.Tensor  # [B] float32 weighted loss of each sample
+    drop_frac: torch.Tensor  # 0-d fraction of labels dropped
+    labels: torch.Tensor | None  # [B] int64 labels after dropout (-1: none), or None
 
 
 class EDMLoss:
@@ -111,6 +123,12 @@ class EDMLoss:
     def __call__(
         self, model: Callable[..., torch.Tensor], batch, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d = self.draw(model, batch, generator)
+        loss = d.per_sample.mean()
+        return loss, self.logs(loss, d)
+
+    def draw(self, model: Callable[..., torch.Tensor], batch, generator: torch.Generator) -> EDMDraw:
+        """Steps 1-4 above without the mean: the draws, the model's denoised images and the per-sample loss."""
         images, labels = self._unpack(batch)
         if images.ndim < 2 or images.shape[0] == 0:
             raise ValueError(f"images must have shape [B, ...] with B >= 1, got {tuple(images.shape)}")
@@ -129,6 +147,7 @@ class EDMLoss:
         noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=torch.float32).to(dev)
         cond = {}
         drop_frac = torch.zeros((), device=dev)
+        dropped = None
         if labels is not None:
             labels = torch.as_tensor(labels, device=dev)
             if labels.shape != (b,) or labels.is_floating_point():
@@ -138,19 +157,18 @@ class EDMLoss:
             u = torch.rand(b, generator=generator, device=gdev, dtype=torch.float32).to(dev)
             drop = u < self.label_dropout
             drop_frac = drop.float().mean()
-            cond["class_labels"] = torch.where(drop, torch.full_like(labels, -1), labels.long())
+            dropped = cond["class_labels"] = torch.where(drop, torch.full_like(labels, -1), labels.long())
 
         sb = sigma.reshape((b,) + (1,) * (x0.ndim - 1))
         denoised = model(x0 + sb * noise, sigma, **cond)
         err = (denoised.float() - x0) ** 2
         per_sample = edm_weight(sigma, self.sigma_data) * err.reshape(b, -1).mean(dim=1)
-        loss = per_sample.mean()
-        return loss, self._logs(loss, per_sample.detach(), sigma, drop_frac)
+        return EDMDraw(x0, sigma, denoised, per_sample, drop_frac, dropped)
 
-    def _logs(
-        self, loss: torch.Tensor, per_sample: torch.Tensor, sigma: torch.Tensor, drop_frac: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        parts = [loss.detach(), sigma.log().mean().exp(), drop_frac.float()]
+    def logs(self, loss: torch.Tensor, d: EDMDraw) -> dict[str, torch.Tensor]:
+        """The logs listed above, for the step ``d`` with mean loss ``loss``."""
+        sigma, per_sample = d.sigma, d.per_sample.detach()
+        parts = [loss.detach(), sigma.log().mean().exp(), d.drop_frac.float()]
         if self._bin_names:
             edges = torch.tensor(self.sigma_bins, device=sigma.device, dtype=sigma.dtype)
             idx = torch.bucketize(sigma, edges, right=True)  # bin k holds edges[k-1] <= sigma < edges[k]
@@ -178,4 +196,4 @@ def edm_loss(
     return fn(model, batch, generator)
 
 
-__all__ = ["EDMLoss", "edm_loss", "edm_weight"]
+__all__ = ["EDMDraw", "EDMLoss", "edm_loss", "edm_weight"]

@@ -3,6 +3,8 @@
 * :func:`train_edm`: an EDM UNet (:mod:`fastdiff.models.unet`) with the EDM loss (:mod:`fastdiff.train.edm`) on
   the shared runtime (:mod:`fastdiff.train.runtime`: DDP, bf16, EMA, checkpoints, exact resume); exports the EMA
   weights. This made the built-in ``digits`` model.
+* :func:`train_sadm`: SADM (:mod:`fastdiff.train.sadm`): an EDM UNet, from scratch or fine-tuned from a model
+  file, against a structure discriminator, on the same runtime; exports the EMA denoiser, an ordinary EDM UNet.
 * :func:`train_cascade`: Cas-DM (:mod:`fastdiff.train.cascade`) and its baselines (the dual-output model, a plain
   eps-DDPM) on the same runtime; exports the EMA model.
 * :func:`train_digits_classifier`: the classifier behind fastdiff's digits quality metrics
@@ -11,9 +13,11 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ from fastdiff.models.unet import EDMUNet, UNetConfig, count_parameters, save_une
 from fastdiff.train.cascade import CascadeConfig, CascadeLoss, build_cascade, save_cascade
 from fastdiff.train.edm import EDMLoss
 from fastdiff.train.runtime import TrainConfig, distributed_context, train
+from fastdiff.train.sadm import SADMConfig, SADMLoss, build_encoder
 
 SIZES = {"tiny": UNetConfig.tiny, "small": UNetConfig.small}
 
@@ -36,11 +41,16 @@ def _command() -> str:
     return shlex.join(["fastdiff", *sys.argv[1:]]) if ours else ""
 
 
-def _data_and_unet(dataset_spec: str, size: str, resolution: int | None) -> tuple[torch.utils.data.Dataset, UNetConfig]:
-    """The dataset and ``UNetConfig.<size>()`` resized to its resolution, channels and classes."""
+def _data_and_unet(
+    dataset_spec: str, size: str, resolution: int | None, classes: Sequence[int] | None = None
+) -> tuple[torch.utils.data.Dataset, UNetConfig]:
+    """The dataset (only ``classes`` when given) and ``UNetConfig.<size>()`` resized to its resolution, channels
+    and classes."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
     ds = data.get_dataset(dataset_spec, resolution)
+    if classes is not None:
+        ds = ds.with_classes(classes)
     channels, height, width = ds.shape
     if height != width:
         raise ValueError(f"the UNet needs square images, the data is {height}x{width}")
@@ -49,36 +59,104 @@ def _data_and_unet(dataset_spec: str, size: str, resolution: int | None) -> tupl
     return ds, cfg
 
 
+def _initial_unet(cfg: UNetConfig, seed: int, init: str | Path | None, ds) -> EDMUNet:
+    """A fresh ``EDMUNet(cfg)`` seeded by ``seed``, or the EDM UNet ``init`` (``digits`` or a model file) checked
+    against the data."""
+    if init is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the initial weights are part of the run's seed
+            return EDMUNet(cfg)
+    from fastdiff import models
+
+    model = models.get(init)
+    if not isinstance(model, EDMUNet):
+        raise ValueError(f"--init needs an EDM UNet (the built-in 'digits' or a fastdiff train edm/sadm model "
+                         f"file), got {type(model).__name__} from {init}")  # fmt: skip
+    own = model.config
+    wants = {"resolution": cfg.resolution, "in_channels": cfg.in_channels}
+    has = {k: getattr(own, k) for k in wants}
+    if has != wants or (ds.num_classes and own.num_classes != ds.num_classes):
+        raise ValueError(f"{init} was made for {has} with {own.num_classes} classes; the data has {wants} with "
+                         f"{ds.num_classes} classes")  # fmt: skip
+    return model.train().requires_grad_(True)
+
+
+def _report(what: str, model: torch.nn.Module, dataset_spec: str, ds, config: TrainConfig) -> None:
+    if distributed_context(config.device).is_main:
+        print(f"{what}: {count_parameters(model) / 1e6:.2f}M parameters; data {dataset_spec}: {len(ds)} images "
+              f"{tuple(ds.shape)}, {ds.num_classes} classes", file=sys.stderr)  # fmt: skip
+
+
+def _export_unet(state, config: TrainConfig, export: str | Path | None) -> Path:
+    """Write the run's EMA UNet to ``export`` (default ``<out_dir>/model.safetensors``) on rank 0."""
+    out = Path(export) if export is not None else Path(config.out_dir) / "model.safetensors"
+    if state.context.is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_unet(out, state.ema_model().cpu(), provenance=_command())
+        plot_training_log(Path(config.out_dir) / "log.csv", Path(config.out_dir) / "loss.png")
+    return out
+
+
 def train_edm(
     dataset_spec: str,
     config: TrainConfig,
     *,
     size: str = "small",
     resolution: int | None = None,
+    classes: Sequence[int] | None = None,
     label_dropout: float = 0.1,
+    init: str | Path | None = None,
     export: str | Path | None = None,
 ) -> Path:
     """Train an EDM UNet on ``dataset_spec`` (see :func:`fastdiff.data.get_dataset`) and write its EMA weights.
 
-    The network is ``UNetConfig.<size>()`` resized to the data's resolution, channels and classes. Checkpoints and
-    ``log.csv`` go to ``config.out_dir`` (a rerun resumes); the EMA weights to ``export`` (default
+    The network is ``UNetConfig.<size>()`` resized to the data's resolution, channels and classes, or the model
+    ``init`` (``"digits"`` or an EDM UNet file) to fine-tune. ``classes`` keeps only those classes of the data.
+    Checkpoints and ``log.csv`` go to ``config.out_dir`` (a rerun resumes); the EMA weights to ``export`` (default
     ``<out_dir>/model.safetensors``), loadable with ``fastdiff.models.get(path)``. Returns that path.
     """
-    ds, cfg = _data_and_unet(dataset_spec, size, resolution)
+    ds, cfg = _data_and_unet(dataset_spec, size, resolution, classes)
+    model = _initial_unet(cfg, config.seed, init, ds)
+    _report(f"EDM UNet {init or size}", model, dataset_spec, ds, config)
+    loss = EDMLoss(sigma_data=model.sigma_data, label_dropout=label_dropout if ds.num_classes else 0.0)
+    return _export_unet(train(model, loss, ds, config), config, export)
+
+
+def train_sadm(
+    dataset_spec: str,
+    config: TrainConfig,
+    sadm: SADMConfig,
+    *,
+    size: str = "small",
+    resolution: int | None = None,
+    classes: Sequence[int] | None = None,
+    init: str | Path | None = None,
+    export: str | Path | None = None,
+) -> Path:
+    """Train an EDM UNet with SADM (:mod:`fastdiff.train.sadm`) and write its EMA weights.
+
+    As :func:`train_edm` (``init`` fine-tunes an existing model, ``classes`` selects classes), plus a structure
+    discriminator seeded by ``config.seed``. Both players, both optimizers and every RNG are checkpointed in
+    ``config.out_dir``; ``log.csv`` holds both players' losses and ``players.png`` draws them. Returns the path
+    of the exported denoiser, an ordinary EDM UNet model file.
+    """
+    if config.batch_size < sadm.min_batch:
+        raise ValueError(f"SADM compares the structure within a batch: --batch-size must be at least "
+                         f"{sadm.min_batch} for distance {sadm.distance!r}, got {config.batch_size}")  # fmt: skip
+    ds, cfg = _data_and_unet(dataset_spec, size, resolution, classes)
+    if not ds.num_classes:
+        sadm = dataclasses.replace(sadm, label_dropout=0.0)
+    model = _initial_unet(cfg, config.seed, init, ds)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # the initial weights are part of the run's seed
-        model = EDMUNet(cfg)
-    ctx = distributed_context(config.device)
-    if ctx.is_main:
-        print(f"EDM UNet {size}: {count_parameters(model) / 1e6:.2f}M parameters; data {dataset_spec}: {len(ds)} "
-              f"images {tuple(ds.shape)}, {ds.num_classes} classes", file=sys.stderr)  # fmt: skip
-    loss = EDMLoss(sigma_data=cfg.sigma_data, label_dropout=label_dropout if ds.num_classes else 0.0)
-    state = train(model, loss, ds, config)
-    out = Path(export) if export is not None else Path(config.out_dir) / "model.safetensors"
-    if ctx.is_main:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_unet(out, state.ema_model().cpu(), provenance=_command())
-        plot_training_log(Path(config.out_dir) / "log.csv", Path(config.out_dir) / "loss.png")
+        torch.manual_seed(config.seed + 1)
+        encoder = build_encoder(sadm, ds.shape)
+    _report(f"SADM: EDM UNet {init or size}, structure encoder {count_parameters(encoder) / 1e6:.2f}M; UNet",
+            model, dataset_spec, ds, config)  # fmt: skip
+    loss = SADMLoss(sadm, encoder, sigma_data=model.sigma_data)
+    state = train(model, loss, ds, config, adversary=loss.adversary)
+    out = _export_unet(state, config, export)
+    if state.context.is_main:
+        plot_players(Path(config.out_dir) / "log.csv", Path(config.out_dir) / "players.png")
     return out
 
 
@@ -89,6 +167,7 @@ def train_cascade(
     *,
     size: str = "small",
     resolution: int | None = None,
+    classes: Sequence[int] | None = None,
     staged: int | None = None,
     export: str | Path | None = None,
 ) -> Path:
@@ -102,7 +181,7 @@ def train_cascade(
     """
     if staged is not None and (cascade.variant != "cascade" or not 0 < staged < config.steps):
         raise ValueError(f"staged training needs the cascade variant and 0 < staged < steps, got {staged}")
-    ds, unet = _data_and_unet(dataset_spec, size, resolution)
+    ds, unet = _data_and_unet(dataset_spec, size, resolution, classes)
     if not ds.num_classes:
         cascade = CascadeConfig.from_dict({**cascade.to_dict(), "label_dropout": 0.0})
     with torch.random.fork_rng(devices=[]):
@@ -134,33 +213,73 @@ def train_cascade(
     return path
 
 
+def _log_rows(log_csv: Path) -> list[dict[str, str]]:
+    with open(log_csv) as f:
+        return list(csv.DictReader(f))
+
+
+def _column(rows: list[dict[str, str]], key: str) -> tuple[list[int], list[float]]:
+    """The steps and values of ``key`` where it is set (blank before an adversary starts)."""
+    kept = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "", "nan")]
+    return [s for s, _ in kept], [v for _, v in kept]
+
+
+def _save_figure(fig, out_png: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
 def plot_training_log(log_csv: Path, out_png: Path) -> None:
     """Draw the EDM loss of a run's ``log.csv`` against the step, overall and per sigma bin."""
-    import csv
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(log_csv) as f:
-        rows = list(csv.DictReader(f))
+    rows = _log_rows(log_csv)
     if not rows:
         return
-    steps = [int(r["step"]) for r in rows]
+    main = "loss_denoise" if "loss_denoise" in rows[0] else "loss"
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for key in [k for k in rows[0] if k == "loss" or k.startswith("loss_sigma")]:
-        ax.plot(steps, [float(r[key]) for r in rows], lw=1.6 if key == "loss" else 0.8,
-                label="loss" if key == "loss" else key.replace("loss_", ""))  # fmt: skip
+    for key in [k for k in rows[0] if k == main or k.startswith("loss_sigma")]:
+        ax.plot(*_column(rows, key), lw=1.6 if key == main else 0.8,
+                label="loss" if key == main else key.replace("loss_", ""))  # fmt: skip
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("weighted denoising loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{log_csv.parent.name}: EDM loss (logged every few steps, not smoothed)", fontsize=10)
-    fig.tight_layout()
-    atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    _save_figure(fig, out_png)
+
+
+def plot_players(log_csv: Path, out_png: Path) -> None:
+    """Draw a SADM run's two players from its ``log.csv``: the denoiser's EDM loss and total loss, and the
+    structural gap as each player measured it (the discriminator maximises it, the denoiser minimises it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _log_rows(log_csv)
+    if not rows:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(*_column(rows, "loss_denoise"), label="EDM loss", lw=1.2)
+    a.plot(*_column(rows, "loss"), label="total (EDM + lam gap)", lw=0.8)
+    a.set_yscale("log")
+    a.set_title("denoiser", fontsize=10)
+    b.plot(*_column(rows, "structure_gap"), label="gap in the denoiser's step", lw=1.0)
+    b.plot(*_column(rows, "adv_structure_gap"), label="gap in the discriminator's step", lw=1.0)
+    b.set_title("structure discriminator (maximises the gap)", fontsize=10)
+    for ax in (a, b):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save_figure(fig, out_png)
 
 
 def train_digits_classifier(

@@ -21,6 +21,9 @@ A trainer supplies a model, a loss and a dataset; :func:`train` does everything 
   nccl on CUDA), the model is wrapped in ``DistributedDataParallel``, and only rank 0 writes checkpoints, logs
   and the progress bar. Every rank reads the checkpoint on resume, so the run directory must be on a file
   system all ranks see.
+- **A second player.** An :class:`Adversary` (SADM's structure discriminator) has its own AdamW and loss. Before
+  a model step it makes its updates on the same batch, with the model frozen; during the model step its own
+  parameters are frozen. Both players, both optimizers and every RNG go into the checkpoint.
 - **Output** in ``out_dir``: checkpoints (see :mod:`fastdiff.checkpoint`), ``log.csv`` (one row every
   ``log_every`` steps; on resume the rows after the resumed step are cut, so no step appears twice) and, with
   ``tensorboard=True``, TensorBoard event files in ``out_dir/tensorboard``.
@@ -49,6 +52,7 @@ from torch.utils.data import TensorDataset, default_collate
 from fastdiff import checkpoint as ckpt
 
 LossFn = Callable[[nn.Module, Any, torch.Generator], tuple[torch.Tensor, Mapping[str, Any]]]
+AdversaryLossFn = Callable[[nn.Module, nn.Module, Any, torch.Generator], tuple[torch.Tensor, Mapping[str, Any]]]
 RUN_KIND = "fastdiff-train"
 _BASE_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "time_s")
 
@@ -194,6 +198,57 @@ class TrainConfig:
 
 
 @dataclass
+class Adversary:
+    """A second player trained against the model by its own optimizer (a GAN-style discriminator).
+
+    At each model step ``s`` (0-based) with ``s >= start_step`` and ``(s - start_step) % every == 0``, the runtime
+    first makes ``updates`` adversary updates, each ``loss_fn(module, model, batch, generator) -> (loss, logs)``
+    on the step's batch (fresh randomness from the generator each time), minimised by the adversary's AdamW; the
+    model's parameters are frozen meanwhile (``loss_fn`` should also run the model under ``torch.no_grad()``).
+    Then the model takes its step, with the adversary's parameters frozen, so gradients flow through the
+    adversary into the model's outputs but never into the adversary's weights. So ascent (the adversary's
+    updates) changes only the adversary, and descent only the model.
+
+    ``active`` is set by the runtime before every step: True from model step ``start_step`` on. A model loss that
+    adds an adversarial term reads it, which makes ``start_step`` a warm-up on the model's own loss alone that a
+    resumed run reproduces. The adversary's logs are written with an ``adv_`` prefix (``adv_loss`` is its
+    loss), from its latest update.
+    """
+
+    module: nn.Module
+    loss_fn: AdversaryLossFn
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.0, 0.99)
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    updates: int = 1
+    every: int = 1
+    start_step: int = 0
+    active: bool = field(default=False, init=False)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` or ``TypeError`` naming the first bad setting."""
+        if not isinstance(self.module, nn.Module) or not _trainable(self.module):
+            raise ValueError("Adversary.module must be an nn.Module with trainable parameters")
+        if not callable(self.loss_fn):
+            raise TypeError(f"Adversary.loss_fn must be callable, got {type(self.loss_fn).__name__}")
+        for name, minimum in (("updates", 1), ("every", 1), ("start_step", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise ValueError(f"Adversary.{name} must be an integer >= {minimum}, got {v!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"Adversary.lr must be a finite number > 0, got {self.lr!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"Adversary.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"Adversary.grad_clip must be None or a finite number > 0, got {self.grad_clip!r}")
+
+    def plays_at(self, step: int) -> bool:
+        """Whether the adversary updates before model step ``step`` (0-based)."""
+        return step >= self.start_step and (step - self.start_step) % self.every == 0
+
+
+@dataclass
 class TrainState:
     """Everything :func:`train` holds; returned at the end (rank 0's and every other rank's are identical).
 
@@ -209,6 +264,8 @@ class TrainState:
     config: TrainConfig
     context: DistContext
     extra_modules: dict[str, nn.Module] = field(default_factory=dict)
+    adversary: Adversary | None = None
+    adversary_optimizer: torch.optim.Optimizer | None = None
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -330,14 +387,14 @@ def _gather_state(t: torch.Tensor, ctx: DistContext) -> list[torch.Tensor]:
     return [o.cpu() for o in out]
 
 
-def _optimizer_payload(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _optimizer_payload(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for idx, entry in sd["state"].items():
         for name, v in entry.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"optim.{idx}.{name}"] = v
+                tensors[f"{prefix}.{idx}.{name}"] = v
             else:
                 scalars[f"{idx}.{name}"] = v
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
@@ -345,11 +402,11 @@ def _optimizer_payload(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 
 
 def _restore_optimizer(
-    opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: dict, cfg: TrainConfig, path: Path
+    opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: dict, prefix: str, hyper: dict, path: Path
 ) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
-        if key.startswith("optim."):
+        if key.startswith(prefix + "."):
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = v
     for key, v in meta.get("scalars", {}).items():
@@ -359,10 +416,10 @@ def _restore_optimizer(
     try:
         opt.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise ckpt.CheckpointError(f"{path}: the optimizer state does not fit this model: {exc}") from None
-    # load_state_dict brings back the saved hyper-parameters; the run's config decides them (lr is set per step).
+        raise ckpt.CheckpointError(f"{path}: the {prefix} state does not fit this model: {exc}") from None
+    # load_state_dict brings back the saved hyper-parameters; the run's settings decide them (lr is set per step).
     for g in opt.param_groups:
-        g.update(betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        g.update(hyper)
 
 
 class _CsvLog:
@@ -371,7 +428,6 @@ class _CsvLog:
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         self.columns: list[str] | None = None
-        self._warned: set[str] = set()
         if path.exists():
             with open(path, newline="") as f:
                 rows = list(csv.reader(f))
@@ -397,13 +453,22 @@ class _CsvLog:
         if self.columns is None:
             self.columns = list(_BASE_COLUMNS) + sorted(k for k in row if k not in _BASE_COLUMNS)
             self._writer.writerow(self.columns)
-        for k in row.keys() - set(self.columns) - self._warned:
-            warnings.warn(
-                f"log key {k!r} first appeared after log.csv's header was written; it is not logged", stacklevel=2
-            )
-            self._warned.add(k)
+        elif row.keys() - set(self.columns):
+            self._widen(sorted(row.keys() - set(self.columns)))
         self._writer.writerow(["" if row.get(c) is None else row[c] for c in self.columns])
         self._file.flush()
+
+    def _widen(self, new: list[str]) -> None:
+        # A key that first appears later (an adversary after its warm-up) becomes a new column, blank before.
+        self._file.close()
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        self.columns = self.columns + new
+        buf = io.StringIO()
+        csv.writer(buf).writerows([self.columns, *(r + [""] * len(new) for r in rows)])
+        ckpt._write_text_atomic(self.path, buf.getvalue())
+        self._file = open(self.path, "a", newline="")
+        self._writer = csv.writer(self._file)
 
     def close(self) -> None:
         self._file.close()
@@ -451,8 +516,13 @@ def _save(state: TrainState, n_data: int) -> None:
         for name, m in state.extra_modules.items():
             if _trainable(m):
                 tensors.update({f"extra.{name}.{k}": v for k, v in m.state_dict().items()})
-        opt_tensors, opt_meta = _optimizer_payload(state.optimizer)
+        opt_tensors, opt_meta = _optimizer_payload(state.optimizer, "optim")
         tensors.update(opt_tensors)
+        adv_meta = None
+        if state.adversary is not None:
+            tensors.update({f"adv.{k}": v for k, v in state.adversary.module.state_dict().items()})
+            adv_tensors, adv_meta = _optimizer_payload(state.adversary_optimizer, "adv_optim")
+            tensors.update(adv_tensors)
         for kind, per_rank in rng.items():
             tensors.update({f"rng.{kind}.{r}": t for r, t in enumerate(per_rank)})
         meta = {
@@ -466,6 +536,7 @@ def _save(state: TrainState, n_data: int) -> None:
             "model_class": type(state.model).__qualname__,
             "config": asdict(cfg),
             "optimizer": opt_meta,
+            "adversary_optimizer": adv_meta,
         }
         state.checkpoint_path = ckpt.save_checkpoint(cfg.out_dir, tensors, meta, keep=cfg.keep)
     else:
@@ -488,7 +559,18 @@ def _resume(state: TrainState, path: Path, n_data: int) -> None:
     for name, m in state.extra_modules.items():
         if _trainable(m):
             ckpt.load_state_into(m, tensors, prefix=f"extra.{name}.")
-    _restore_optimizer(state.optimizer, tensors, meta["optimizer"], cfg, path)
+    hyper = {"betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    _restore_optimizer(state.optimizer, tensors, meta["optimizer"], "optim", hyper, path)
+    adv = state.adversary
+    saved_adv = meta.get("adversary_optimizer") is not None
+    if adv is None and saved_adv:
+        raise ckpt.CheckpointError(f"{path} holds an adversary's state, but this run has no adversary")
+    if adv is not None and not saved_adv:
+        raise ckpt.CheckpointError(f"{path} holds no adversary's state, but this run has an adversary")
+    if adv is not None:
+        ckpt.load_state_into(adv.module, tensors, prefix="adv.")
+        hyper = {"betas": tuple(adv.betas), "eps": cfg.eps, "weight_decay": adv.weight_decay}
+        _restore_optimizer(state.adversary_optimizer, tensors, meta["adversary_optimizer"], "adv_optim", hyper, path)
 
     saved = meta.get("config", {})
     changed = [
@@ -523,6 +605,56 @@ def _resume(state: TrainState, path: Path, n_data: int) -> None:
 # --------------------------------------------------------------------------------------------- the loop
 
 
+def _adversary_updates(
+    adv: Adversary,
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    model: nn.Module,
+    batch: Any,
+    state: TrainState,
+) -> dict[str, torch.Tensor]:
+    """``adv.updates`` steps of the adversary on ``batch``; returns the last one's logs (``adv_``-prefixed)."""
+    cfg, ctx = state.config, state.context
+    model_params = _trainable(model)
+    model.requires_grad_(False)
+    adv.module.requires_grad_(True)
+    adv.module.train()
+    try:
+        for _ in range(adv.updates):
+            with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                loss, logs = adv.loss_fn(adv.module, model, batch, state.generator)
+            if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                raise ValueError("Adversary.loss_fn must return a scalar loss tensor and a logs dict")
+            optimizer.zero_grad(set_to_none=True)
+            loss.float().backward()
+            if ctx.distributed:
+                _allreduce_grads(params, ctx.world_size)
+            grad_norm = _grad_norm(params, adv.grad_clip)
+            _check_finite(loss.detach(), grad_norm, state.step, state)
+            for g in optimizer.param_groups:
+                g["lr"] = adv.lr
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # nothing of the adversary's lingers into the model's step
+    finally:
+        adv.module.requires_grad_(False)
+        for p in model_params:
+            p.requires_grad_(True)
+    out = {f"adv_{k}": v for k, v in logs.items()}
+    out.update(adv_loss=loss.detach(), adv_grad_norm=grad_norm)
+    return out
+
+
+def _mean_over_ranks(logs: Mapping[str, Any], ctx: DistContext) -> dict[str, float]:
+    """Each scalar log (a number or a 1-element tensor) averaged over the ranks, as floats; one collective."""
+    names = sorted(logs)
+    values = torch.stack([_scalar(logs[k], k) for k in names])
+    if ctx.distributed:
+        values = values.to(ctx.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(values)
+        values = values.cpu() / ctx.world_size
+    return {k: v.item() for k, v in zip(names, values)}
+
+
 def train(
     model: nn.Module,
     loss_fn: LossFn,
@@ -530,6 +662,7 @@ def train(
     config: TrainConfig,
     *,
     extra_modules: dict[str, nn.Module] | None = None,
+    adversary: Adversary | None = None,
 ) -> TrainState:
     """Train ``model`` on ``loss_fn`` for ``config.steps`` optimizer steps, resuming from ``config.out_dir``.
 
@@ -548,6 +681,8 @@ def train(
         extra_modules: other modules ``loss_fn`` uses (through a closure), moved to the device. Those with
             trainable parameters (a discriminator) are optimised by the same AdamW, kept in sync across ranks
             and saved in checkpoints; frozen ones (a distillation teacher) are only moved.
+        adversary: a second player with its own optimizer (see :class:`Adversary`), moved to the device, kept
+            in sync across ranks and saved in checkpoints with its optimizer.
 
     Returns the final :class:`TrainState` (its ``ema_model()`` is the usual model to sample from).
     """
@@ -564,10 +699,12 @@ def train(
     for name, m in extras.items():
         if not isinstance(m, nn.Module) or not name or "." in name:
             raise ValueError(f"extra_modules must map dotless names to nn.Module, got {name!r}: {type(m).__name__}")
+    if adversary is not None:
+        adversary.validate()
 
     ctx, created_group = init_distributed(config.device)
     try:
-        return _run(model, loss_fn, dataset, n_data, config, extras, ctx)
+        return _run(model, loss_fn, dataset, n_data, config, extras, adversary, ctx)
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -580,6 +717,7 @@ def _run(
     n_data: int,
     cfg: TrainConfig,
     extras: dict[str, nn.Module],
+    adversary: Adversary | None,
     ctx: DistContext,
 ) -> TrainState:
     order = _DataOrder(n_data, cfg.batch_size, cfg.seed, ctx)
@@ -595,6 +733,15 @@ def _run(
     ema = {k: v.detach().to(_ema_dtype(v.dtype), copy=True) for k, v in model.state_dict().items()}
     generator = torch.Generator(device=device).manual_seed(_derive_seed("loss", cfg.seed, ctx.rank))
     state = TrainState(model, optimizer, ema, generator, cfg, ctx, extras)
+    adv_params: list[nn.Parameter] = []
+    if adversary is not None:
+        adversary.module.to(device)
+        adv_params = _trainable(adversary.module)
+        state.adversary = adversary
+        state.adversary_optimizer = torch.optim.AdamW(
+            adv_params, lr=adversary.lr, betas=tuple(adversary.betas), eps=cfg.eps, weight_decay=adversary.weight_decay
+        )
+        adversary.module.requires_grad_(False)  # trainable only inside its own updates
 
     out_dir = Path(cfg.out_dir)
     if ctx.is_main:
@@ -619,7 +766,7 @@ def _run(
     extra_params = [p for g in groups[1:] for p in g["params"]]
     net: nn.Module = model
     if ctx.distributed:
-        for p in extra_params:
+        for p in extra_params + adv_params:
             dist.broadcast(p.data, src=0)
         ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -633,12 +780,17 @@ def _run(
         bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter() - state.elapsed_s
     model.train()
+    adv_logs: dict[str, torch.Tensor] = {}
     try:
         while state.step < cfg.steps:
             if state.batch_in_epoch >= order.batches:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             idx = order.indices(state.epoch, state.batch_in_epoch)
             batch = _to_device(_fetch(dataset, idx), device)
+            if adversary is not None:
+                adversary.active = state.step >= adversary.start_step
+                if adversary.plays_at(state.step):
+                    adv_logs = _adversary_updates(adversary, state.adversary_optimizer, adv_params, model, batch, state)
 
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 out = loss_fn(net, batch, generator)
@@ -664,16 +816,10 @@ def _run(
 
             last = state.step == cfg.steps
             if state.step % cfg.log_every == 0 or last:
-                names = sorted(logs)
-                values = torch.stack([loss.detach().float().cpu()] + [_scalar(logs[k], k) for k in names])
-                if ctx.distributed:
-                    values = values.to(device if dist.get_backend() == "nccl" else "cpu")
-                    dist.all_reduce(values)
-                    values = values.cpu() / ctx.world_size
-                _check_finite(values[0], grad_norm, state.step, state)
-                row = {"step": state.step, "epoch": state.epoch, "loss": values[0].item(), "lr": lr}
-                row.update({"grad_norm": float(grad_norm), "time_s": round(state.elapsed_s, 3)})
-                row.update({k: v.item() for k, v in zip(names, values[1:])})
+                means = _mean_over_ranks({**logs, **adv_logs, "loss": loss}, ctx)
+                _check_finite(torch.tensor(means["loss"]), grad_norm, state.step, state)
+                row = {"step": state.step, "epoch": state.epoch, "loss": means.pop("loss"), "lr": lr}
+                row.update({"grad_norm": float(grad_norm), "time_s": round(state.elapsed_s, 3), **means})
                 state.last_logs = row
                 if log is not None:
                     log.write(row)
