@@ -22,15 +22,12 @@ cascade_digits.csv and cascade_digits.png to --out and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import csv
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
+from _training_runs import cell, mean, sample_and_judge, seconds_per_step, train_missing, write_csv
 
-from fastdiff import evaluate, generate, models, solvers
+from fastdiff import evaluate, models, solvers
 from fastdiff.denoisers import discrete_sigmas
 
 VARIANTS = {
@@ -49,25 +46,7 @@ def trailing_sigmas(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
     return discrete_sigmas(alphas_cumprod, torch.tensor([round(t_max - k * t_max / steps) - 1 for k in range(steps)]))
 
 
-def train_missing(runs: Path, names: list[str], steps: int, batch: int, seed: int) -> None:
-    for name in names:
-        if (runs / name / "model.safetensors").exists():
-            continue
-        cmd = [sys.executable, "-m", "fastdiff", "train", "cascade", *VARIANTS[name], "--steps", str(steps),
-               "--batch-size", str(batch), "--seed", str(seed), "--checkpoint-every", "250",
-               "--out-dir", str(runs / name), "--no-progress"]  # fmt: skip
-        print("training:", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)
-
-
-def seconds_per_step(log_csv: Path) -> float:
-    with open(log_csv) as f:
-        rows = list(csv.DictReader(f))
-    return float(rows[-1]["time_s"]) / int(rows[-1]["step"])
-
-
 def evaluate_runs(runs: Path, seed: int, names: list[str], n: int, batch: int, judge) -> list[dict]:
-    indices = torch.arange(n)
     rows = []
     for name in names:
         den = models.get(runs / name / "model.safetensors")
@@ -77,20 +56,13 @@ def evaluate_runs(runs: Path, seed: int, names: list[str], n: int, batch: int, j
         for solver in SOLVERS:
             for nfe in NFES:
                 sigmas = trailing_sigmas(cascade.alphas_cumprod, nfe)
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    gen = generate.generate(den, indices, sigmas, solver=solvers.get(solver), shape=shape,
-                                            num_classes=classes, batch_size=batch)  # fmt: skip
-                row = {"variant": name, "seed": seed, "solver": solver, "nfe": gen.nfe, **judge(gen.images, gen.labels),
-                       "sample_s": time.perf_counter() - t0, "train_s_per_step": train_s}  # fmt: skip
+                row = {"variant": name, "seed": seed, "solver": solver}
+                row.update(sample_and_judge(den, sigmas, solvers.get(solver), shape, classes, n, batch, judge))
+                row["train_s_per_step"] = train_s
                 rows.append(row)
                 print(f"seed {seed} {name:17s} {solver:8s} NFE {nfe:2d}: FD {row['fd']:.3f}  accuracy "
                       f"{row['accuracy']:.3f}", flush=True)  # fmt: skip
     return rows
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def plot(rows: list[dict], floor: float, out: Path) -> None:
@@ -105,9 +77,9 @@ def plot(rows: list[dict], floor: float, out: Path) -> None:
             cells = [[r["fd"] for r in rows if r["variant"] == name and r["solver"] == solver and r["nfe"] == nfe]
                      for nfe in NFES]  # fmt: skip
             if cells[0]:
-                mean = [_mean(c) for c in cells]
-                err = [[m - min(c) for m, c in zip(mean, cells)], [max(c) - m for m, c in zip(mean, cells)]]
-                ax.errorbar(NFES, mean, yerr=err, marker="o", capsize=3, label=name)
+                means = [mean(c) for c in cells]
+                err = [[m - min(c) for m, c in zip(means, cells)], [max(c) - m for m, c in zip(means, cells)]]
+                ax.errorbar(NFES, means, yerr=err, marker="o", capsize=3, label=name)
         ax.axhline(floor, color="gray", ls="--", lw=1, label="real held-out digits")
         ax.set_xscale("log")
         ax.set_xticks(NFES, [str(v) for v in NFES])
@@ -125,11 +97,7 @@ def table(rows: list[dict], names: list[str]) -> str:
     """Markdown: per variant and solver, FD and accuracy at each NFE (mean over seeds, with the range when there
     are several), and the training time per step against the DDPM's."""
 
-    def cell(values: list[float], digits: int) -> str:
-        text = f"{_mean(values):.{digits}f}"
-        return text if len(values) == 1 else f"{text} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-    base = _mean([r["train_s_per_step"] for r in rows if r["variant"] == "ddpm"] or [float("nan")])
+    base = mean([r["train_s_per_step"] for r in rows if r["variant"] == "ddpm"] or [float("nan")])
     lines = ["| variant | solver | " + " | ".join(f"NFE {n}: FD / accuracy" for n in NFES) + " | train s/step |",
              "|---|---|" + "---|" * (len(NFES) + 1)]  # fmt: skip
     for name in names:
@@ -138,7 +106,7 @@ def table(rows: list[dict], names: list[str]) -> str:
             for nfe in NFES:
                 sel = [r for r in rows if r["variant"] == name and r["solver"] == solver and r["nfe"] == nfe]
                 cells.append(f"{cell([r['fd'] for r in sel], 3)} / {cell([r['accuracy'] for r in sel], 3)}")
-            ts = _mean([r["train_s_per_step"] for r in rows if r["variant"] == name])
+            ts = mean([r["train_s_per_step"] for r in rows if r["variant"] == name])
             lines.append(f"| {name} | {solver} | " + " | ".join(cells) + f" | {ts:.2f} ({ts / base:.2f}x) |")
     return "\n".join(lines)
 
@@ -164,13 +132,11 @@ def main() -> None:
     print(f"FD of {count} real held-out digits: {floor:.3f}", flush=True)
     rows = []
     for seed, runs in enumerate(args.runs):
-        train_missing(runs, names, args.train_steps, args.train_batch, seed)
+        for name in names:
+            budget = ["--steps", str(args.train_steps), "--batch-size", str(args.train_batch), "--seed", str(seed)]
+            train_missing(runs / name, ["cascade", *VARIANTS[name], *budget, "--checkpoint-every", "250"])
         rows += evaluate_runs(runs, seed, names, args.n, args.batch_size, judge)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "cascade_digits.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out / "cascade_digits.csv")
     plot(rows, floor, args.out / "cascade_digits.png")
     print(f"\nreal held-out digits ({count}): FD {floor:.3f}\n")
     print(table(rows, names))

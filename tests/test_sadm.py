@@ -4,6 +4,7 @@ resume, batch-size errors and a tiny training run."""
 import copy
 import csv
 import itertools
+import math
 import re
 
 import pytest
@@ -275,3 +276,19 @@ def test_interval_guidance_samples_a_sadm_model(tmp_path):
     inside = int(((sig[:-1] > 0.3) & (sig[:-1] <= 5.0)).sum())
     assert torch.isfinite(out).all() and 0 < inside < 6
     assert (stats.nfe_cond, stats.nfe_uncond) == (6, inside)
+
+
+def test_a_diverging_discriminator_stops_the_run_and_bad_settings_are_refused(tmp_path):
+    from fastdiff.train.edm import EDMLoss
+    from fastdiff.train.runtime import Adversary
+
+    def diverging(enc, model, batch, generator):
+        return enc(batch[0], torch.ones(batch[0].shape[0])).sum() * math.nan, {}
+
+    cfg = TrainConfig(steps=2, batch_size=8, log_every=1, out_dir=str(tmp_path / "run"), progress=False)
+    with pytest.raises(FloatingPointError, match="diverged at step 1: the adversary's loss=nan"):
+        train(_model(), EDMLoss(), _data(), cfg, adversary=Adversary(_encoder(), diverging))
+    with pytest.raises(ValueError, match="Adversary.updates must be an integer >= 1"):
+        train(_model(), EDMLoss(), _data(), cfg, adversary=Adversary(_encoder(), diverging, updates=0))
+    with pytest.raises(ValueError, match="nn.Module with trainable parameters"):
+        train(_model(), EDMLoss(), _data(), cfg, adversary=Adversary(_encoder().requires_grad_(False), diverging))

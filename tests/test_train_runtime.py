@@ -179,6 +179,25 @@ def test_ddp_two_ranks_agree_and_draw_disjoint_shards(tmp_path):
     assert [int(r["step"]) for r in _rows(out / "log.csv")] == list(range(1, 7))  # rank 0 alone logs
 
 
+def test_ddp_keeps_an_adversary_in_sync(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"]
+    cmd += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(out)]
+    cmd += ["--steps", "5", "--batch-size", "4", "--checkpoint-every", "5", "--record", "--adversary"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    a0, _ = ckpt.load_model_weights(out / "adversary-rank0.safetensors")
+    a1, _ = ckpt.load_model_weights(out / "adversary-rank1.safetensors")
+    assert all(torch.equal(a0[k], a1[k]) for k in a0), "the ranks' adversaries diverged"
+    tensors, meta = ckpt.load_checkpoint(out)
+    assert all(torch.equal(tensors[f"adv.{k}"], a0[k]) for k in a0)
+    torch.manual_seed(8)
+    initial = torch.nn.Linear(6, 4).state_dict()
+    assert not torch.equal(initial["weight"], a0["weight"])  # it played (from step 3 on)
+    rows = _rows(out / "log.csv")
+    assert [r["adv_loss"] == "" for r in rows] == [True, True, False, False, False]
+
+
 def test_distributed_context_reads_torchrun_variables(monkeypatch):
     ctx = distributed_context("cpu")
     assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.distributed) == (0, 1, True, False)

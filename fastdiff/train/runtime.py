@@ -493,12 +493,14 @@ def _scalar(value: Any, name: str) -> torch.Tensor:
     return t.float().cpu().reshape(())
 
 
-def _check_finite(loss: torch.Tensor | None, grad_norm: torch.Tensor, step: int, state: TrainState) -> None:
+def _check_finite(
+    loss: torch.Tensor | None, grad_norm: torch.Tensor, step: int, state: TrainState, whose: str = ""
+) -> None:
     if (loss is None or torch.isfinite(loss)) and torch.isfinite(grad_norm):
         return
     last = f"; the last checkpoint is {state.checkpoint_path}" if state.checkpoint_path else ""
-    shown = "" if loss is None else f"loss={float(loss)}, "
-    raise FloatingPointError(f"training diverged at step {step}: {shown}grad_norm={float(grad_norm)}{last}")
+    shown = "" if loss is None else f"{whose}loss={float(loss)}, "
+    raise FloatingPointError(f"training diverged at step {step}: {shown}{whose}grad_norm={float(grad_norm)}{last}")
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -630,7 +632,6 @@ def _adversary_updates(
             if ctx.distributed:
                 _allreduce_grads(params, ctx.world_size)
             grad_norm = _grad_norm(params, adv.grad_clip)
-            _check_finite(loss.detach(), grad_norm, state.step, state)
             for g in optimizer.param_groups:
                 g["lr"] = adv.lr
             optimizer.step()
@@ -818,6 +819,9 @@ def _run(
             if state.step % cfg.log_every == 0 or last:
                 means = _mean_over_ranks({**logs, **adv_logs, "loss": loss}, ctx)
                 _check_finite(torch.tensor(means["loss"]), grad_norm, state.step, state)
+                if adv_logs:
+                    _check_finite(torch.tensor(means["adv_loss"]), torch.tensor(means["adv_grad_norm"]), state.step,
+                                  state, "the adversary's ")  # fmt: skip
                 row = {"step": state.step, "epoch": state.epoch, "loss": means.pop("loss"), "lr": lr}
                 row.update({"grad_norm": float(grad_norm), "time_s": round(state.elapsed_s, 3), **means})
                 state.last_logs = row

@@ -1,0 +1,59 @@
+"""What the training comparisons on the digits share (cascade_digits.py, sadm_digits.py): train the runs that are
+missing with the ``fastdiff train`` CLI, read a run's time per step from its log, sample and judge a model, and
+summarise several seeds as their mean and range."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastdiff import generate
+
+
+def train_missing(run_dir: Path, job_args: list[str]) -> None:
+    """``fastdiff train JOB_ARGS --out-dir RUN_DIR`` unless ``RUN_DIR/model.safetensors`` exists."""
+    if (run_dir / "model.safetensors").exists():
+        return
+    cmd = [sys.executable, "-m", "fastdiff", "train", *job_args, "--out-dir", str(run_dir), "--no-progress"]
+    print("training:", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def seconds_per_step(log_csv: Path) -> float:
+    """Training wall time per optimizer step over a whole run (from the last row of its ``log.csv``)."""
+    with open(log_csv) as f:
+        rows = list(csv.DictReader(f))
+    return float(rows[-1]["time_s"]) / int(rows[-1]["step"])
+
+
+def sample_and_judge(model, sigmas: torch.Tensor, solver, shape, num_classes: int, n: int, batch: int, judge) -> dict:
+    """Samples ``0..n-1`` (sample i: class i mod 10, always the same noise), no guidance: NFE, FD, accuracy and
+    the sampling wall time."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        gen = generate.generate(model, torch.arange(n), sigmas, solver=solver, shape=shape, num_classes=num_classes,
+                                batch_size=batch)  # fmt: skip
+    return {"nfe": gen.nfe, **judge(gen.images, gen.labels), "sample_s": time.perf_counter() - t0}
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def cell(values: list[float], digits: int) -> str:
+    """The mean, with the range over seeds when there are several: ``"1.234 (1.100-1.300)"``."""
+    text = f"{mean(values):.{digits}f}"
+    return text if len(values) == 1 else f"{text} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
