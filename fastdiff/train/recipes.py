@@ -81,10 +81,14 @@ def _initial_unet(cfg: UNetConfig, seed: int, init: str | Path | None, ds) -> ED
     return model.train().requires_grad_(True)
 
 
-def _report(what: str, model: torch.nn.Module, dataset_spec: str, ds, config: TrainConfig) -> None:
+def _millions(module: torch.nn.Module) -> str:
+    return f"{count_parameters(module) / 1e6:.2f}M parameters"
+
+
+def _report(what: str, dataset_spec: str, ds, config: TrainConfig) -> None:
     if distributed_context(config.device).is_main:
-        print(f"{what}: {count_parameters(model) / 1e6:.2f}M parameters; data {dataset_spec}: {len(ds)} images "
-              f"{tuple(ds.shape)}, {ds.num_classes} classes", file=sys.stderr)  # fmt: skip
+        print(f"{what}; data {dataset_spec}: {len(ds)} images {tuple(ds.shape)}, {ds.num_classes} classes",
+              file=sys.stderr)  # fmt: skip
 
 
 def _export_unet(state, config: TrainConfig, export: str | Path | None) -> Path:
@@ -117,7 +121,7 @@ def train_edm(
     """
     ds, cfg = _data_and_unet(dataset_spec, size, resolution, classes)
     model = _initial_unet(cfg, config.seed, init, ds)
-    _report(f"EDM UNet {init or size}", model, dataset_spec, ds, config)
+    _report(f"EDM UNet {init or size}: {_millions(model)}", dataset_spec, ds, config)
     loss = EDMLoss(sigma_data=model.sigma_data, label_dropout=label_dropout if ds.num_classes else 0.0)
     return _export_unet(train(model, loss, ds, config), config, export)
 
@@ -150,8 +154,8 @@ def train_sadm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
         encoder = build_encoder(sadm, ds.shape)
-    _report(f"SADM: EDM UNet {init or size}, structure encoder {count_parameters(encoder) / 1e6:.2f}M; UNet",
-            model, dataset_spec, ds, config)  # fmt: skip
+    _report(f"SADM: EDM UNet {init or size} ({_millions(model)}), structure discriminator ({_millions(encoder)})",
+            dataset_spec, ds, config)  # fmt: skip
     loss = SADMLoss(sadm, encoder, sigma_data=model.sigma_data)
     state = train(model, loss, ds, config, adversary=loss.adversary)
     out = _export_unet(state, config, export)
