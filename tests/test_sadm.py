@@ -75,10 +75,11 @@ def test_affinities_and_distances_against_direct_formulas():
         p, q = torch.softmax(a[i, j] / 0.1, 0), torch.softmax(b[i, j] / 0.1, 0)
         kl += float((p * (p / q).log()).sum()) / 5
     assert float(structural_distance(a, b, "kl", 0.1)) == pytest.approx(kl, rel=1e-5)
-    # identical features: the l2 affinity's gradient stays finite
-    g = torch.ones(3, 4, requires_grad=True)
-    structural_distance(affinity(g, "l2"), affinity(torch.randn(3, 4), "l2")).backward()
-    assert torch.isfinite(g.grad).all()
+    # finite gradients everywhere, also for two identical features (rows 0 and 1) under the l2 affinity
+    for kind, dist in itertools.product(AFFINITIES, DISTANCES):
+        g = torch.tensor([[2.0, 1, 1, 1], [2, 1, 1, 1], [1, 3, 0, 1]], requires_grad=True)
+        structural_distance(affinity(g, kind), affinity(torch.randn(3, 4), kind), dist).backward()
+        assert torch.isfinite(g.grad).all() and g.grad.abs().sum() > 0, (kind, dist)
 
 
 def test_a_batch_without_structure_is_refused():
@@ -177,9 +178,9 @@ def _model_from(state, like=None):
     return m
 
 
-def _sadm_run(tmp_path, name, steps, every=1000, ema=0.999, **options):
+def _sadm_run(tmp_path, name, steps, every=1000, ema=0.999, amp=False, **options):
     cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-3, checkpoint_every=every, log_every=1, ema_decay=ema,
-                      out_dir=str(tmp_path / name), progress=False)  # fmt: skip
+                      amp=amp, out_dir=str(tmp_path / name), progress=False)  # fmt: skip
     sadm = SADMConfig(encoder_channels=(8, 16), feature_dim=16, **options)
     return recipes.train_sadm("digits", cfg, sadm, size="tiny", resolution=8)
 
@@ -208,6 +209,14 @@ def test_resume_restores_both_players_both_optimizers_and_the_rng(tmp_path):
     assert first["structure_gap"] == "nan" and first["adv_loss"] == ""
     assert float(third["structure_gap"]) > 0 and float(third["adv_structure_gap"]) > 0
     assert float(third["adv_penalty"]) > 0
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_bf16_runs_with_every_distance_and_the_gradient_penalty(tmp_path, distance):
+    _sadm_run(tmp_path, "run", 3, amp=True, distance=distance, affinity="gaussian", gradient_penalty=1.0)
+    with open(tmp_path / "run" / "log.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert all(math.isfinite(float(last[k])) for k in ("loss", "structure_gap", "adv_loss", "adv_penalty"))
 
 
 def test_a_checkpoint_without_an_adversary_is_not_resumed_as_sadm(tmp_path):

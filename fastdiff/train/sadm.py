@@ -174,10 +174,10 @@ def structural_distance(s_real: torch.Tensor, s_fake: torch.Tensor, kind: str = 
     if kind == "l2":
         return (s_real - s_fake).square()[off].mean()
     if kind == "kl":
-        log_p = (s_real / temperature).masked_fill(~off, -math.inf).log_softmax(dim=1)
-        log_q = (s_fake / temperature).masked_fill(~off, -math.inf).log_softmax(dim=1)
-        terms = log_p.exp() * (log_p - log_q)
-        return terms.masked_fill(~off, 0.0).sum(dim=1).mean()
+        # Each row without its diagonal entry, [B, B - 1]: masking it to -inf instead would give NaN gradients.
+        log_p = (s_real[off].view(b, b - 1) / temperature).log_softmax(dim=1)
+        log_q = (s_fake[off].view(b, b - 1) / temperature).log_softmax(dim=1)
+        return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
     raise ValueError(f"distance must be one of {DISTANCES}, got {kind!r}")
 
 
