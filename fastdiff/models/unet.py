@@ -309,11 +309,21 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, c_noise, class_labels=None) -> torch.Tensor:
         c, y = self._check(x, c_noise, class_labels)
+        emb = self.embed(c, y)
+        h, skips = self.encode(self.conv_in(x.to(emb.dtype)), emb)
+        return self.decode(h, skips, emb)
+
+    # The three stages, public so that an adapter (CoDi's ControlNet-like copy of the encoder) can run a copy of
+    # the first two and add its features into the third's inputs.
+
+    def embed(self, c: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``[B, 4 * channels]``: the noise and class embedding of ``c_noise [B]`` and labels ``y [B]`` (-1: none)."""
         dtype = self.conv_in.weight.dtype
         y = torch.where(y < 0, torch.full_like(y, self.config.num_classes), y)
-        emb = F.silu(self.time_mlp(self.time_embed(c).to(dtype)) + self.class_embed(y))
+        return F.silu(self.time_mlp(self.time_embed(c).to(dtype)) + self.class_embed(y))
 
-        h = self.conv_in(x.to(dtype))
+    def encode(self, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The down path and the middle from ``h = conv_in(x)``: the middle's output and the skips, in order."""
         skips = [h]
         for i, block in enumerate(self.down):
             h = block(h, emb)
@@ -323,6 +333,11 @@ class UNet(nn.Module):
                 skips.append(h)
         for block in self.mid:
             h = block(h, emb)
+        return h, skips
+
+    def decode(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+        """The up path from the middle's output and the skips (consumed last first) to the output ``F``."""
+        skips = list(skips)
         for block in self.up:
             if isinstance(block, ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
