@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--progress", action="store_true", help="show progress bars")
     d.set_defaults(func=cmd_ld3)
 
-    t = sub.add_parser("train", help="training jobs (EDM, SADM and Cas-DM diffusion models, the digits classifier)")
+    t = sub.add_parser("train", help="training jobs (EDM, SADM, Cas-DM, CoDi distillation, the digits classifier)")
     tsub = t.add_subparsers(dest="train", required=True, metavar="JOB")
     e = tsub.add_parser(
         "edm",
@@ -191,6 +191,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(a, "runs/sadm")
     _add_init_arg(a)
     a.set_defaults(func=cmd_train_sadm)
+    o = tsub.add_parser(
+        "codi",
+        help="distil a model into a conditional 1-4-step sampler (CoDi)",
+        description=(
+            "CoDi (Mei et al. 2024): the frozen teacher plus a ControlNet-like adapter (zero-initialised, so the "
+            "student starts as the teacher) trained with a conditional consistency loss and a data term, for "
+            "multistep consistency sampling in 1-4 steps (fastdiff.train.codi.consistency_sample). On the shared "
+            "runtime: EMA target, checkpoints, exact resume, bf16, DDP under torchrun."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    o.add_argument("--teacher", default="digits", help="the EDM UNet to distil: digits, or a model file")
+    o.add_argument("--condition", default="lowres4+class",
+                   help="lowres2|lowres4|lowres8|inpaint|class, optionally +class")  # fmt: skip
+    o.add_argument("--intervals", type=int, default=20, help="N, the number of noise intervals")
+    o.add_argument("--target", default="teacher", choices=["teacher", "ema_cfg"],
+                   help="who takes the step z_t -> z_s: the frozen teacher, or the EMA student with CFG")  # fmt: skip
+    o.add_argument("--w-min", type=float, default=2.0, help="smallest CFG scale of --target ema_cfg")
+    o.add_argument("--w-max", type=float, default=14.0, help="largest CFG scale (exclusive)")
+    o.add_argument("--cond-dropout", type=float, default=0.1, help="probability of training the null condition")
+    o.add_argument("--data-weight", type=float, default=1.0, help="weight of the data term |x_hat - x0|^2")
+    o.add_argument("--boundary-scale", type=float, default=10.0, help="LCM's timestep scaling of c_skip, c_out")
+    o.add_argument("--fusion", default="zero_conv", choices=["zero_conv", "mu"], help="how adapter features join")
+    o.add_argument("--trainable", default="adapter", choices=["adapter", "all"], help="PE-CoDi or full CoDi")
+    _add_training_args(o, "runs/codi", sized=False)
+    o.set_defaults(func=cmd_train_codi, lr=2e-4, ema=0.99, warmup=0)
     k = tsub.add_parser(
         "cascade",
         help="train a Cas-DM model (cascaded eps + x0 networks with a metric loss) or a baseline",
@@ -324,13 +350,15 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_args(p: argparse.ArgumentParser, out_dir: str) -> None:
-    """The data, network size and runtime options every ``fastdiff train`` diffusion job shares."""
+def _add_training_args(p: argparse.ArgumentParser, out_dir: str, sized: bool = True) -> None:
+    """The data, network size (``sized``) and runtime options every ``fastdiff train`` diffusion job shares."""
     p.add_argument("--data", default="digits", help="digits, an image folder, or a .npy/.npz array file")
-    p.add_argument("--resolution", type=int, default=None, help="image size (digits: 16; folders: resize to it)")
+    if sized:
+        p.add_argument("--resolution", type=int, default=None, help="image size (digits: 16; folders: resize to it)")
     p.add_argument("--classes", type=_ints, default=None, metavar="A,B,...",
                    help="train on these classes only (labels kept: a model of every class still fits)")  # fmt: skip
-    p.add_argument("--size", default="small", choices=["tiny", "small"], help="UNet preset (of every network)")
+    if sized:
+        p.add_argument("--size", default="small", choices=["tiny", "small"], help="UNet preset (of every network)")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=128, help="batch size per process")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
@@ -375,6 +403,21 @@ def cmd_train_edm(args: argparse.Namespace) -> int:
         args.data, _train_config(args), size=args.size, resolution=args.resolution, classes=args.classes,
         label_dropout=args.label_dropout, init=args.init, export=args.export,
     )  # fmt: skip
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_train_codi(args: argparse.Namespace) -> int:
+    from fastdiff.train import recipes
+    from fastdiff.train.codi import CoDiConfig
+
+    codi = CoDiConfig(
+        condition=args.condition, intervals=args.intervals, target=args.target, w_min=args.w_min, w_max=args.w_max,
+        cond_dropout=args.cond_dropout, data_weight=args.data_weight, boundary_scale=args.boundary_scale,
+        fusion=args.fusion, trainable=args.trainable,
+    )  # fmt: skip
+    path = recipes.train_codi(args.teacher, args.data, _train_config(args), codi, classes=args.classes,
+                              export=args.export)  # fmt: skip
     print(f"wrote {path}")
     return 0
 

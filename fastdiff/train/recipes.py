@@ -5,6 +5,8 @@
   weights. This made the built-in ``digits`` model.
 * :func:`train_sadm`: SADM (:mod:`fastdiff.train.sadm`): an EDM UNet, from scratch or fine-tuned from a model
   file, against a structure discriminator, on the same runtime; exports the EMA denoiser, an ordinary EDM UNet.
+* :func:`train_codi`: CoDi (:mod:`fastdiff.train.codi`): a frozen teacher distilled into a conditional student
+  (the teacher plus an adapter) for 1-4-step consistency sampling, on the same runtime; exports the EMA student.
 * :func:`train_cascade`: Cas-DM (:mod:`fastdiff.train.cascade`) and its baselines (the dual-output model, a plain
   eps-DDPM) on the same runtime; exports the EMA model.
 * :func:`train_digits_classifier`: the classifier behind fastdiff's digits quality metrics
@@ -27,6 +29,7 @@ from fastdiff.checkpoint import atomic_write
 from fastdiff.models.classifier import evaluate_accuracy, save_classifier, train_classifier
 from fastdiff.models.unet import EDMUNet, UNetConfig, count_parameters, save_unet
 from fastdiff.train.cascade import CascadeConfig, CascadeLoss, build_cascade, save_cascade
+from fastdiff.train.codi import CoDiConfig, CoDiLoss, CoDiStudent, get_condition, save_student
 from fastdiff.train.edm import EDMLoss
 from fastdiff.train.runtime import TrainConfig, distributed_context, train
 from fastdiff.train.sadm import SADMConfig, SADMLoss, build_encoder
@@ -234,6 +237,55 @@ def _save_figure(fig, out_png: Path) -> None:
     fig.tight_layout()
     atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
+
+
+def train_codi(
+    teacher: str | Path,
+    dataset_spec: str,
+    config: TrainConfig,
+    codi: CoDiConfig,
+    *,
+    classes: Sequence[int] | None = None,
+    export: str | Path | None = None,
+) -> Path:
+    """Distil the EDM UNet ``teacher`` (``"digits"`` or a model file) into a CoDi student on ``dataset_spec``.
+
+    The data must have the teacher's resolution and channels (and classes for a ``+class`` condition). The student
+    is the teacher plus an adapter seeded by ``config.seed``; the teacher stays frozen. Checkpoints and
+    ``log.csv`` go to ``config.out_dir``; the EMA student to ``export`` (default ``<out_dir>/model.safetensors``),
+    read back by :func:`fastdiff.train.codi.load_student`. Returns that path.
+    """
+    from fastdiff import models
+
+    teacher_model = models.get(teacher)
+    if not isinstance(teacher_model, EDMUNet):
+        raise ValueError(f"the CoDi teacher must be an EDM UNet ('digits' or a fastdiff train edm/sadm model file), "
+                         f"got {type(teacher_model).__name__} from {teacher}")  # fmt: skip
+    tcfg = teacher_model.config
+    ds = data.get_dataset(dataset_spec, tcfg.resolution)
+    if classes is not None:
+        ds = ds.with_classes(classes)
+    if ds.shape != (tcfg.in_channels, tcfg.resolution, tcfg.resolution):
+        raise ValueError(f"the teacher {teacher} takes {(tcfg.in_channels, tcfg.resolution, tcfg.resolution)} "
+                         f"images; the data has {ds.shape}")  # fmt: skip
+    condition = get_condition(codi.condition, tcfg.in_channels)
+    if condition.uses_labels and not ds.num_classes:
+        raise ValueError(f"the {condition.name} condition needs class labels; {dataset_spec} has none")
+    teacher_model.eval().requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        student = CoDiStudent(teacher_model, condition, codi.fusion, ds.num_classes).set_trainable(codi.trainable)
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    _report(f"CoDi {codi.trainable}: student {_millions(student)} ({trainable / 1e6:.2f}M trained), condition "
+            f"{condition.name}, teacher {teacher}", dataset_spec, ds, config)  # fmt: skip
+    state = train(
+        student, CoDiLoss(codi, teacher_model, condition), ds, config, extra_modules={"teacher": teacher_model}
+    )
+    path = Path(export) if export is not None else Path(config.out_dir) / "model.safetensors"
+    if state.context.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_student(path, state.ema_model().cpu(), codi, provenance=_command())
+    return path
 
 
 def plot_training_log(log_csv: Path, out_png: Path) -> None:

@@ -674,7 +674,9 @@ def train(
             ``batch`` is what the dataset items collate to, on the device (``(images [B, ...], labels [B])``
             for fastdiff's datasets); ``generator`` is the runtime's ``torch.Generator`` on the device, the
             only source of randomness ``loss_fn`` may use. ``loss`` is a scalar tensor; ``logs`` maps names to
-            floats or scalar tensors, with the same keys at every step, and is written to the log.
+            floats or scalar tensors, with the same keys at every step, and is written to the log. A loss that
+            needs the run's state defines ``loss_fn.bind(state)``, called once with the :class:`TrainState` before
+            the first step (after a resume): CoDi's consistency target reads the EMA weights ``state.ema``.
         dataset: a map-style dataset (``len`` and integer indexing), a ``TensorDataset`` or a tensor whose
             first dimension indexes the items.
         config: the run settings; ``config.out_dir`` holds the checkpoints and logs. If it already holds a
@@ -762,6 +764,9 @@ def _run(
                 p.unlink(missing_ok=True)
     if state.step >= cfg.steps:
         return state
+    bind = getattr(loss_fn, "bind", None)
+    if callable(bind):
+        bind(state)
 
     trainable = [p for g in groups for p in g["params"]]
     extra_params = [p for g in groups[1:] for p in g["params"]]
