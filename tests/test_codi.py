@@ -265,3 +265,17 @@ def test_multistep_consistency_sampling_matches_its_definition():
         torch.testing.assert_close(one, consistency_output(student, z, torch.full((4,), 80.0), 0.002, **kw)[0])
     with pytest.raises(ValueError, match="decreasing"):
         consistency_sample(student, z, torch.tensor([1.0, 2.0]), **kw)
+
+
+def test_the_replacement_baseline_keeps_the_low_resolution_image():
+    from fastdiff.train.codi import LowResReplacement
+
+    teacher = _teacher()
+    x0, labels = _batch()
+    lowres = torch.nn.functional.avg_pool2d(x0, 4)
+    model = LowResReplacement(teacher, lowres, 4)
+    with torch.no_grad():
+        d = model(torch.randn(4, *SHAPE) * 3, torch.full((4,), 3.0), class_labels=labels)
+    torch.testing.assert_close(torch.nn.functional.avg_pool2d(d, 4), lowres, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="the low-res batch has 4 images, the sampler passed 8"):
+        model(torch.randn(8, *SHAPE), torch.ones(8))

@@ -430,6 +430,25 @@ def consistency_sample(
     return x
 
 
+class LowResReplacement(nn.Module):
+    """A model conditioned on a low-resolution image by replacement, the training-free baseline CoDi is compared
+    with: ``D'(x; sigma) = D + up(lowres - down(D))``, so the denoised estimate's ``factor x factor`` block means
+    are the given pixels at every evaluation, whatever the solver. ``lowres [B, C, H / factor, W / factor]``
+    must line up with the batch the sampler passes (no guidance, which would double it)."""
+
+    def __init__(self, model: Callable, lowres: torch.Tensor, factor: int):
+        super().__init__()
+        self.model, self.lowres, self.factor = model, lowres, factor
+        self.sigma_data = getattr(model, "sigma_data", 0.5)
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        d = self.model(x, sigma, **cond)
+        if d.shape[0] != self.lowres.shape[0]:
+            raise ValueError(f"the low-res batch has {self.lowres.shape[0]} images, the sampler passed {d.shape[0]}")
+        gap = self.lowres.to(d) - F.avg_pool2d(d, self.factor)
+        return d + F.interpolate(gap, scale_factor=self.factor, mode="nearest")
+
+
 CODI_TYPE = "codi_student"
 
 
@@ -467,6 +486,7 @@ def load_student(path, device: str | torch.device = "cpu") -> CoDiStudent:
 
 __all__ = [
     "CoDiConfig", "CoDiLoss", "CoDiStudent", "ClassCondition", "Condition", "InpaintCondition", "LowResCondition",
+    "LowResReplacement",
     "TensorCondition", "UNetAdapter", "consistency_output", "consistency_sample", "consistency_scalings",
     "get_condition", "load_student", "save_student",
 ]  # fmt: skip
