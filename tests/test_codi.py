@@ -279,3 +279,42 @@ def test_the_replacement_baseline_keeps_the_low_resolution_image():
     torch.testing.assert_close(torch.nn.functional.avg_pool2d(d, 4), lowres, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="the low-res batch has 4 images, the sampler passed 8"):
         model(torch.randn(8, *SHAPE), torch.ones(8))
+
+
+def _unet2d(**extra):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(3)
+    blocks = {"down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D")}
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                       norm_num_groups=8, **blocks, **extra)  # fmt: skip
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn(p.shape))
+    return unet.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("fusion", ["zero_conv", "mu"])
+def test_a_diffusers_unet2d_student_starts_as_its_teacher_and_trains_its_adapter(fusion):
+    from fastdiff.denoisers import VPDenoiser
+    from fastdiff.integrations.diffusers import codi_student
+    from fastdiff.train.cascade import vp_alphas_cumprod
+    from fastdiff.train.codi import set_trainable
+
+    unet, ab = _unet2d(), vp_alphas_cumprod("linear", 1000)
+    teacher = VPDenoiser(unet, ab, "v")
+    cond = get_condition("lowres4+class", 1)
+    student = set_trainable(codi_student(unet, ab, "v", cond, fusion, num_classes=10), "adapter")
+    x0, labels = _batch()
+    z, sigma = x0 + torch.randn_like(x0), torch.tensor([0.05, 0.5, 2.0, 20.0])
+    with torch.no_grad():
+        assert torch.equal(student(z, sigma, **_kwargs(cond, x0, labels)), teacher(z, sigma))
+    cfg = CoDiConfig(sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max, target="ema_cfg")
+    loss, _ = CoDiLoss(cfg, teacher, cond)(student, (x0, labels), torch.Generator().manual_seed(0))
+    loss.backward()
+    adapter = {id(p) for p in student.net.adapter.parameters()}
+    assert all((p.grad is not None) == (id(p) in adapter) for p in student.parameters())
+    with pytest.raises(ValueError, match="condition tensor must have shape"):
+        student(z, sigma, cond=torch.zeros(4, 1, 2, 2), class_labels=labels)
+    with pytest.raises(ValueError, match="adapts an unconditional UNet2DModel"):
+        codi_student(_unet2d(num_class_embeds=10), ab, "v", cond)

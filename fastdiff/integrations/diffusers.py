@@ -9,6 +9,8 @@
 * :class:`PipelineSampler` (and the one-shot :func:`sample_pipeline`) run a pipeline's UNet or transformer
   through fastdiff's own loop instead: coefficients on the device, a CUDA graph of the whole loop if asked for,
   and interval guidance that skips the unconditional half of the batch outside ``(sigma_lo, sigma_hi]``.
+* :func:`codi_student` (with :class:`UNet2DModelAdapter`) makes a CoDi student of a ``UNet2DModel``: the UNet
+  plus a ControlNet-like adapter, trained by :mod:`fastdiff.train.codi`.
 
 Conventions. A scheduler's samples live in the model's own space, as diffusers' DDIM, DPM-Solver and UniPC
 schedulers keep them: ``x_vp = x / sqrt(1 + sigma^2)`` for a VP (DDPM-family) model, ``x_t = x / (1 + sigma)``
@@ -20,6 +22,7 @@ A flow model's first noise level ``t = 1`` is ``sigma = inf`` in the VE form; fa
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Mapping, Sequence
@@ -38,6 +41,7 @@ from fastdiff.denoisers import FlowDenoiser, VPDenoiser, discrete_sigmas, networ
 from fastdiff.guidance import Guidance
 from fastdiff.sampler import Sampler
 from fastdiff.solvers import Denoised
+from fastdiff.train.codi import AdaptedNetwork, AdapterBase
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow": "flow"}
 FLOW_T_MAX = 1 - 1e-9  # t = 1 is sigma = inf in the VE form; see the module docstring
@@ -626,3 +630,95 @@ def sample_pipeline(
     )
     call = {k: v for k, v in kwargs.items() if k not in build}
     return runner(prompt_embeds, negative_prompt_embeds, **call)
+
+
+# ------------------------------------------------------------------------------------------ CoDi adapter
+
+
+def _unet2d_embed(unet, timesteps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``UNet2DModel``'s time embedding of ``timesteps [B]`` (its forward's step 1, without classes)."""
+    t = timesteps.to(x.device) * torch.ones(x.shape[0], dtype=timesteps.dtype, device=x.device)
+    return unet.time_embedding(unet.time_proj(t).to(dtype=unet.dtype))
+
+
+def _unet2d_encode(unet, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The down blocks and the middle block from ``h = conv_in(x)``: ``(middle output, skips)``."""
+    skips = [h]
+    for block in unet.down_blocks:
+        h, res = block(hidden_states=h, temb=emb)
+        skips += list(res)
+    if unet.mid_block is not None:
+        h = unet.mid_block(h, emb)
+    return h, skips
+
+
+def _unet2d_decode(unet, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+    """The up blocks and the output layers (the forward's steps 5 and 6)."""
+    for block in unet.up_blocks:
+        n = len(block.resnets)
+        h, skips = block(h, tuple(skips[-n:]), emb), skips[:-n]
+    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+
+
+class UNet2DModelAdapter(AdapterBase):
+    """CoDi's ControlNet-like adapter (:mod:`fastdiff.train.codi`) for a diffusers ``UNet2DModel``: a copy of its
+    ``conv_in``, time embedding, down blocks and middle block, a zero-initialised input convolution for the
+    condition, a class embedding of its own (``num_classes`` classes and a null row, when ``num_classes > 0``),
+    and the fusion into the adapted UNet's skips and middle output.
+
+    ``forward(unet, sample, timestep, labels, cond)`` returns ``unet``'s output (a tensor) with the adapter fused
+    in. The adapted UNet must be unconditional (no class embedding: CoDi distils an unconditional model) and use
+    plain down and up blocks with positional time embeddings (not the score-SDE skip blocks or Fourier time).
+    """
+
+    def __init__(self, unet, cond_channels: int, num_classes: int = 0, fusion: str = "zero_conv"):
+        cfg = unet.config
+        if unet.class_embedding is not None:
+            raise ValueError("CoDi adapts an unconditional UNet2DModel; this one has a class embedding")
+        if cfg.time_embedding_type != "positional" or any(hasattr(b, "skip_conv") for b in unet.down_blocks):
+            raise ValueError("the CoDi adapter supports UNet2DModels with positional time embeddings and without "
+                             "skip blocks (SkipDownBlock2D, AttnSkipDownBlock2D)")  # fmt: skip
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        with torch.no_grad():
+            x = torch.zeros(1, cfg.in_channels, size, size, dtype=unet.dtype, device=unet.device)
+            h, skips = _unet2d_encode(unet, unet.conv_in(x), _unet2d_embed(unet, torch.zeros(1), x))
+        super().__init__(cond_channels, unet.conv_in.out_channels, [s.shape[1] for s in [*skips, h]], fusion)
+        enc = copy.deepcopy(unet)
+        enc.up_blocks, enc.conv_norm_out, enc.conv_act, enc.conv_out = torch.nn.ModuleList(), None, None, None
+        self.enc, self.num_classes = enc, num_classes
+        dim = unet.time_embedding.linear_2.out_features
+        self.class_embed = torch.nn.Embedding(num_classes + 1, dim) if num_classes else None
+
+    def forward(self, unet, sample: torch.Tensor, timestep, labels, cond) -> torch.Tensor:
+        self.check_cond(cond, sample)
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        emb = _unet2d_embed(unet, t, sample)
+        h, skips = _unet2d_encode(unet, unet.conv_in(sample), emb)
+        emb_a = _unet2d_embed(self.enc, t, sample)
+        if self.class_embed is not None:
+            y = torch.full((sample.shape[0],), -1, device=sample.device) if labels is None else labels.long()
+            if sample.device.type == "cpu" and ((y < -1) | (y >= self.num_classes)).any():
+                raise ValueError(
+                    f"class_labels must lie in [-1, {self.num_classes}), got {sorted(y.unique().tolist())}"
+                )
+            emb_a = emb_a + self.class_embed(torch.where(y < 0, self.num_classes, y)).to(emb_a.dtype)
+        elif labels is not None:
+            raise ValueError("this adapter has no class embedding: build it with num_classes > 0")
+        ha, skips_a = _unet2d_encode(self.enc, self.add_cond(self.enc.conv_in(sample), cond), emb_a)
+        h, skips = self.fuse(h, skips, ha, skips_a)
+        return _unet2d_decode(unet, h, skips, emb)
+
+
+def codi_student(unet, alphas_cumprod: torch.Tensor, prediction: str, condition, fusion: str = "zero_conv",
+                 num_classes: int = 0) -> VPDenoiser:  # fmt: skip
+    """A CoDi student of the diffusers ``UNet2DModel`` ``unet`` (which predicts ``prediction``: eps, v or x0, on
+    the discrete schedule ``alphas_cumprod``): a copy of the UNet plus a :class:`UNet2DModelAdapter`, as a
+    fastdiff model ``D(z; sigma, class_labels=None, cond=None)``. At initialisation it equals
+    ``VPDenoiser(unet, alphas_cumprod, prediction)``. Train it with :class:`fastdiff.train.codi.CoDiLoss` (its
+    ``CoDiConfig.sigma_min``/``sigma_max`` inside the schedule's range) and :func:`fastdiff.train.codi.set_trainable`.
+    """
+    classes = num_classes if condition.uses_labels else 0
+    adapter = UNet2DModelAdapter(unet, condition.channels, classes, fusion)
+    student = VPDenoiser(AdaptedNetwork(copy.deepcopy(unet), adapter), alphas_cumprod, prediction)
+    student.condition = condition
+    return student

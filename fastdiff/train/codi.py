@@ -162,7 +162,44 @@ def get_condition(spec: str, image_channels: int) -> Condition:
 # --------------------------------------------------------------------------------------------- the student
 
 
-class UNetAdapter(nn.Module):
+class AdapterBase(nn.Module):
+    """What every CoDi adapter shares: the condition's input convolution (zero-initialised, from ``cond_channels``
+    to ``width``) and the fusion of the adapter's features into the adapted network's skips and middle output,
+    whose channel counts are ``widths`` (the skips in order, then the middle)."""
+
+    def __init__(self, cond_channels: int, width: int, widths: list[int], fusion: str):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.fusion, self.cond_channels = fusion, cond_channels
+        self.cond_in = _zero(nn.Conv2d(cond_channels, width, 3, padding=1)) if cond_channels else None
+        if fusion == "zero_conv":
+            self.zero = nn.ModuleList(_zero(nn.Conv2d(c, c, 1)) for c in widths)
+        else:
+            self.mu = nn.Parameter(torch.zeros(len(widths)))
+
+    def check_cond(self, cond: torch.Tensor | None, x: torch.Tensor) -> None:
+        if self.cond_channels:
+            want = (x.shape[0], self.cond_channels, *x.shape[2:])
+            if cond is None or tuple(cond.shape) != want:
+                got = None if cond is None else tuple(cond.shape)
+                raise ValueError(f"the condition tensor must have shape {list(want)}, got {got}")
+        elif cond is not None:
+            raise ValueError("this adapter takes no condition tensor")
+
+    def add_cond(self, h: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """The adapter's input features: ``h`` (its copy of the input convolution) plus the condition's."""
+        return h if self.cond_in is None else h + self.cond_in(cond.to(h.dtype))
+
+    def fuse(self, h, skips, ha, skips_a) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The middle output and the skips with the adapter's features fused in."""
+        out = []
+        for i, (a, b) in enumerate([*zip(skips, skips_a), (h, ha)]):
+            out.append(a + self.zero[i](b) if self.fusion == "zero_conv" else (1 - self.mu[i]) * a + self.mu[i] * b)
+        return out[-1], out[:-1]
+
+
+class UNetAdapter(AdapterBase):
     """The ControlNet-like adapter of a fastdiff :class:`~fastdiff.models.unet.UNet` (see the module docstring).
 
     ``forward(unet, x_in, c_noise, labels, cond) -> F``: the raw output of ``unet`` (the copy being adapted) on
@@ -172,62 +209,50 @@ class UNetAdapter(nn.Module):
     """
 
     def __init__(self, unet: UNet, cond_channels: int, num_classes: int, fusion: str = "zero_conv"):
-        super().__init__()
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         cfg = unet.config
+        with torch.no_grad():
+            x = torch.zeros(1, cfg.in_channels, cfg.resolution, cfg.resolution)
+            h, skips = unet.encode(unet.conv_in(x), unet.embed(torch.zeros(1), torch.full((1,), -1)))
+        super().__init__(cond_channels, unet.conv_in.out_channels, [s.shape[1] for s in [*skips, h]], fusion)
         enc = copy.deepcopy(unet)
         enc.up, enc.norm_out, enc.conv_out = nn.ModuleList(), None, None  # the encoder alone
         if num_classes != cfg.num_classes:
             enc.config = dataclasses.replace(cfg, num_classes=num_classes)
             enc.class_embed = nn.Embedding(num_classes + 1, enc.class_embed.embedding_dim)
-        self.enc, self.fusion, self.cond_channels = enc, fusion, cond_channels
-        width = unet.conv_in.out_channels
-        self.cond_in = _zero(nn.Conv2d(cond_channels, width, 3, padding=1)) if cond_channels else None
-        with torch.no_grad():
-            x = torch.zeros(1, cfg.in_channels, cfg.resolution, cfg.resolution)
-            h, skips = unet.encode(unet.conv_in(x), unet.embed(torch.zeros(1), torch.full((1,), -1)))
-        widths = [s.shape[1] for s in skips] + [h.shape[1]]
-        if fusion == "zero_conv":
-            self.zero = nn.ModuleList(_zero(nn.Conv2d(c, c, 1)) for c in widths)
-        else:
-            self.mu = nn.Parameter(torch.zeros(len(widths)))
-
-    def _fuse(self, i: int, h: torch.Tensor, ha: torch.Tensor) -> torch.Tensor:
-        if self.fusion == "zero_conv":
-            return h + self.zero[i](ha)
-        return (1 - self.mu[i]) * h + self.mu[i] * ha
+        self.enc = enc
 
     def forward(self, unet: UNet, x_in, c_noise, labels, cond) -> torch.Tensor:
         c, _ = unet._check(x_in, c_noise, None)
         _, y = self.enc._check(x_in, c_noise, labels)
-        if self.cond_channels:
-            want = (x_in.shape[0], self.cond_channels, *x_in.shape[2:])
-            if cond is None or tuple(cond.shape) != want:
-                got = None if cond is None else tuple(cond.shape)
-                raise ValueError(f"the condition tensor must have shape {list(want)}, got {got}")
-        elif cond is not None:
-            raise ValueError("this adapter takes no condition tensor")
+        self.check_cond(cond, x_in)
         emb = unet.embed(c, torch.full_like(y, -1))  # the adapted network stays unconditional
         h, skips = unet.encode(unet.conv_in(x_in.to(emb.dtype)), emb)
-        emb_a = self.enc.embed(c, y)
-        ha = self.enc.conv_in(x_in.to(emb.dtype))
-        if self.cond_in is not None:
-            ha = ha + self.cond_in(cond.to(emb.dtype))
-        ha, skips_a = self.enc.encode(ha, emb_a)
-        skips = [self._fuse(i, s, sa) for i, (s, sa) in enumerate(zip(skips, skips_a))]
-        return unet.decode(self._fuse(len(skips), h, ha), skips, emb)
+        ha, skips_a = self.enc.encode(self.add_cond(self.enc.conv_in(x_in.to(emb.dtype)), cond), self.enc.embed(c, y))
+        h, skips = self.fuse(h, skips, ha, skips_a)
+        return unet.decode(h, skips, emb)
 
 
-class _AdaptedUNet(nn.Module):
-    """The student's raw network ``F(x_in, c_noise, class_labels=None, cond=None)``."""
+class AdaptedNetwork(nn.Module):
+    """A student's raw network: ``forward(x, t, class_labels=None, cond=None) = adapter(net, x, t, labels, cond)``,
+    where ``net`` is the copy of the teacher's network being adapted."""
 
-    def __init__(self, unet: UNet, adapter: UNetAdapter):
+    def __init__(self, net: nn.Module, adapter: nn.Module):
         super().__init__()
-        self.unet, self.adapter = unet, adapter
+        self.unet, self.adapter = net, adapter
 
-    def forward(self, x, c_noise, class_labels=None, cond=None):
-        return self.adapter(self.unet, x, c_noise, class_labels, cond)
+    def forward(self, x, t, class_labels=None, cond=None):
+        return self.adapter(self.unet, x, t, class_labels, cond)
+
+
+def set_trainable(student: nn.Module, which: str) -> nn.Module:
+    """``"adapter"`` (PE-CoDi: the adapted network frozen) or ``"all"`` (full CoDi), for a student whose ``.net``
+    is an :class:`AdaptedNetwork`; returns the student."""
+    if which not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {which!r}")
+    student.requires_grad_(True)
+    if which == "adapter":
+        student.net.unet.requires_grad_(False)
+    return student
 
 
 class CoDiStudent(EDMPrecond):
@@ -240,17 +265,12 @@ class CoDiStudent(EDMPrecond):
             raise TypeError(f"the CoDi student adapts a fastdiff EDMUNet, got {type(teacher).__name__}")
         classes = num_classes if condition.uses_labels else 0
         adapter = UNetAdapter(teacher.net, condition.channels, classes, fusion)
-        super().__init__(_AdaptedUNet(copy.deepcopy(teacher.net), adapter), teacher.sigma_data)
+        super().__init__(AdaptedNetwork(copy.deepcopy(teacher.net), adapter), teacher.sigma_data)
         self.condition = condition
 
     def set_trainable(self, which: str) -> CoDiStudent:
-        """``"adapter"`` (PE-CoDi: the adapted network frozen) or ``"all"`` (full CoDi)."""
-        if which not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {TRAINABLE}, got {which!r}")
-        self.requires_grad_(True)
-        if which == "adapter":
-            self.net.unet.requires_grad_(False)
-        return self
+        """See :func:`set_trainable`."""
+        return set_trainable(self, which)
 
 
 # --------------------------------------------------------------------------------------------- consistency
@@ -485,8 +505,8 @@ def load_student(path, device: str | torch.device = "cpu") -> CoDiStudent:
 
 
 __all__ = [
-    "CoDiConfig", "CoDiLoss", "CoDiStudent", "ClassCondition", "Condition", "InpaintCondition", "LowResCondition",
-    "LowResReplacement",
-    "TensorCondition", "UNetAdapter", "consistency_output", "consistency_sample", "consistency_scalings",
-    "get_condition", "load_student", "save_student",
+    "AdaptedNetwork", "AdapterBase", "CoDiConfig", "CoDiLoss", "CoDiStudent", "ClassCondition", "Condition",
+    "InpaintCondition", "LowResCondition", "LowResReplacement", "TensorCondition", "UNetAdapter",
+    "consistency_output", "consistency_sample", "consistency_scalings", "get_condition", "load_student",
+    "save_student", "set_trainable",
 ]  # fmt: skip
