@@ -283,12 +283,17 @@ def consistency_scalings(sigma: torch.Tensor, sigma_min: float, sigma_data: floa
     return sigma_data**2 / (u**2 + sigma_data**2), u / torch.sqrt(u**2 + sigma_data**2)
 
 
+def _sigma_data(model) -> float:
+    # Through a DistributedDataParallel wrapper too; 0.5 (data in [-1, 1]) for models without one (VP networks).
+    return getattr(getattr(model, "module", model), "sigma_data", 0.5)
+
+
 def consistency_output(model: Callable, z: torch.Tensor, sigma: torch.Tensor, sigma_min: float, scale: float = 10.0,
                        **cond) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(f(z, sigma), x_hat)``: the consistency output and the model's denoised estimate, ``sigma [B]``."""
     x_hat = model(z, sigma, **cond)
     c_skip, c_out = consistency_scalings(sigma.reshape(-1, *[1] * (z.ndim - 1)), sigma_min,
-                                         getattr(model, "sigma_data", 0.5), scale)  # fmt: skip
+                                         _sigma_data(model), scale)  # fmt: skip
     return c_skip * z + c_out * x_hat, x_hat
 
 
@@ -362,7 +367,12 @@ class CoDiLoss:
         if self._ema is None:
             return student
         module, weights = self._module, self._ema
-        return lambda z, sigma, **cond: torch.func.functional_call(module, weights, (z, sigma), cond)
+
+        def ema_student(z, sigma, **cond):
+            return torch.func.functional_call(module, weights, (z, sigma), cond)
+
+        ema_student.sigma_data = _sigma_data(module)
+        return ema_student
 
     def _teacher_denoised(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         classes = getattr(getattr(self.teacher, "config", None), "num_classes", 0)
@@ -437,7 +447,7 @@ def consistency_sample(
     sig = [float(v) for v in torch.as_tensor(sigmas).flatten() if float(v) > 0]
     if not sig or any(b >= a for a, b in zip(sig, sig[1:])) or sig[-1] < sigma_min:
         raise ValueError(f"sigmas must be positive, decreasing and >= sigma_min={sigma_min}, got {sig}")
-    sd = getattr(model, "sigma_data", 0.5)
+    sd = _sigma_data(model)
     x = z
     for i, s in enumerate(sig):
         d = model(x, torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype), **cond)
