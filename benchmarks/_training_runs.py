@@ -51,6 +51,15 @@ def cell(values: list[float], digits: int) -> str:
     return text if len(values) == 1 else f"{text} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
+def read_csv(path: Path, text: tuple[str, ...]) -> list[dict]:
+    """Rows written by :func:`write_csv`: the ``text`` columns as strings, integer-valued ones as ints, the rest
+    as floats (for redrawing a plot without sampling again)."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v if k in text else (int(v) if v.lstrip("-").isdigit() else float(v)) for k, v in r.items()}
+            for r in rows]  # fmt: skip
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:

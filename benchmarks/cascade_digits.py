@@ -25,7 +25,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from _training_runs import cell, mean, sample_and_judge, seconds_per_step, train_missing, write_csv
+from _training_runs import cell, mean, read_csv, sample_and_judge, seconds_per_step, train_missing, write_csv
 
 from fastdiff import evaluate, models, solvers
 from fastdiff.denoisers import discrete_sigmas
@@ -70,6 +70,7 @@ def plot(rows: list[dict], floor: float, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, solver in zip(axes, SOLVERS):
@@ -82,7 +83,9 @@ def plot(rows: list[dict], floor: float, out: Path) -> None:
                 ax.errorbar(NFES, means, yerr=err, marker="o", capsize=3, label=name)
         ax.axhline(floor, color="gray", ls="--", lw=1, label="real held-out digits")
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xticks(NFES, [str(v) for v in NFES])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("NFE")
         ax.set_title(f"{solver}: Fréchet distance to real digits (lower is better)", fontsize=10)
         ax.grid(alpha=0.3)
@@ -121,6 +124,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch")
     p.add_argument("--train-steps", type=int, default=1500, help="budget of a missing run (steps)")
     p.add_argument("--train-batch", type=int, default=64, help="budget of a missing run (batch)")
+    p.add_argument("--replot", action="store_true", help="redraw the plot and table from --out's CSV, no sampling")
     args = p.parse_args()
     names = args.variants.split(",")
     for name in names:
@@ -129,6 +133,11 @@ def main() -> None:
     torch.set_num_threads(1)
     judge = evaluate.default_judge()
     floor, count = judge.real_floor(args.n)
+    if args.replot:
+        rows = read_csv(args.out / "cascade_digits.csv", ("variant", "solver"))
+        plot(rows, floor, args.out / "cascade_digits.png")
+        print(table(rows, names))
+        return
     print(f"FD of {count} real held-out digits: {floor:.3f}", flush=True)
     rows = []
     for seed, runs in enumerate(args.runs):

@@ -29,7 +29,7 @@ import csv
 from pathlib import Path
 
 import torch
-from _training_runs import cell, mean, sample_and_judge, seconds_per_step, train_missing, write_csv
+from _training_runs import cell, mean, read_csv, sample_and_judge, seconds_per_step, train_missing, write_csv
 
 from fastdiff import evaluate, models, schedules
 
@@ -81,7 +81,7 @@ def plot(rows: list[dict], runs: Path, out: Path) -> None:
         nfe = next(r["nfe"] for r in rows if r["solver"] == solver)
         x = [j + 0.38 * i for j in range(len(names))]
         axes[0].bar(x, means, width=0.36, yerr=err, capsize=3, label=f"{solver}, NFE {nfe}")
-    axes[0].set_xticks([j + 0.19 for j in range(len(names))], names, fontsize=8)
+    axes[0].set_xticks([j + 0.19 for j in range(len(names))], names, fontsize=8, rotation=25, ha="right")
     axes[0].set_ylabel("FD to real digits (lower is better)")
     axes[0].set_title("Fréchet distance; bars: seed range", fontsize=10)
     axes[0].legend(fontsize=8)
@@ -134,7 +134,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch")
     p.add_argument("--train-steps", type=int, default=1500, help="budget of a missing run (steps)")
     p.add_argument("--train-batch", type=int, default=64, help="budget of a missing run (batch)")
+    p.add_argument("--replot", action="store_true", help="redraw the plot and table from --out's CSV, no sampling")
     args = p.parse_args()
+    if args.replot:
+        rows = read_csv(args.out / "sadm_digits.csv", ("variant", "solver"))
+        plot(rows, args.runs[0], args.out / "sadm_digits.png")
+        print(table(rows))
+        return
     torch.set_num_threads(1)
     judge = evaluate.default_judge()
     floor, count = judge.real_floor(args.n)
