@@ -4,7 +4,7 @@ The comparison scripts (cascade_digits.py, sadm_digits.py) read the time per ste
 those runs usually share the machine with each other. This script runs each job for --steps steps with the same
 network size, batch and thread count, one after another, and reports the time per step between the 20th and the
 last step (skipping the first steps' warm-up), the median of --repeats runs. Writes train_step_time.csv to --out
-and prints a Markdown table.
+(rows of jobs not run this time are kept) and prints a Markdown table.
 
     python benchmarks/train_step_time.py --out benchmarks/results/cpu
 """
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _training_runs import write_csv
+from _training_runs import read_csv, write_csv
 
 JOBS = {
     "edm": ["edm"],
@@ -29,6 +29,8 @@ JOBS = {
     "dual": ["cascade", "--variant", "dual", "--metric", "auto"],
     "cascade_nometric": ["cascade", "--variant", "cascade", "--metric", "none"],
     "cascade_metric": ["cascade", "--variant", "cascade", "--metric", "auto"],
+    "codi": ["codi", "--trainable", "all"],
+    "codi_pe": ["codi", "--trainable", "adapter"],
 }
 SKIP = 20
 
@@ -63,7 +65,12 @@ def main() -> None:
         rows.append({"job": name, "s_per_step": statistics.median(times), "min": min(times), "max": max(times),
                      "batch": args.batch_size, "threads": args.threads})  # fmt: skip
         print(f"{name:17s} {rows[-1]['s_per_step']:.3f} s/step ({min(times):.3f}-{max(times):.3f})", flush=True)
-    write_csv(rows, args.out / "train_step_time.csv")
+    path = args.out / "train_step_time.csv"
+    if path.exists():
+        ran = {r["job"] for r in rows}
+        rows = [r for r in read_csv(path, ("job",)) if r["job"] not in ran] + rows
+        rows.sort(key=lambda r: list(JOBS).index(r["job"]))
+    write_csv(rows, path)
     base = {r["job"]: r["s_per_step"] for r in rows}
     print("\n| job | s/step (median; min-max) | vs edm | vs ddpm |\n|---|---|---|---|")
     for r in rows:
