@@ -241,6 +241,15 @@ def test_a_user_tensor_condition(tmp_path):
     x0, labels = _batch()
     loss, logs = CoDiLoss(CoDiConfig(condition="edges"), _teacher(), edges)(student, (x0, labels), torch.Generator())
     assert torch.isfinite(loss) and set(logs) == {"loss_consistency", "loss_data", "sigma"}
+    from fastdiff.train.codi import save_student
+
+    path = save_student(tmp_path / "edges.safetensors", student, CoDiConfig(condition="edges"))
+    loaded = load_student(path)
+    cond = edges.make(x0, labels, torch.Generator())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x0, torch.ones(4), cond=cond), student(x0, torch.ones(4), cond=cond))
+    with pytest.raises(ValueError, match="without its function: pass the condition tensor itself"):
+        loaded.condition.make(x0, labels, torch.Generator())
 
 
 def test_multistep_consistency_sampling_matches_its_definition():

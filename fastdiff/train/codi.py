@@ -141,6 +141,9 @@ class TensorCondition(Condition):
         self.channels, self.fn, self.name, self.uses_labels = channels, fn, name, uses_labels
 
     def make(self, x0, labels, generator):
+        if self.fn is None:
+            raise ValueError(f"the {self.name} condition was loaded from a model file without its function: pass "
+                             "the condition tensor itself")  # fmt: skip
         return self.fn(x0, labels)
 
 
