@@ -9,15 +9,16 @@ Four runs per training seed, each the small EDM UNet (1.03M parameters) with the
 * ``sadm_finetune``: the built-in digits model fine-tuned with SADM, same settings;
 
 and, to measure the standard stabilisers before making them defaults, ``sadm_r1`` (an R1-style gradient penalty,
-gamma 1, on the real batch) and ``sadm_warmup`` (500 steps of the EDM loss alone before the game starts).
+gamma 1, on the real batch) and ``sadm_warmup`` (500 steps of the EDM loss alone before the game starts), and
+``sadm_lam0.03``/``sadm_lam0.01`` (smaller weights of the structural term than the default 0.1).
 
 The built-in model itself is the reference row. Each model is sampled class-conditionally without guidance
 (sample i has class i mod 10 and always the same noise) on the Karras schedule (sigma 0.002..80) with
 DPM-Solver++(2M) at NFE 10 and Heun at NFE 35 (18 steps, EDM's setting), and judged with fastdiff's digits
 classifier: the Fréchet distance to the real digits and the class accuracy. The training time per step comes from
 each run's log. Several --runs folders are several seeds (seed k for the k-th); missing runs are trained first.
-Writes sadm_digits.csv and sadm_digits.png (FD per variant, both players' loss curves) to --out and prints a
-Markdown table.
+Writes sadm_digits.csv (rows of runs not evaluated this time are kept) and sadm_digits.png (FD per variant, both
+players' loss curves) to --out and prints a Markdown table.
 
     python benchmarks/sadm_digits.py --runs runs/sadm runs/sadm_seed1 --out benchmarks/results/cpu/sadm
 """
@@ -42,6 +43,9 @@ VARIANTS = {
     # the stability tools, measured before they become defaults
     "sadm_r1": ["sadm", "--gradient-penalty", "1"],
     "sadm_warmup": ["sadm", "--adv-warmup", "500"],
+    # smaller weights of the structural term
+    "sadm_lam0.03": ["sadm", "--lam", "0.03"],
+    "sadm_lam0.01": ["sadm", "--lam", "0.01"],
 }
 MAIN = ["edm", "sadm", "edm_finetune", "sadm_finetune"]
 CELLS = [("dpmpp_2m", 10), ("heun", 18)]  # (solver, steps): NFE 10 and 35
@@ -129,7 +133,8 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(MAIN),
                    help="comma-separated subset of " + ",".join(VARIANTS) + "; the first --runs folder also gets "
                    "--extra")  # fmt: skip
-    p.add_argument("--extra", default="sadm_r1,sadm_warmup", help="variants trained for the first seed only")
+    p.add_argument("--extra", default="sadm_r1,sadm_warmup,sadm_lam0.03,sadm_lam0.01",
+                   help="variants trained for the first seed only")  # fmt: skip
     p.add_argument("--n", type=int, default=500, help="samples per cell")
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch")
     p.add_argument("--train-steps", type=int, default=1500, help="budget of a missing run (steps)")
@@ -147,7 +152,7 @@ def main() -> None:
     rows = [{"variant": "builtin", "seed": 0, **r, "train_s_per_step": float("nan")}
             for r in evaluate_model(models.builtin_digits(), args.n, args.batch_size, judge)]  # fmt: skip
     for seed, runs in enumerate(args.runs):
-        names = args.variants.split(",") + (args.extra.split(",") if seed == 0 and args.extra else [])
+        names = [n for n in args.variants.split(",") + (args.extra.split(",") if seed == 0 else []) if n]
         unknown = set(names) - set(VARIANTS)
         if unknown:
             p.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
@@ -160,7 +165,12 @@ def main() -> None:
                 rows.append({"variant": name, "seed": seed, **r, "train_s_per_step": train_s})
                 print(f"seed {seed} {name:14s} {r['solver']:8s} NFE {r['nfe']:2d}: FD {r['fd']:.3f}  accuracy "
                       f"{r['accuracy']:.3f}", flush=True)  # fmt: skip
-    write_csv(rows, args.out / "sadm_digits.csv")
+    path = args.out / "sadm_digits.csv"
+    if path.exists():  # keep the rows of runs not evaluated this time
+        done = {(r["variant"], r["seed"]) for r in rows}
+        rows = [r for r in read_csv(path, ("variant", "solver")) if (r["variant"], r["seed"]) not in done] + rows
+        rows.sort(key=lambda r: (["builtin", *VARIANTS].index(r["variant"]), r["seed"]))
+    write_csv(rows, path)
     plot(rows, args.runs[0], args.out / "sadm_digits.png")
     print(f"\nreal held-out digits ({count}): FD {floor:.3f}\n")
     print(table(rows))
