@@ -3,14 +3,15 @@
 Four runs per training seed, each the small EDM UNet (1.03M parameters) with the same budget (steps x batch):
 
 * ``edm``: plain EDM training from scratch (``fastdiff train edm``);
-* ``sadm``: SADM from scratch (``fastdiff train sadm``, the defaults: cosine affinity, L1 distance, lam 0.1);
+* ``sadm``: SADM from scratch (``fastdiff train sadm --lam 0.1``; cosine affinity, L1 distance);
 * ``edm_finetune``: the built-in digits model trained further with the plain EDM loss (``--init digits``, lr 2e-4,
   no warm-up), the control that separates SADM's effect from that of more training;
 * ``sadm_finetune``: the built-in digits model fine-tuned with SADM, same settings;
 
 and, to measure the standard stabilisers before making them defaults, ``sadm_r1`` (an R1-style gradient penalty,
 gamma 1, on the real batch) and ``sadm_warmup`` (500 steps of the EDM loss alone before the game starts), and
-``sadm_lam0.03``/``sadm_lam0.01`` (smaller weights of the structural term than the default 0.1).
+``sadm_lam0.03``/``sadm_lam0.01`` and ``sadm_finetune_lam0.01`` (smaller weights of the structural term than
+0.1; 0.01 became the default after this comparison).
 
 The built-in model itself is the reference row. Each model is sampled class-conditionally without guidance
 (sample i has class i mod 10 and always the same noise) on the Karras schedule (sigma 0.002..80) with
@@ -37,15 +38,16 @@ from fastdiff import evaluate, models, schedules
 FINETUNE = ["--init", "digits", "--lr", "2e-4", "--warmup", "0"]
 VARIANTS = {
     "edm": ["edm"],
-    "sadm": ["sadm"],
+    "sadm": ["sadm", "--lam", "0.1"],
     "edm_finetune": ["edm", *FINETUNE],
-    "sadm_finetune": ["sadm", *FINETUNE],
+    "sadm_finetune": ["sadm", *FINETUNE, "--lam", "0.1"],
     # the stability tools, measured before they become defaults
-    "sadm_r1": ["sadm", "--gradient-penalty", "1"],
-    "sadm_warmup": ["sadm", "--adv-warmup", "500"],
+    "sadm_r1": ["sadm", "--lam", "0.1", "--gradient-penalty", "1"],
+    "sadm_warmup": ["sadm", "--lam", "0.1", "--adv-warmup", "500"],
     # smaller weights of the structural term
     "sadm_lam0.03": ["sadm", "--lam", "0.03"],
     "sadm_lam0.01": ["sadm", "--lam", "0.01"],
+    "sadm_finetune_lam0.01": ["sadm", *FINETUNE, "--lam", "0.01"],
 }
 MAIN = ["edm", "sadm", "edm_finetune", "sadm_finetune"]
 CELLS = [("dpmpp_2m", 10), ("heun", 18)]  # (solver, steps): NFE 10 and 35

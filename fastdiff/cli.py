@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    a.add_argument("--lam", type=float, default=0.1, help="weight of the structural gap in the denoiser's loss")
+    a.add_argument("--lam", type=float, default=0.01, help="weight of the structural gap in the denoiser's loss")
     a.add_argument("--affinity", default="cosine", choices=["cosine", "l2", "gaussian"], help="pairwise affinity S")
     a.add_argument("--distance", default="l1", choices=["l1", "l2", "kl"], help="distance between the affinities")
     a.add_argument("--temperature", type=float, default=0.1, help="row-softmax temperature of --distance kl")
