@@ -44,6 +44,35 @@ def _command() -> str:
     return shlex.join(["fastdiff", *sys.argv[1:]]) if ours else ""
 
 
+def _dataset(dataset_spec: str, resolution: int | None, classes: Sequence[int] | None):
+    """:func:`fastdiff.data.get_dataset`, keeping only ``classes`` when given."""
+    ds = data.get_dataset(dataset_spec, resolution)
+    return ds if classes is None else ds.with_classes(classes)
+
+
+def _load_edm_unet(spec: str | Path, role: str) -> EDMUNet:
+    """The EDM UNet ``spec`` (``digits`` or a model file); ``role`` names it in the error for another model."""
+    from fastdiff import models
+
+    model = models.get(spec)
+    if not isinstance(model, EDMUNet):
+        raise ValueError(f"{role} needs an EDM UNet (the built-in 'digits' or a fastdiff train edm/sadm model "
+                         f"file), got {type(model).__name__} from {spec}")  # fmt: skip
+    return model
+
+
+def _check_fits(model: EDMUNet, spec: str | Path, ds, match_classes: bool = True) -> None:
+    """Raise ``ValueError`` unless ``model`` takes the data's resolution and channels and, with ``match_classes``,
+    has its classes (when the data has any)."""
+    own = model.config
+    c, h, w = ds.shape
+    wants = {"resolution": h if h == w else f"{h}x{w}", "in_channels": c}  # a non-square size never matches
+    has = {k: getattr(own, k) for k in wants}
+    if has != wants or (match_classes and ds.num_classes and own.num_classes != ds.num_classes):
+        raise ValueError(f"{spec} was made for {has} with {own.num_classes} classes; the data has {wants} with "
+                         f"{ds.num_classes} classes")  # fmt: skip
+
+
 def _data_and_unet(
     dataset_spec: str, size: str, resolution: int | None, classes: Sequence[int] | None = None
 ) -> tuple[torch.utils.data.Dataset, UNetConfig]:
@@ -51,9 +80,7 @@ def _data_and_unet(
     and classes."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
-    ds = data.get_dataset(dataset_spec, resolution)
-    if classes is not None:
-        ds = ds.with_classes(classes)
+    ds = _dataset(dataset_spec, resolution, classes)
     channels, height, width = ds.shape
     if height != width:
         raise ValueError(f"the UNet needs square images, the data is {height}x{width}")
@@ -69,18 +96,8 @@ def _initial_unet(cfg: UNetConfig, seed: int, init: str | Path | None, ds) -> ED
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the initial weights are part of the run's seed
             return EDMUNet(cfg)
-    from fastdiff import models
-
-    model = models.get(init)
-    if not isinstance(model, EDMUNet):
-        raise ValueError(f"--init needs an EDM UNet (the built-in 'digits' or a fastdiff train edm/sadm model "
-                         f"file), got {type(model).__name__} from {init}")  # fmt: skip
-    own = model.config
-    wants = {"resolution": cfg.resolution, "in_channels": cfg.in_channels}
-    has = {k: getattr(own, k) for k in wants}
-    if has != wants or (ds.num_classes and own.num_classes != ds.num_classes):
-        raise ValueError(f"{init} was made for {has} with {own.num_classes} classes; the data has {wants} with "
-                         f"{ds.num_classes} classes")  # fmt: skip
+    model = _load_edm_unet(init, "--init")
+    _check_fits(model, init, ds)
     return model.train().requires_grad_(True)
 
 
@@ -255,20 +272,10 @@ def train_codi(
     ``log.csv`` go to ``config.out_dir``; the EMA student to ``export`` (default ``<out_dir>/model.safetensors``),
     read back by :func:`fastdiff.train.codi.load_student`. Returns that path.
     """
-    from fastdiff import models
-
-    teacher_model = models.get(teacher)
-    if not isinstance(teacher_model, EDMUNet):
-        raise ValueError(f"the CoDi teacher must be an EDM UNet ('digits' or a fastdiff train edm/sadm model file), "
-                         f"got {type(teacher_model).__name__} from {teacher}")  # fmt: skip
-    tcfg = teacher_model.config
-    ds = data.get_dataset(dataset_spec, tcfg.resolution)
-    if classes is not None:
-        ds = ds.with_classes(classes)
-    if ds.shape != (tcfg.in_channels, tcfg.resolution, tcfg.resolution):
-        raise ValueError(f"the teacher {teacher} takes {(tcfg.in_channels, tcfg.resolution, tcfg.resolution)} "
-                         f"images; the data has {ds.shape}")  # fmt: skip
-    condition = get_condition(codi.condition, tcfg.in_channels)
+    teacher_model = _load_edm_unet(teacher, "the CoDi teacher")
+    ds = _dataset(dataset_spec, teacher_model.config.resolution, classes)
+    _check_fits(teacher_model, teacher, ds, match_classes=False)  # it runs unconditionally: any classes will do
+    condition = get_condition(codi.condition, ds.shape[0])
     if condition.uses_labels and not ds.num_classes:
         raise ValueError(f"the {condition.name} condition needs class labels; {dataset_spec} has none")
     teacher_model.eval().requires_grad_(False)
