@@ -51,6 +51,11 @@ def cell(values: list[float], digits: int) -> str:
     return text if len(values) == 1 else f"{text} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
+def fd_accuracy_cell(rows: list[dict]) -> str:
+    """``"FD / accuracy"`` of the rows (the seeds of one cell), each as :func:`cell` gives it."""
+    return f"{cell([r['fd'] for r in rows], 3)} / {cell([r['accuracy'] for r in rows], 3)}"
+
+
 def read_csv(path: Path, text: tuple[str, ...]) -> list[dict]:
     """Rows written by :func:`write_csv`: the ``text`` columns as strings, integer-valued ones as ints, the rest
     as floats (for redrawing a plot without sampling again)."""
@@ -58,6 +63,15 @@ def read_csv(path: Path, text: tuple[str, ...]) -> list[dict]:
         rows = list(csv.DictReader(f))
     return [{k: v if k in text else (int(v) if v.lstrip("-").isdigit() else float(v)) for k, v in r.items()}
             for r in rows]  # fmt: skip
+
+
+def merge_csv(rows: list[dict], path: Path, key, text: tuple[str, ...]) -> list[dict]:
+    """``rows`` plus the rows of ``path`` (when it exists) whose ``key(row)`` none of ``rows`` has, sorted by
+    ``key``: a rerun of some jobs keeps the others' results."""
+    if path.exists():
+        done = {key(r) for r in rows}
+        rows = [r for r in read_csv(path, text) if key(r) not in done] + rows
+    return sorted(rows, key=key)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

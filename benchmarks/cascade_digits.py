@@ -25,7 +25,15 @@ import argparse
 from pathlib import Path
 
 import torch
-from _training_runs import cell, mean, read_csv, sample_and_judge, seconds_per_step, train_missing, write_csv
+from _training_runs import (
+    fd_accuracy_cell,
+    mean,
+    read_csv,
+    sample_and_judge,
+    seconds_per_step,
+    train_missing,
+    write_csv,
+)
 
 from fastdiff import evaluate, models, solvers
 from fastdiff.denoisers import discrete_sigmas
@@ -108,7 +116,7 @@ def table(rows: list[dict], names: list[str]) -> str:
             cells = []
             for nfe in NFES:
                 sel = [r for r in rows if r["variant"] == name and r["solver"] == solver and r["nfe"] == nfe]
-                cells.append(f"{cell([r['fd'] for r in sel], 3)} / {cell([r['accuracy'] for r in sel], 3)}")
+                cells.append(fd_accuracy_cell(sel))
             ts = mean([r["train_s_per_step"] for r in rows if r["variant"] == name])
             lines.append(f"| {name} | {solver} | " + " | ".join(cells) + f" | {ts:.2f} ({ts / base:.2f}x) |")
     return "\n".join(lines)

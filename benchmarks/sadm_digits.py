@@ -31,7 +31,16 @@ import csv
 from pathlib import Path
 
 import torch
-from _training_runs import cell, mean, read_csv, sample_and_judge, seconds_per_step, train_missing, write_csv
+from _training_runs import (
+    fd_accuracy_cell,
+    mean,
+    merge_csv,
+    read_csv,
+    sample_and_judge,
+    seconds_per_step,
+    train_missing,
+    write_csv,
+)
 
 from fastdiff import evaluate, models, schedules
 
@@ -120,7 +129,7 @@ def table(rows: list[dict]) -> str:
         cells = []
         for solver, _ in CELLS:
             sel = [r for r in rows if r["variant"] == name and r["solver"] == solver]
-            cells.append(f"{cell([r['fd'] for r in sel], 3)} / {cell([r['accuracy'] for r in sel], 3)}")
+            cells.append(fd_accuracy_cell(sel))
         ts = [r["train_s_per_step"] for r in rows if r["variant"] == name]
         timing = "-" if name == "builtin" else f"{mean(ts):.2f} ({mean(ts) / base:.2f}x)"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {timing} |")
@@ -168,10 +177,8 @@ def main() -> None:
                 print(f"seed {seed} {name:14s} {r['solver']:8s} NFE {r['nfe']:2d}: FD {r['fd']:.3f}  accuracy "
                       f"{r['accuracy']:.3f}", flush=True)  # fmt: skip
     path = args.out / "sadm_digits.csv"
-    if path.exists():  # keep the rows of runs not evaluated this time
-        done = {(r["variant"], r["seed"]) for r in rows}
-        rows = [r for r in read_csv(path, ("variant", "solver")) if (r["variant"], r["seed"]) not in done] + rows
-        rows.sort(key=lambda r: (["builtin", *VARIANTS].index(r["variant"]), r["seed"]))
+    order = ["builtin", *VARIANTS]
+    rows = merge_csv(rows, path, lambda r: (order.index(r["variant"]), r["seed"], r["solver"]), ("variant", "solver"))
     write_csv(rows, path)
     plot(rows, args.runs[0], args.out / "sadm_digits.png")
     print(f"\nreal held-out digits ({count}): FD {floor:.3f}\n")

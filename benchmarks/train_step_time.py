@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _training_runs import read_csv, write_csv
+from _training_runs import merge_csv, write_csv
 
 JOBS = {
     "edm": ["edm"],
@@ -66,10 +66,7 @@ def main() -> None:
                      "batch": args.batch_size, "threads": args.threads})  # fmt: skip
         print(f"{name:17s} {rows[-1]['s_per_step']:.3f} s/step ({min(times):.3f}-{max(times):.3f})", flush=True)
     path = args.out / "train_step_time.csv"
-    if path.exists():
-        ran = {r["job"] for r in rows}
-        rows = [r for r in read_csv(path, ("job",)) if r["job"] not in ran] + rows
-        rows.sort(key=lambda r: list(JOBS).index(r["job"]))
+    rows = merge_csv(rows, path, lambda r: list(JOBS).index(r["job"]), ("job",))
     write_csv(rows, path)
     base = {r["job"]: r["s_per_step"] for r in rows}
     print("\n| job | s/step (median; min-max) | vs edm | vs ddpm |\n|---|---|---|---|")
