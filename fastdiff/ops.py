@@ -26,6 +26,7 @@ raises instead of falling back. Without a forced backend, CUDA tensors prefer ``
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import logging
@@ -175,12 +176,13 @@ def _raise_bad_input(x, d_cond, d_uncond, history, noise):
             raise TypeError(f"guided_step: {name} must be a floating tensor, got {t.dtype}")
 
 
-def _kernel_fits(x, model_outputs, state_likes) -> bool:
+def _kernel_fits(x, d_cond, d_uncond, state_likes) -> bool:
     """Whether the kernels take these dtypes."""
-    td = model_outputs[0].dtype
-    if td not in KERNEL_DTYPES.get(x.dtype, ()) or any(t.dtype != td for t in model_outputs):
+    td = d_cond.dtype
+    if td not in KERNEL_DTYPES.get(x.dtype, ()) or (d_uncond is not None and d_uncond.dtype != td):
         return False
-    return all(t.dtype == x.dtype for t in state_likes)
+    tx = x.dtype
+    return all(t.dtype == tx for t in state_likes)
 
 
 def _usable(backend: str, device: torch.device) -> str | None:
@@ -205,52 +207,73 @@ def _usable(backend: str, device: torch.device) -> str | None:
     return None
 
 
+def _backend(x, d_cond, d_uncond, state_likes, device: torch.device, what: str = "this call") -> str:
+    """The backend that runs a pass over these tensors: the forced one (which must fit, else this raises), else the
+    compiled kernel for the device (C++ on the CPU; CUDA, else Triton, on a GPU) where the dtypes fit, else
+    ``torch``, the reference."""
+    forced = _forced_backend()
+    if forced == "torch":
+        return "torch"
+    fits = _kernel_fits(x, d_cond, d_uncond, state_likes)
+    if forced is not None:
+        why = _usable(forced, device)
+        if why is None and not fits:
+            why = f"x is {x.dtype} and d_cond {d_cond.dtype}; the kernels take {_dtype_help()}"
+        if why is not None:
+            raise RuntimeError(f"FASTDIFF_BACKEND={forced} cannot run {what}: {why}")
+        return forced
+    if not fits:
+        return "torch"
+    if device.type == "cpu":
+        if _C is None:
+            _say_missing_once()
+            return "torch"
+        return "cpu"
+    backend = next((bk for bk in ("cuda", "triton") if _usable(bk, device) is None), None)
+    if backend is None:
+        if device.type == "cuda":
+            _say_missing_once()
+        return "torch"
+    return backend
+
+
+# Passes each backend ran in this process, forward and backward: lets a test prove that the backend it names did
+# the work (a GPU test that silently ran the reference would prove nothing).
+calls: collections.Counter = collections.Counter()
+
+
+def _coefficients(coef: torch.Tensor | list[float], x: torch.Tensor, device: torch.device):
+    """The coefficients as the kernels take them: a tensor on x's (non-CPU) device stays there, in the
+    accumulation dtype, for the kernel to read; anything else becomes host floats, checked finite (a CPU tensor is
+    read without a sync; a tensor on another device is read back)."""
+    if isinstance(coef, torch.Tensor):
+        if device.type != "cpu" and coef.device == device:
+            return coef if coef.dtype == acc_dtype(x) else coef.to(acc_dtype(x))
+        coef = coef.tolist()
+    if not all(map(math.isfinite, coef)):
+        raise ValueError(f"guided_step: coefficients must be finite, got {coef}")
+    return coef
+
+
 def _forward(
     x, d_cond, d_uncond, history, noise, coef: list[float] | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward pass on the chosen backend. ``coef = [a, w, hx, hd, c_noise, b0, ..., bK]``: Python floats,
     or a tensor. A tensor on x's device, when that is not the CPU, stays there and the kernel (or the reference)
     reads it: no host round trip, so it can be captured in a CUDA graph, and it is not checked for NaN. Any other
-    is read on the host."""
-    if isinstance(coef, torch.Tensor) and not (coef.device == x.device and x.device.type != "cpu"):
-        coef = coef.double().tolist()
-    if isinstance(coef, list) and not all(map(math.isfinite, coef)):
-        raise ValueError(f"guided_step: coefficients must be finite, got {coef}")
-    forced = _forced_backend()
-    a, w, hx, hd, c_noise, *b = coef.unbind() if isinstance(coef, torch.Tensor) else coef
-    reference = functools.partial(guided_step_reference, x, d_cond, d_uncond, history, a, b, w, hx, hd, noise, c_noise)
-    if forced == "torch":
-        return reference()
-
+    is read on the host, and host values reach every kernel as scalar arguments (no host-to-device copy).
+    Outputs are contiguous, on every backend."""
     device = x.device  # read once: each .device access builds a new object
-    model_outputs = [d_cond] + ([d_uncond] if d_uncond is not None else [])
-    fits = _kernel_fits(x, model_outputs, history + ([noise] if noise is not None else []))
-    if forced is not None:
-        why = _usable(forced, device)
-        if why is None and not fits:
-            why = f"x is {x.dtype} and d_cond {d_cond.dtype}; the kernels take {_dtype_help()}"
-        if why is not None:
-            raise RuntimeError(f"FASTDIFF_BACKEND={forced} cannot run this call: {why}")
-        backend = forced
-    elif not fits:
-        return reference()
-    elif device.type == "cpu":
-        if _C is None:
-            _say_missing_once()
-            return reference()
-        backend = "cpu"
-    else:
-        backend = next((bk for bk in ("cuda", "triton") if _usable(bk, device) is None), None)
-        if backend is None:
-            if device.type == "cuda":
-                _say_missing_once()
-            return reference()
-
+    coef = _coefficients(coef, x, device)
+    backend = _backend(x, d_cond, d_uncond, history if noise is None else [*history, noise], device)
+    calls[backend] += 1
+    if backend == "torch":
+        a, w, hx, hd, c_noise, *b = coef.unbind() if isinstance(coef, torch.Tensor) else coef
+        x_out, e_out = guided_step_reference(x, d_cond, d_uncond, history, a, b, w, hx, hd, noise, c_noise)
+        return x_out.contiguous(), e_out.contiguous()
     args = _contiguous(x, d_cond, d_uncond, history, noise)
     x_out = torch.empty_like(args[0])
     e_out = torch.empty_like(args[0])
-    if isinstance(coef, torch.Tensor) or backend == "triton":
-        coef = torch.as_tensor(coef, dtype=acc_dtype(x), device=device)
     if backend == "triton":
         _triton_kernels().guided_step(*args, coef, x_out, e_out)
     else:
@@ -289,7 +312,8 @@ def _guided_step_op(
 
 @_guided_step_op.register_fake
 def _(x, d_cond, d_uncond, history, noise, coef):
-    return torch.empty_like(x), torch.empty_like(x, dtype=torch.promote_types(x.dtype, d_cond.dtype))
+    # Contiguous, as every backend returns them (empty_like would keep a channels_last x's strides).
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, d_cond.dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -330,38 +354,29 @@ def _guided_step_backward_op(
     entries only when those inputs are given.
     """
     history = list(history)
-    backend = _backward_backend(x, [d_cond] + ([d_uncond] if d_uncond is not None else []), history, noise, g_x, g_e)
-    if backend is None:
+    device = x.device
+    backend = _backend(x, d_cond, d_uncond, [*history, *([noise] if noise is not None else []), g_x, g_e], device,
+                       "the backward")  # fmt: skip
+    calls[backend] += 1
+    if backend == "torch":
         grads = _backward_reference(x, d_cond, d_uncond, history, noise, coef, g_x, g_e)
     else:
         args = _contiguous(x, d_cond, d_uncond, history, noise)
-        coef_k = coef.to(device=x.device, dtype=acc_dtype(x))
+        coef_k = _coefficients(coef, x, device)
         kernel = _C.guided_step_backward if backend in ("cpu", "cuda") else _triton_kernels().guided_step_backward
         grads = kernel(*args, coef_k, g_x.contiguous(), g_e.contiguous())
     grad_x, grad_dc, grad_du, grad_h, grad_noise, grad_coef = grads
     optional = lambda t: [] if t is None else [t]  # noqa: E731
     grad_coef = grad_coef.to(device=coef.device, dtype=coef.dtype)
-    return [grad_x, grad_dc, *optional(grad_du), *grad_h, *optional(grad_noise), grad_coef]
+    tensor_grads = [grad_x, grad_dc, *optional(grad_du), *grad_h, *optional(grad_noise)]
+    return [t.contiguous() for t in tensor_grads] + [grad_coef]  # contiguous on every backend, as the fake says
 
 
 @_guided_step_backward_op.register_fake
 def _(x, d_cond, d_uncond, history, noise, coef, g_x, g_e):
     like = [x, d_cond] + ([d_uncond] if d_uncond is not None else []) + list(history)
     like += [noise] if noise is not None else []
-    return [torch.empty_like(t) for t in like] + [torch.empty_like(coef)]
-
-
-def _backward_backend(x, model_outputs, history, noise, g_x, g_e) -> str | None:
-    """The kernel backend for the backward pass (C++ on the CPU; CUDA, else Triton, on a GPU), or None for the
-    torch code."""
-    forced = _forced_backend()
-    if forced == "torch":
-        return None
-    state_likes = list(history) + ([noise] if noise is not None else []) + [g_x, g_e]
-    if not _kernel_fits(x, model_outputs, state_likes):
-        return None
-    candidates = [forced] if forced is not None else (["cpu"] if x.device.type == "cpu" else ["cuda", "triton"])
-    return next((b for b in candidates if _usable(b, x.device) is None), None)
+    return [t.new_empty(t.shape) for t in like] + [torch.empty_like(coef)]
 
 
 def _backward_reference(x, d_cond, d_uncond, history, noise, coef, g_x, g_e):
@@ -376,7 +391,9 @@ def _backward_reference(x, d_cond, d_uncond, history, noise, coef, g_x, g_e):
     g_d = b[0] * g_x + hd * g_e
 
     def dot(u, v):
-        return (u * v).sum() if v is not None else u.new_zeros(())
+        # Summed in float64, as the kernels sum: a float32 sum would depend on the order the inputs' memory layout
+        # (contiguous or channels_last) gives it.
+        return (u.double() * v.double()).sum() if v is not None else u.new_zeros((), dtype=torch.float64)
 
     g_coef = torch.stack(
         [dot(g_x, xc), dot(g_d, diff), dot(g_e, xc), dot(g_e, d), dot(g_x, None if noise is None else noise.to(ct)),
@@ -507,17 +524,37 @@ def guided_step_coef(
     if coef.ndim != 1 or not coef.is_floating_point():
         raise ValueError(f"guided_step: coef must be a 1-D float tensor, got {coef.dtype} {tuple(coef.shape)}")
     _check_args(x, d_cond, d_uncond, history, noise, coef.numel())
-    if _through_op([x, d_cond, d_uncond, noise, coef, *history]):
+    return loop_step(x, d_cond, d_uncond, history, coef, noise)
+
+
+def loop_step(
+    x: torch.Tensor,
+    d_cond: torch.Tensor,
+    d_uncond: torch.Tensor | None,
+    history: list[torch.Tensor],
+    coef: torch.Tensor | list[float],
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step for a sampling loop whose inputs are valid by construction (model outputs checked as they arrive,
+    history entries made by this op, coefficients from the solver): :func:`guided_step_coef` without its argument
+    checks, with ``coef`` as host floats too. It goes through the registered op only where autograd or
+    ``torch.compile`` needs it; otherwise the forward runs directly, which saves the op's dispatch (about 50 us a
+    call on the CPU) and, on a process's first call, the import of ``torch._dynamo`` that dispatching a custom op
+    triggers (seconds)."""
+    if _needs_op(x, d_cond, d_uncond, history, noise, coef):
+        if not isinstance(coef, torch.Tensor):
+            coef = torch.tensor(coef, dtype=torch.float64)
         return torch.ops.fastdiff.guided_step(x, d_cond, d_uncond, history, noise, coef)
     return _forward(x, d_cond, d_uncond, history, noise, coef)
 
 
-def _through_op(tensors: Sequence[torch.Tensor | None]) -> bool:
-    """Whether a call must go through the registered op: for autograd, or under ``torch.compile``. Otherwise the
-    forward runs directly, which saves the op's dispatch (about 50 us a call on the CPU) and, on a process's first
-    call, the import of ``torch._dynamo`` that dispatching a custom op triggers (seconds)."""
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return needs_grad or torch.compiler.is_compiling()
+def _needs_op(x, d_cond, d_uncond, history, noise, coef) -> bool:
+    """Whether a call must go through the registered op: under ``torch.compile``, or for autograd."""
+    if torch.compiler.is_compiling():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, d_cond, d_uncond, noise, coef, *history))
 
 
 def guided_step(
@@ -542,11 +579,7 @@ def guided_step(
     history = list(history)
     coef = [float(v) for v in (a, w, hx, hd, c_noise, *b)]
     _check_args(x, d_cond, d_uncond, history, noise, len(coef))
-    if _through_op([x, d_cond, d_uncond, noise, *history]):
-        return torch.ops.fastdiff.guided_step(
-            x, d_cond, d_uncond, history, noise, torch.tensor(coef, dtype=torch.float64)
-        )
-    return _forward(x, d_cond, d_uncond, history, noise, coef)
+    return loop_step(x, d_cond, d_uncond, history, coef, noise)
 
 
 def _dtype_help() -> str:

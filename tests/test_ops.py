@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from _backends import ran_on
 
 import fastdiff
 from fastdiff import ops, schedules
@@ -46,7 +47,8 @@ def _reference(t, c, dtype=None):
 def test_kernel_matches_reference(backend, shape, tx, td, full, monkeypatch):
     monkeypatch.setenv("FASTDIFF_BACKEND", backend)
     t, c = _case(shape, tx, td, full)
-    x_next, e = ops.guided_step(**t, **c)
+    with ran_on(backend):
+        x_next, e = ops.guided_step(**t, **c)
     ref_x, ref_e = _reference(t, c, torch.float64)
     same_x, same_e = _reference(t, c)  # the reference in the inputs' own dtypes
     assert x_next.dtype == tx and e.dtype == tx and x_next.shape == t["x"].shape
@@ -195,6 +197,25 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastdiff.guided_step.default, (x, dc, None, [], None, coef[:6]))
 
 
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_opcheck_with_channels_last_inputs(backend, monkeypatch):
+    """The fake kernels give the strides every backend returns (contiguous), also for a channels_last x, where
+    empty_like would keep the input's strides and opcheck would report a stride mismatch."""
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    g = torch.Generator().manual_seed(8)
+    make = lambda: torch.randn(2, 3, 5, 7, generator=g).to(memory_format=torch.channels_last).requires_grad_()  # noqa: E731
+    x, dc, du, h = make(), make(), make(), make()
+    coef = torch.tensor([0.7, 2.5, 0.4, -0.3, 0.0, 0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    with ran_on(backend):
+        out = torch.ops.fastdiff.guided_step(x, dc, du, [h], None, coef)
+    assert all(t.is_contiguous() for t in out)
+    torch.library.opcheck(torch.ops.fastdiff.guided_step.default, (x, dc, du, [h], None, coef))
+    g_x, g_e = torch.randn_like(x), torch.randn_like(x)
+    plain = [t.detach() for t in (x, dc, du, h, coef)]  # the backward op has no backward of its own
+    args = (*plain[:3], [plain[3]], None, plain[4], g_x, g_e)
+    torch.library.opcheck(torch.ops.fastdiff.guided_step_backward.default, args)
+
+
 def test_torch_compile_fullgraph_runs_through_the_op():
     def step(x, dc, du, h):
         return ops.guided_step(x, dc, du, [h], a=0.5, b=[0.4, 0.1], w=2.0)
@@ -225,7 +246,8 @@ def test_backward_kernels_match_the_reference(backend, tx, td, monkeypatch):
     g_x, g_e = (torch.randn(t["x"].shape, generator=g, dtype=torch.float64).to(tx) for _ in range(2))
     coef = torch.tensor([c["a"], c["w"], c["hx"], c["hd"], c["c_noise"], *c["b"]], dtype=torch.float64)
     args = (t["x"], t["d_cond"], t["d_uncond"], t["history"], t["noise"], coef, g_x, g_e)
-    got = torch.ops.fastdiff.guided_step_backward(*args)
+    with ran_on(backend):
+        got = torch.ops.fastdiff.guided_step_backward(*args)
     monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
     same = torch.ops.fastdiff.guided_step_backward(*args)
     f64 = [None if v is None else v.double() for v in (t["x"], t["d_cond"], t["d_uncond"], t["noise"])]
@@ -260,3 +282,27 @@ def test_extension_takes_coefficients_as_a_list_or_a_tensor():
         ops._C.guided_step(*args, torch.tensor([coef]), x_out, e_out)
     with pytest.raises(RuntimeError, match="need 6 \\+ len\\(history\\) coefficients"):
         ops._C.guided_step(*args, torch.tensor(coef[:-1]), x_out, e_out)
+
+
+def test_triton_takes_host_coefficients_as_launch_arguments(monkeypatch):
+    """Host coefficients reach the Triton kernel as scalar arguments, as they reach the CUDA kernel: a tensor made
+    from them on a GPU would be a pageable host-to-device copy, a stream sync that a CUDA graph cannot capture."""
+    assert "triton" in KERNEL_BACKENDS
+    monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
+    kernels, seen = ops._triton_kernels(), []
+    real = kernels._guided_step_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((kwargs["COEF_PTR"], args[8:17]))
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernels, "_guided_step_kernel", Spy())
+    x = torch.randn(100)
+    ops.guided_step(x, x, x, [x], a=0.9, b=[0.5, 0.25], w=2.0)
+    ops.guided_step_coef(x, x, None, [], torch.tensor([0.5, 1.0, 0.0, 1.0, 0.0, 0.5]))  # a CPU tensor: host values
+    assert [flag for flag, _ in seen] == [False, False]
+    assert seen[0][1] == (0.9, 2.0, 0.0, 1.0, 0.0, 0.5, 0.25, 0.0, 0.0)  # a, w, hx, hd, c_noise, b0..b3
