@@ -32,8 +32,20 @@ def _sigma_batch(sigma, x: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape(v.shape + (1,) * (x.ndim - 1))
+def _expand(v, x: torch.Tensor):
+    """A per-sample ``[B]`` scaling shaped to broadcast against ``x`` ``[B, ...]``; a Python constant as it is."""
+    return v.reshape(v.shape + (1,) * (x.ndim - 1)) if isinstance(v, torch.Tensor) else v
+
+
+Scaling = torch.Tensor | float  # a tensor shaped like sigma, or a Python constant where it does not depend on sigma
+
+
+def _expand(v, x: torch.Tensor):
+    """A per-sample ``[B]`` scaling shaped to broadcast against ``x`` ``[B, ...]``; a Python constant as it is."""
+    return v.reshape(v.shape + (1,) * (x.ndim - 1)) if isinstance(v, torch.Tensor) else v
+
+
+Scaling = torch.Tensor | float  # a tensor shaped like sigma, or a Python constant where it does not depend on sigma
 
 
 def network_output(out) -> torch.Tensor:
@@ -53,26 +65,74 @@ def _check_prediction(prediction: str) -> str:
     return prediction
 
 
-def to_denoised(prediction: str, out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """D from a network's output at the VE state ``x`` (``sigma`` already broadcast to it).
-
-    ``prediction``: ``"eps"``, ``"v"`` or ``"x0"`` for a VP network (it saw ``x / sqrt(1 + sigma^2)``), or
-    ``"flow"`` for a rectified-flow network predicting ``v = eps - x0`` (it saw ``x / (1 + sigma)``).
-    """
-    out = out.to(torch.promote_types(out.dtype, x.dtype))
+def output_scalings(prediction: str, sigma: torch.Tensor) -> tuple[Scaling, Scaling]:
+    """``(c_skip, c_out)`` with ``D = c_skip x + c_out out`` for a network predicting ``prediction`` at the VE state
+    ``x`` of noise level ``sigma``: ``"eps"``, ``"v"`` or ``"x0"`` for a VP network (it saw ``x / sqrt(1 + sigma^2)``),
+    ``"flow"`` for a rectified-flow network predicting ``v = eps - x0`` (it saw ``x / (1 + sigma)``). Constants are
+    Python floats."""
     if prediction == "eps":
-        return x - sigma * out
+        return 1.0, -sigma
     if prediction == "v":
         # v = sqrt(ab) eps - sqrt(1 - ab) x0  =>  x0 = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) v
-        return x / (1 + sigma**2) - sigma / torch.sqrt(1 + sigma**2) * out
+        return 1 / (1 + sigma**2), -sigma / torch.sqrt(1 + sigma**2)
     if prediction == "flow":
-        return (x - sigma * out) / (1 + sigma)  # x_t - t v with x_t = x / (1 + sigma), t = sigma / (1 + sigma)
+        return 1 / (1 + sigma), -sigma / (1 + sigma)  # x_t - t v with x_t = x / (1 + sigma), t = sigma / (1 + sigma)
     if prediction == "x0":
-        return out
+        return 0.0, 1.0
     raise ValueError(f"prediction must be one of {OUTPUTS}, got {prediction!r}")
 
 
-class VPDenoiser(nn.Module):
+def _scaled(x: torch.Tensor, c: Scaling) -> torch.Tensor:
+    return x if isinstance(c, float) and c == 1.0 else x * c
+
+
+def combine(x: torch.Tensor, out: torch.Tensor, c_skip: Scaling, c_out: Scaling) -> torch.Tensor:
+    """``c_skip x + c_out out`` in ``promote(out, x)``, where a constant 0 or 1 costs nothing."""
+    out = out.to(torch.promote_types(out.dtype, x.dtype))
+    if isinstance(c_skip, float) and c_skip == 0.0:
+        return _scaled(out, c_out)
+    skipped = x if isinstance(c_skip, float) and c_skip == 1.0 else x * c_skip
+    return torch.addcmul(skipped, out, c_out) if isinstance(c_out, torch.Tensor) else skipped + out * c_out
+
+
+def to_denoised(prediction: str, out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """D from a network's output at the VE state ``x`` (``sigma`` already broadcast to it); see
+    :func:`output_scalings` for ``prediction``."""
+    return combine(x, out, *output_scalings(prediction, sigma))
+
+
+class Preconditioned(nn.Module):
+    """The form of every adapter here (Karras et al. 2022, Table 1)::
+
+        D(x; sigma) = c_skip x + c_out net(c_in x, c_noise, **cond)
+
+    with ``(c_skip, c_out, c_in, c_noise)`` functions of sigma alone (:meth:`scalings`). fastdiff's samplers
+    evaluate them once per schedule, on the device, and call :meth:`denoise` at every step, so a step costs the
+    network and at most three elementwise ops, nothing that depends only on the schedule. A subclass defines
+    :meth:`scalings` and keeps this ``forward`` (the samplers call :meth:`denoise` with precomputed scalings only
+    for models whose ``forward`` is this one).
+    """
+
+    net: Callable
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[Scaling, Scaling, Scaling, torch.Tensor]:
+        """``(c_skip, c_out, c_in, c_noise)`` at noise levels ``sigma`` (a float tensor of any shape): tensors shaped
+        like ``sigma`` in its dtype, or Python floats where a scaling is constant."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        s = _sigma_batch(sigma, x)
+        c_skip, c_out, c_in, c_noise = self.scalings(s)
+        return self.denoise(x, _expand(c_skip, x), _expand(c_out, x), _expand(c_in, x), c_noise, **cond)
+
+    def denoise(
+        self, x: torch.Tensor, c_skip: Scaling, c_out: Scaling, c_in: Scaling, c_noise: torch.Tensor, **cond
+    ) -> torch.Tensor:
+        """``D`` from ``x`` ``[B, ...]``, scalings that broadcast against it, and ``c_noise`` ``[B]``."""
+        return combine(x, network_output(self.net(_scaled(x, c_in), c_noise, **cond)), c_skip, c_out)
+
+
+class VPDenoiser(Preconditioned):
     """A discrete-time VP network (DDPM, diffusers UNets) given by its ``alphas_cumprod``.
 
     The network is called as ``net(x_vp, t, **cond)`` with the fractional timestep ``t`` whose noise level is
@@ -141,15 +201,12 @@ class VPDenoiser(nn.Module):
         frac = t - i0
         return ((1 - frac) * self.log_sigmas[i0] + frac * self.log_sigmas[i0 + 1]).exp()
 
-    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        s = _sigma_batch(sigma, x)
-        t = self.sigma_to_t(s).to(s.dtype).to(x.device)
-        sb = _expand(s, x)
-        out = network_output(self.net(x / torch.sqrt(1 + sb**2), t, **cond))
-        return to_denoised(self.prediction, out, x, sb)
+    def scalings(self, sigma):
+        t = self.sigma_to_t(sigma).to(sigma.dtype).to(sigma.device)
+        return *output_scalings(self.prediction, sigma), 1 / torch.sqrt(1 + sigma**2), t
 
 
-class VPContinuousDenoiser(nn.Module):
+class VPContinuousDenoiser(Preconditioned):
     """A continuous-time VP network on the linear VP-SDE (Song et al. 2021), ``beta(t) = beta_min + t (beta_max -
     beta_min)``. The network is called as ``net(x_vp, t * time_scale, **cond)`` with ``t`` in (0, 1];
     EDM's VP models use ``time_scale = 999``."""
@@ -169,15 +226,12 @@ class VPContinuousDenoiser(nn.Module):
         self.prediction = _check_prediction(prediction)
         self.beta_min, self.beta_max, self.time_scale = beta_min, beta_max, time_scale
 
-    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        s = _sigma_batch(sigma, x)
-        t = schedules.vp_sigma_to_t(s, self.beta_min, self.beta_max).to(s.dtype)
-        sb = _expand(s, x)
-        out = network_output(self.net(x / torch.sqrt(1 + sb**2), t * self.time_scale, **cond))
-        return to_denoised(self.prediction, out, x, sb)
+    def scalings(self, sigma):
+        t = schedules.vp_sigma_to_t(sigma, self.beta_min, self.beta_max).to(sigma.dtype)
+        return *output_scalings(self.prediction, sigma), 1 / torch.sqrt(1 + sigma**2), t * self.time_scale
 
 
-class FlowDenoiser(nn.Module):
+class FlowDenoiser(Preconditioned):
     """A rectified-flow network (SD3/Flux style) predicting the velocity ``v = eps - x0`` of
     ``x_t = (1 - t) x0 + t eps``. The network is called as ``net(x_t, t * time_scale, **cond)``; diffusers'
     SD3 transformer takes ``time_scale = 1000``."""
@@ -187,14 +241,11 @@ class FlowDenoiser(nn.Module):
         self.net = net
         self.time_scale = time_scale
 
-    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        s = _sigma_batch(sigma, x)
-        sb = _expand(s, x)
-        v = network_output(self.net(x / (1 + sb), s / (1 + s) * self.time_scale, **cond))
-        return to_denoised("flow", v, x, sb)
+    def scalings(self, sigma):
+        return *output_scalings("flow", sigma), 1 / (1 + sigma), sigma / (1 + sigma) * self.time_scale
 
 
-class EDMPrecond(nn.Module):
+class EDMPrecond(Preconditioned):
     """EDM preconditioning (Karras et al. 2022, Table 1) around a raw network ``F``::
 
     D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, **cond)
@@ -209,15 +260,10 @@ class EDMPrecond(nn.Module):
         self.net = net
         self.sigma_data = sigma_data
 
-    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        s = _sigma_batch(sigma, x)
+    def scalings(self, sigma):
         sd = self.sigma_data
-        sb = _expand(s, x)
-        c_skip = sd**2 / (sb**2 + sd**2)
-        c_out = sb * sd / torch.sqrt(sb**2 + sd**2)
-        c_in = 1 / torch.sqrt(sb**2 + sd**2)
-        f = network_output(self.net(c_in * x, s.log() / 4, **cond))
-        return c_skip * x + c_out * f.to(torch.promote_types(f.dtype, x.dtype))
+        root = torch.sqrt(sigma**2 + sd**2)
+        return sd**2 / (sigma**2 + sd**2), sigma * sd / root, 1 / root, sigma.log() / 4
 
 
 def discrete_sigmas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -230,6 +276,9 @@ def discrete_sigmas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> to
 
 
 __all__ = [
+    "Preconditioned",
+    "combine",
+    "output_scalings",
     "to_denoised",
     "VPDenoiser",
     "VPContinuousDenoiser",

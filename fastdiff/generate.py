@@ -102,8 +102,7 @@ def generate(
     for idx, lab in steps:
         x = (sample_noise(idx, shape, seed) * sigmas[0]).to(device=device, dtype=torch.float32)
         cond, uncond = label_kwargs(None if lab is None else lab.to(device))
-        with torch.no_grad():
-            out = sampler.sample(x, cond, uncond)
+        out = sampler.sample(x, cond, uncond)
         images.append(out.clamp(-1, 1).float().cpu())
     if not images:
         return Generated(torch.empty(0, *shape), labels, indices, 0)

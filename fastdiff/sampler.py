@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fastdiff import ops, schedules, solvers
+from fastdiff import denoisers, ops, schedules, solvers
 from fastdiff.guidance import Guidance
-from fastdiff.solvers import Denoised, Solver
+from fastdiff.solvers import Denoised, Row, Solver
 
 Model = Callable[..., torch.Tensor]
 log = logging.getLogger("fastdiff")
@@ -104,15 +104,74 @@ def _sigma_batch(sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), sigma, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
 
 
+def _preconditioned(model) -> bool:
+    """Whether a loop may call ``model.denoise`` with precomputed scalings: a
+    :class:`~fastdiff.denoisers.Preconditioned` whose ``forward`` is the base one (a subclass that overrides
+    ``forward`` means something else by it) and that has no hooks of its own (they run only around ``forward``)."""
+    return (
+        isinstance(model, denoisers.Preconditioned)
+        and type(model).forward is denoisers.Preconditioned.forward
+        and not (model._forward_hooks or model._forward_pre_hooks)
+    )
+
+
+class _Levels:
+    """The noise levels at which one schedule calls its models, and what a call at each needs, made once per level
+    and batch size rather than at every call: the ``[n]`` sigma batch a plain model takes, or the scalings of a
+    :class:`~fastdiff.denoisers.Preconditioned` denoiser, evaluated for the whole schedule in a few vectorised ops
+    on the device. A loop passes a level's index where a solver passes ``sigmas[i]`` (:meth:`Solver.step`)."""
+
+    def __init__(self, sigmas: torch.Tensor, count: int, host: Sequence[float] | None = None):
+        """``sigmas`` ``[M]`` on the run's device in ``promote(x.dtype, float32)``; models are called at the first
+        ``count`` of them (never at a final 0). ``host``: their values, for messages, where they are known."""
+        self.sigmas, self.count, self.host = sigmas, count, host
+        self._values = sigmas[:count].unbind()
+        self._scalings: dict[int, list] = {}  # id(model) -> its scalings, each [count] or a constant
+        self._args: dict[tuple, tuple] = {}
+
+    def value(self, j: int) -> float | torch.Tensor:
+        return self.host[j] if self.host is not None else self._values[j]
+
+    def call(self, model: Model, x: torch.Tensor, j: int, kwargs: Mapping) -> torch.Tensor:
+        """``D(x; sigma_j)`` from ``model`` with the keyword arguments ``kwargs``."""
+        key = (id(model), j, x.shape[0], x.ndim)
+        args = self._args.get(key)
+        if args is None:
+            args = self._args[key] = self._arguments(model, j, x)
+        return model(x, args[0], **kwargs) if len(args) == 1 else model.denoise(x, *args, **kwargs)
+
+    def _arguments(self, model: Model, j: int, x: torch.Tensor) -> tuple:
+        if not _preconditioned(model):
+            return (self._values[j].expand(x.shape[0]),)
+        scalings = self._scalings.get(id(model))
+        if scalings is None:
+            scalings = self._scalings[id(model)] = list(model.scalings(self.sigmas[: self.count]))
+        shape = (1,) * x.ndim  # a [1, ...] tensor broadcasts and promotes like the [B, 1, ...] of a plain call
+        c_skip, c_out, c_in = (v[j].reshape(shape) if isinstance(v, torch.Tensor) else v for v in scalings[:3])
+        return c_skip, c_out, c_in, scalings[3][j].expand(x.shape[0])
+
+    def refresh(self, models: Sequence[Model]) -> None:
+        """Recompute the scalings after the sigmas changed in place; the cached arguments are views of them, so
+        they (and a captured graph) see the new values."""
+        with torch.no_grad():
+            for model in models:
+                old = self._scalings.get(id(model))
+                if old is not None:
+                    for kept, new in zip(old, model.scalings(self.sigmas[: self.count])):
+                        if isinstance(kept, torch.Tensor):
+                            kept.copy_(new)
+
+
 class _Evaluator:
     """The model calls of one run: the conditional pass alone, or both passes (one batched forward where the
-    keyword arguments allow it) and the guided estimate. Counts what it spends."""
+    keyword arguments allow it) and the guided estimate. Counts what it spends. ``j`` is a level's index in
+    ``levels``."""
 
     def __init__(
         self, model: Model, uncond_model: Model, guidance: Guidance | None, plan: Plan, cond: dict, uncond: dict,
-        batch: int,
+        batch: int, levels: _Levels,
     ):  # fmt: skip
-        self.model, self.uncond_model = model, uncond_model
+        self.model, self.uncond_model, self.levels = model, uncond_model, levels
         self.w = guidance.scale if guidance is not None else 1.0
         self.cond, self.uncond = cond, uncond
         guide = any(plan.guided) and guidance.batch
@@ -123,25 +182,26 @@ class _Evaluator:
         self.step = 0
         self.nfe_cond = self.nfe_uncond = self.calls = 0
 
-    def _call(self, net: Model, x: torch.Tensor, sigma: float | torch.Tensor, kwargs: Mapping, what: str):
+    def _call(self, net: Model, x: torch.Tensor, j: int, kwargs: Mapping, what: str):
         self.calls += 1
-        out = _check_output(net(x, _sigma_batch(sigma, x), **kwargs), x, what)
+        out = _check_output(self.levels.call(net, x, j, kwargs), x, what)
         if self.check_finite and not torch.isfinite(out).all():
-            raise FloatingPointError(f"{what} returned NaN or Inf at step {self.step} (sigma={float(sigma):g})")
+            raise FloatingPointError(f"{what} returned NaN or Inf at step {self.step} "
+                                     f"(sigma={float(self.levels.value(j)):g})")  # fmt: skip
         return out
 
-    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, guided: bool) -> Denoised:
+    def __call__(self, x: torch.Tensor, j: int, guided: bool) -> Denoised:
         self.nfe_cond += 1
         if not guided:
-            return Denoised(self._call(self.model, x, sigma, self.cond, "model"))
+            return Denoised(self._call(self.model, x, j, self.cond, "model"))
         self.nfe_uncond += 1
         if self.both is not None:
             d_cond, d_uncond = self._call(
-                self.model, torch.cat([x, x]), sigma, self.both, "model (cond+uncond batch)"
+                self.model, torch.cat([x, x]), j, self.both, "model (cond+uncond batch)"
             ).chunk(2)
         else:
-            d_cond = self._call(self.model, x, sigma, self.cond, "model")
-            d_uncond = self._call(self.uncond_model, x, sigma, self.uncond, "unconditional model")
+            d_cond = self._call(self.model, x, j, self.cond, "model")
+            d_uncond = self._call(self.uncond_model, x, j, self.uncond, "unconditional model")
         return Denoised(d_cond, d_uncond, self.w)
 
 
@@ -210,28 +270,45 @@ def _solve(
     solver: Solver,
     plan: Plan,
     x: torch.Tensor,
-    sigmas: Sequence[float] | torch.Tensor,
     stages_of: Callable[[int], Sequence],
     evaluate: _Evaluator,
     progress: bool = False,
     on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """The loop both sampling paths share: host floats and :class:`Stage` s, or a device schedule and its
-    coefficient rows. Its only branches are on ``plan``."""
+    """The loop both sampling paths share: host :class:`Stage` s, or coefficient rows of a device table. The solver
+    sees the levels' indices as its sigmas (the evaluator maps them to noise levels). Its only branches are on
+    ``plan``."""
     state: dict = {}
-    for i in tqdm(range(plan.steps), disable=not progress, desc=f"fastdiff {solver.name}", leave=False):
+    levels = range(evaluate.levels.sigmas.shape[0])
+    steps = range(plan.steps)
+    for i in tqdm(steps, disable=not progress, desc=f"fastdiff {solver.name}", leave=False) if progress else steps:
         first = plan.starts[i]
         if first == i:
             state = solver.start()
         evaluate.step = i
         guided = plan.guided[i]
         x_next, d = solver.step(
-            i - first, x, sigmas[first:], lambda xi, s, g=guided: evaluate(xi, s, g), state, stages_of(i)
+            i - first, x, levels[first:], lambda xi, j, g=guided: evaluate(xi, j, g), state, stages_of(i)
         )
         if on_step is not None:
             on_step(i, x, x_next, d)
         x = x_next
     return x
+
+
+def _level_count(plan: Plan) -> int:
+    """How many of a schedule's levels a run evaluates the model at: all but a final 0."""
+    return plan.steps + (0 if plan.final_zero else 1)
+
+
+def _rows(table: torch.Tensor, n_history: list[list[int]]) -> list[list[Row]]:
+    """Every stage's coefficients ``table[i, j, : 6 + K]`` (:func:`plan_coefficients`), made once per table: views
+    on a device (the kernel reads them there; a captured graph replays values written in place), host values for a
+    CPU table that needs no gradient (the CPU kernel takes them as they are)."""
+    if table.device.type == "cpu" and not table.requires_grad:
+        host = table.tolist()
+        return [[host[i][j][: 6 + k] for j, k in enumerate(nh)] for i, nh in enumerate(n_history)]
+    return [[table[i, j, : 6 + k] for j, k in enumerate(nh)] for i, nh in enumerate(n_history)]
 
 
 def _check_schedule_for(model: Model, sigmas: Sequence[float]) -> None:
@@ -241,6 +318,7 @@ def _check_schedule_for(model: Model, sigmas: Sequence[float]) -> None:
         check(sigmas)
 
 
+@torch.no_grad()
 def sample(
     model: Model,
     x: torch.Tensor,
@@ -281,6 +359,9 @@ def sample(
 
     Returns:
         The sample at ``sigmas[-1]``, shape and dtype of ``x``; with ``return_stats``, ``(sample, stats)``.
+
+    Sampling is inference: nothing is recorded for autograd, whatever the model's parameters require. For a loop
+    that is differentiable with respect to the noise, the schedule or the coefficients, use :meth:`Sampler.run`.
     """
     if cuda_graph or compile:
         if callback is not None or check_finite:
@@ -301,7 +382,9 @@ def sample(
     _check_schedule_for(model, sig_model)
     plan = make_plan(solver, sig, guidance)
     uncond_model = guidance.unconditional_model(model) if guidance is not None else model
-    evaluate = _Evaluator(model, uncond_model, guidance, plan, *_cond_kwargs(plan, cond, uncond), x.shape[0])
+    level_sigmas = torch.tensor(sig_model, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    levels = _Levels(level_sigmas, _level_count(plan), sig_model)
+    evaluate = _Evaluator(model, uncond_model, guidance, plan, *_cond_kwargs(plan, cond, uncond), x.shape[0], levels)
     evaluate.check_finite = check_finite
 
     def on_step(i, x, x_next, d):
@@ -310,7 +393,7 @@ def sample(
     def stages_of(i):
         return solver.stages(sig[plan.starts[i] :], i - plan.starts[i])
 
-    x = _solve(solver, plan, x, sig_model, stages_of, evaluate, progress, on_step if callback is not None else None)
+    x = _solve(solver, plan, x, stages_of, evaluate, progress, on_step if callback is not None else None)
     if not return_stats:
         return x
     stats = SampleStats(plan.steps, evaluate.nfe_cond, evaluate.nfe_uncond, evaluate.calls)
@@ -351,6 +434,17 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 1) 
             "eagerly with cuda_graph=False."
         ) from exc
     return graph, out
+
+
+@dataclass
+class _Buffer:
+    """A :class:`Sampler`'s schedule on one device and dtype: the model sigmas ``[N + 1]``, the coefficient table
+    ``[N, S, 6 + MAX_HISTORY]``, and what the loop derives from them once (levels, per-stage rows)."""
+
+    sigmas: torch.Tensor
+    table: torch.Tensor
+    levels: _Levels
+    rows: list[list[Row]]
 
 
 @dataclass
@@ -442,7 +536,7 @@ class Sampler:
             uncond_model = compiled if uncond_model is model else torch.compile(uncond_model, **options)
             model = compiled
         self.model, self.uncond_model = model, uncond_model
-        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[tuple, _Buffer] = {}
         self._graph: _Graph | None = None
         self._batched = False
         self.plan: Plan | None = None
@@ -461,17 +555,21 @@ class Sampler:
         sig = schedules.validate(sigmas).detach()
         host = sig.tolist()
         model_sig = sig if eval_sigmas is None else schedules.check_eval_sigmas(eval_sigmas, sig).to(sig.device)
-        _check_schedule_for(self._raw_model, model_sig.tolist())
+        host_model_sig = model_sig.tolist()
+        _check_schedule_for(self._raw_model, host_model_sig)
         plan = make_plan(self.solver, host, self.guidance)
         w = self.guidance.scale if self.guidance is not None else 1.0
         table, n_history = plan_coefficients(self.solver, sig, plan, w)
         same = plan == self.plan and n_history == self.n_history
         self.plan, self.n_history = plan, n_history
         self._sigmas, self._model_sigmas, self._table = sig.clone(), model_sig.clone(), table
+        self._host_model_sigmas = host_model_sig
         if same:
-            for sig_buf, table_buf in self._buffers.values():
-                sig_buf.copy_(model_sig)
-                table_buf.copy_(table)
+            for buf in self._buffers.values():
+                buf.sigmas.copy_(model_sig)
+                buf.table.copy_(table)
+                buf.levels.refresh([self.model, self.uncond_model])
+                buf.rows = _rows(buf.table, n_history)  # host values are copies; device views need nothing
         else:
             self._buffers.clear()
             self._graph = None
@@ -492,14 +590,21 @@ class Sampler:
         guided = [i for i, g in enumerate(self.plan.guided) if g]
         return SampleStats(self.plan.steps, cond, uncond, cond + (0 if self._batched else uncond), guided)
 
+    def _buffer(self, x: torch.Tensor) -> _Buffer:
+        """The schedule on x's device in the run's dtype, and what the loop derives from it, made once."""
+        key = (x.device, ops.acc_dtype(x))  # the kernels' coefficient dtype
+        buf = self._buffers.get(key)
+        if buf is None:
+            # copy=True: a buffer must never alias the caller's tensor or the float64 master.
+            sig, table = (t.to(x.device, key[1], copy=True) for t in (self._model_sigmas, self._table))
+            levels = _Levels(sig, _level_count(self.plan), self._host_model_sigmas)
+            buf = self._buffers[key] = _Buffer(sig, table, levels, _rows(table, self.n_history))
+        return buf
+
     def _device_buffers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(model sigmas [N + 1], table [N, S, 6 + MAX_HISTORY])`` on x's device in the run's dtype."""
-        key = (x.device, ops.acc_dtype(x))  # the kernels' coefficient dtype
-        if key not in self._buffers:
-            # copy=True: a buffer must never alias the caller's tensor or the float64 master.
-            masters = (self._model_sigmas, self._table)
-            self._buffers[key] = tuple(t.to(x.device, key[1], copy=True) for t in masters)
-        return self._buffers[key]
+        buf = self._buffer(x)
+        return buf.sigmas, buf.table
 
     # ----------------------------------------------------------------------------------------------- runs
 
@@ -522,13 +627,18 @@ class Sampler:
     ) -> torch.Tensor:
         """The eager loop over explicit device tensors: ``sigmas [N + 1]``, where the model is evaluated, and
         ``table``, the coefficients (as :func:`plan_coefficients` makes them for this sampler's plan; LD3 passes a
-        differentiable one). Differentiable with respect to x, sigmas and table. With
-        ``trajectory`` ``[N + 1, B, ...]``, every step's state is written into it (row 0 is ``x``)."""
-        evaluate = _Evaluator(self.model, self.uncond_model, self.guidance, self.plan, cond, uncond, x.shape[0])
-        self._batched = evaluate.both is not None
+        differentiable one). Differentiable with respect to x, sigmas and table: unlike :meth:`sample`, it records
+        autograd where grad mode is on. With ``trajectory`` ``[N + 1, B, ...]``, every step's state is written into
+        it (row 0 is ``x``)."""
+        levels = _Levels(sigmas, _level_count(self.plan))
+        return self._run(x, cond, uncond, levels, _rows(table, self.n_history), trajectory)
 
-        def rows(i):
-            return [table[i, j, : 6 + k] for j, k in enumerate(self.n_history[i])]
+    def _run(
+        self, x: torch.Tensor, cond: dict, uncond: dict, levels: _Levels, rows: list[list[Row]],
+        trajectory: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        evaluate = _Evaluator(self.model, self.uncond_model, self.guidance, self.plan, cond, uncond, x.shape[0], levels)
+        self._batched = evaluate.both is not None
 
         def record(i, x, x_next, d):
             trajectory[i + 1].copy_(x_next)
@@ -536,9 +646,10 @@ class Sampler:
         if trajectory is not None:
             trajectory[0].copy_(x)
         return _solve(
-            self.solver, self.plan, x, sigmas, rows, evaluate, on_step=record if trajectory is not None else None
+            self.solver, self.plan, x, rows.__getitem__, evaluate, on_step=record if trajectory is not None else None
         )
 
+    @torch.no_grad()
     def sample(
         self,
         x: torch.Tensor,
@@ -549,17 +660,20 @@ class Sampler:
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Sample from noise ``x`` ``[B, ...]`` (scaled by ``sigmas[0]``); returns ``[B, ...]`` in x's dtype,
         a new tensor (a replayed graph's output is copied out, so later replays do not overwrite it). With
-        ``trajectory=True`` also the state after every step, ``[N + 1, B, ...]`` (row 0 is ``x``)."""
+        ``trajectory=True`` also the state after every step, ``[N + 1, B, ...]`` (row 0 is ``x``). Records nothing
+        for autograd (:meth:`run` is the differentiable loop)."""
         self._check_x(x)
         cond, uncond = _cond_kwargs(self.plan, cond, uncond)
         if self.cuda_graph:
             return self._replay(x, cond, uncond, trajectory)
         traj = x.new_empty((self.plan.steps + 1, *x.shape)) if trajectory else None
-        out = self.run(x, cond, uncond, *self._device_buffers(x), traj)
+        buf = self._buffer(x)
+        out = self._run(x, cond, uncond, buf.levels, buf.rows, traj)
         return (out, traj) if trajectory else out
 
     # ------------------------------------------------------------------------------------------ CUDA graph
 
+    @torch.no_grad()
     def capture(
         self,
         x: torch.Tensor | None = None,
@@ -583,8 +697,8 @@ class Sampler:
         static = lambda kw: {k: v.to(x.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}  # noqa: E731
         sx, sc, su = x.clone(), static(cond), static(uncond)
         traj = x.new_empty((self.plan.steps + 1, *x.shape)) if trajectory else None
-        buffers = (*self._device_buffers(x), traj)
-        graph, out = capture_graph(lambda: self.run(sx, sc, su, *buffers), x.device, self.warmup)
+        buf = self._buffer(x)
+        graph, out = capture_graph(lambda: self._run(sx, sc, su, buf.levels, buf.rows, traj), x.device, self.warmup)
         self._graph = _Graph(_signature(x, cond, uncond, trajectory), graph, sx, sc, su, out, traj)
 
     def _replay(self, x: torch.Tensor, cond: dict, uncond: dict, trajectory: bool):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -28,8 +27,7 @@ import torch
 from fastdiff import ops
 
 
-@dataclass(frozen=True)
-class Denoised:
+class Denoised(NamedTuple):
     """One model evaluation: conditional estimate, unconditional one (None outside the guidance interval)
     and the guidance scale. The guided estimate is ``uncond + w * (cond - uncond)``."""
 
@@ -38,8 +36,11 @@ class Denoised:
     w: float = 1.0
 
 
-Evaluate = Callable[[torch.Tensor, float], Denoised]
+# evaluate(x, level) -> Denoised. ``level`` is whatever the loop passed as ``sigmas[i]``: a noise level, or (in
+# fastdiff's sampling loops) its index in the run's schedule, which the loop's evaluator maps to the noise level.
+Evaluate = Callable[[torch.Tensor, object], Denoised]
 Scalar = float | torch.Tensor
+Row = torch.Tensor | list[float]  # one stage's op coefficients [a, w, hx, hd, c_noise, b0, ..., bK]
 Coefficients = tuple[Scalar, list[Scalar]]  # (a, b): x_next = a * x + sum_k b[k] * term_k
 
 # The coefficient functions take sigmas as Python floats (the sampler's host path) or as 0-d tensors (a
@@ -69,11 +70,12 @@ class Stage(NamedTuple):
     hd: Scalar = 1.0
 
 
-def _apply(x: torch.Tensor, den: Denoised, history: Sequence[torch.Tensor], stage: Stage | torch.Tensor):
+def _apply(x: torch.Tensor, den: Denoised, history: Sequence[torch.Tensor], stage: Stage | Row):
     """One op application. ``stage`` is a :class:`Stage`, or a row ``[6 + K]`` of :meth:`Solver.coefficient_tensor`
-    (K history terms, w included), which stays on its device: that is how a captured loop reads its schedule."""
-    if isinstance(stage, torch.Tensor):
-        return ops.guided_step_coef(x, den.cond, den.uncond, history[: stage.shape[0] - 6], stage)
+    (K history terms, w included): a tensor, which stays on its device (that is how a captured loop reads its
+    schedule), or its host values. Rows come from a sampling loop, whose inputs are valid by construction."""
+    if not isinstance(stage, Stage):
+        return ops.loop_step(x, den.cond, den.uncond, list(history[: len(stage) - 6]), stage)
     return ops.guided_step(
         x, den.cond, den.uncond, list(history[: len(stage.b) - 1]), a=stage.a, b=stage.b, w=den.w, hx=stage.hx,
         hd=stage.hd,
@@ -149,9 +151,10 @@ class Solver:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance ``x`` from ``sigmas[i]`` to ``sigmas[i + 1]``; returns ``(x_next, D_i)``.
 
-        ``stages`` are step ``i``'s coefficients, :meth:`stages` by default. A device-resident run passes
-        ``sigmas`` as a tensor and ``stages`` as rows of :meth:`coefficient_tensor`, so that nothing in the step
-        is read back to the host.
+        ``stages`` are step ``i``'s coefficients, :meth:`stages` by default. When they are given, a step does no
+        arithmetic with ``sigmas``: it only passes ``sigmas[i]`` (and ``sigmas[i + 1]``) to ``evaluate``, so a loop
+        may pass the levels' indices instead (fastdiff's loops do). A device-resident run passes ``stages`` as rows
+        of :meth:`coefficient_tensor`, so that nothing in the step is read back to the host.
         """
         raise NotImplementedError
 

@@ -100,16 +100,18 @@ class _Watch(TorchDispatchMode):
 
 
 def _meta_run(model, solver, guidance, x, cond=None, uncond=None):
-    """Both paths of the step: the registered op (x requires grad: autograd's path, the op's fake kernel) and the
-    direct forward (no grad: the eager path, the reference with coefficients left on the device)."""
+    """Both paths of the step: the registered op (``Sampler.run`` with x requiring grad: autograd's path, LD3's, the
+    op's fake kernel) and the direct forward (``Sampler.sample``, which records no autograd even for such an x: the
+    eager path, the reference with coefficients left on the device)."""
     sampler = fastdiff.Sampler(model, solver=solver, sigmas=schedules.karras(10, 0.002, 80.0), guidance=guidance)
     with _Watch() as watch:
-        out = sampler.sample(x.requires_grad_(True), cond, uncond)
-    assert out.device.type == "meta" and out.shape == x.shape
+        out = sampler.run(x.requires_grad_(True), dict(cond or {}), dict(uncond or {}), *sampler._device_buffers(x))
+    assert out.device.type == "meta" and out.shape == x.shape and out.grad_fn is not None
     assert "fastdiff.guided_step.default" in watch.ops
-    with torch.no_grad(), _Watch() as eager:
-        out = sampler.sample(x.detach(), cond, uncond)
-    assert out.device.type == "meta" and out.shape == x.shape
+    with _Watch() as eager:
+        out = sampler.sample(x, cond, uncond)
+    assert out.device.type == "meta" and out.shape == x.shape and out.grad_fn is None
+    assert "fastdiff.guided_step.default" not in eager.ops
     return watch.ops + eager.ops
 
 

@@ -366,6 +366,7 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         r = self._scale(sched.sigmas[m]) / self._scale(sched.model_sigmas[m])
         return sample if r == 1 else sample * r
 
+    @torch.no_grad()
     def step(
         self,
         model_output: torch.Tensor,
@@ -384,7 +385,8 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
             generator: unused; the solvers are deterministic.
 
         The solver step is replayed from the step's start state with the evaluations made so far; a step that
-        needs another evaluation (Heun's corrector) returns the point to evaluate as ``prev_sample``.
+        needs another evaluation (Heun's corrector) returns the point to evaluate as ``prev_sample``. Like every
+        fastdiff sampling entry point, it records nothing for autograd.
         """
         sched = self._require_schedule()
         if self._step_index is None:

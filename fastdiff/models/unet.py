@@ -364,9 +364,6 @@ class EDMUNet(EDMPrecond):
         super().__init__(net, net.config.sigma_data)
         self.config = net.config
 
-    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
-        return super().forward(x, sigma, class_labels=class_labels)
-
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
