@@ -1,8 +1,13 @@
 """GPU checks of fastdiff.Sampler: a replayed CUDA graph equals the eager loop at every step, the eager loop
-makes no host sync, schedule updates need no recapture, and capture fails clearly. Run with `pytest -m gpu`."""
+makes no host sync, schedule updates need no recapture, and capture fails clearly. Run with `pytest -m gpu`.
+
+The CUDA kernels are forced in every test (the no-sync tests also run Triton), and the eager runs prove that the
+forced backend did the work (tests/_backends.py). The cases that need only fastdiff never skip for a missing
+diffusers."""
 
 import pytest
 import torch
+from _backends import ran_on
 
 import fastdiff
 from fastdiff import denoisers, models, schedules
@@ -36,6 +41,13 @@ def _close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
+@pytest.fixture(autouse=True)
+def _cuda_kernels(monkeypatch):
+    """The loop tests run on the CUDA kernels (the no-sync tests also on Triton), and must: a run that fell back to
+    the reference would prove nothing about them."""
+    monkeypatch.setenv("FASTDIFF_BACKEND", "cuda")
+
+
 @pytest.mark.parametrize("solver", sorted(fastdiff.SOLVERS))
 def test_replay_equals_eager_at_every_step(solver):
     net = _unet()
@@ -43,7 +55,8 @@ def test_replay_equals_eager_at_every_step(solver):
     graph = fastdiff.Sampler(net, solver=solver, sigmas=SIGMAS, guidance=INTERVAL, cuda_graph=True)
     for seed in (0, 1):  # the second replay takes new noise and new labels
         x, cond, uncond = _inputs(seed=seed)
-        ref, ref_traj = eager.sample(x, cond, uncond, trajectory=True)
+        with ran_on("cuda", at_least=12):
+            ref, ref_traj = eager.sample(x, cond, uncond, trajectory=True)
         out, traj = graph.sample(x, cond, uncond, trajectory=True)
         for i in range(len(SIGMAS)):
             _close(traj[i], ref_traj[i])
@@ -60,7 +73,31 @@ def test_builtin_digits_model_replays_its_eager_result():
     _close(sampler.sample(x, cond, uncond), eager)
 
 
-def test_eager_loop_makes_no_host_sync():
+def _assert_no_host_sync(model, x, cond, uncond, backend, monkeypatch):
+    """Every solver's eager loop on ``model``, on ``backend``, under torch's sync debug mode: a host sync raises."""
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    for solver in sorted(fastdiff.SOLVERS):
+        sampler = fastdiff.Sampler(model, solver=solver, sigmas=schedules.karras(8, 0.03, 14.0), guidance=INTERVAL)
+        sampler.sample(x, cond, uncond)  # first call: buffers are copied to the GPU, outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with ran_on(backend, at_least=8):
+                sampler.sample(x, cond, uncond)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_eager_loop_makes_no_host_sync(backend, monkeypatch):
+    """fastdiff's own UNet (EDM preconditioning) and a plain callable model: needs nothing beyond fastdiff."""
+    net = _unet()
+    _assert_no_host_sync(net, *_inputs(), backend, monkeypatch)
+    _assert_no_host_sync(lambda x, sigma, **kw: net(x, sigma, **kw), *_inputs(), backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_eager_loop_makes_no_host_sync_with_a_diffusers_unet(backend, monkeypatch):
     diffusers = pytest.importorskip("diffusers")
     unet = diffusers.UNet2DModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), norm_num_groups=8,
@@ -69,20 +106,8 @@ def test_eager_loop_makes_no_host_sync():
     ).cuda()  # fmt: skip
     vp = denoisers.VPDenoiser(unet, diffusers.DDPMScheduler().alphas_cumprod).cuda()
     y = torch.zeros(2, dtype=torch.long, device="cuda")
-    cases = [
-        (_unet(), _inputs()),
-        (vp, (torch.randn(2, 4, 8, 8, device="cuda") * 14, {"class_labels": y}, {"class_labels": y + 2})),
-    ]
-    for model, (x, cond, uncond) in cases:
-        for solver in sorted(fastdiff.SOLVERS):
-            sampler = fastdiff.Sampler(model, solver=solver, sigmas=schedules.karras(8, 0.03, 14.0), guidance=INTERVAL)
-            sampler.sample(x, cond, uncond)  # first call: buffers are copied to the GPU, outside the check
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                sampler.sample(x, cond, uncond)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+    x = torch.randn(2, 4, 8, 8, device="cuda") * 14
+    _assert_no_host_sync(vp, x, {"class_labels": y}, {"class_labels": y + 2}, backend, monkeypatch)
 
 
 def test_schedule_update_needs_no_recapture_unless_the_plan_changes():
