@@ -271,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     k.add_argument("--reps", type=int, default=20, help="timed repetitions on the CPU")
     k.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    k.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="start no further size/dtype/workload cell after S seconds")  # fmt: skip
+    k.add_argument("--threads", type=int, default=1,
+                   help="torch threads for a CPU run, printed with the results (default: 1; 0 leaves torch's)")  # fmt: skip
     k.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for kernels.csv and kernels.png")
     k.add_argument("--progress", action="store_true", help="print each measurement as it starts")
     k.set_defaults(func=cmd_bench_kernels)
@@ -278,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         help="whole sampling loops with CFG: k-diffusion-style and diffusers loops against fastdiff.Sampler",
         description=(
-            "End-to-end sampling benchmark (see fastdiff/bench/loops.py and BENCHMARKS.md). Variants: kdiff_eager "
+            "End-to-end sampling benchmark (see fastdiff/bench/loops.py and BENCHMARKS.md). Variants: kdiffusion "
+            "(k-diffusion's own sampler from the installed package), kdiff_eager "
             "(k-diffusion-style loop, CFG batch at every step), diffusers (scheduler loop, CFG every step), "
             "fastdiff_eager (fastdiff.Sampler), fastdiff_graph (the whole loop in one CUDA graph; CUDA only), "
             "fastdiff_interval (guidance only on sigma in (0.28, 2.9]; a CUDA graph on CUDA). Per row: time per "
@@ -290,10 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--preset", default=None, choices=sorted(loops.PRESETS),
                      help="cpu: tiny networks at 4x8x8 (< 2 min on 2 cores); gpu: SD-like latents 4x64x64 and "
                      "4x128x128 at reduced width, batches 1, 8, 32 (default: gpu where CUDA is available)")  # fmt: skip
-    e2e.add_argument("--models", default=",".join(loops.MODELS), help="comma-separated model families")
+    e2e.add_argument("--models", default=",".join(loops.E2E_MODELS),
+                     help=f"comma-separated model families of the e2e scenario, from {list(loops.MODELS)}")  # fmt: skip
     e2e.add_argument("--variants", default=",".join(loops.VARIANTS), help="comma-separated loop variants")
     e2e.add_argument("--scenarios", default=",".join(loops.SCENARIOS),
-                     help="e2e (every model and batch) and/or edm2_interval (digits, 32 Heun steps)")  # fmt: skip
+                     help="overhead (each loop's own cost per step against k-diffusion's and diffusers' loops: batch "
+                     "1, 40 steps, a one-multiply network), e2e (every model and batch) and/or edm2_interval (digits, "
+                     "32 Heun steps)")  # fmt: skip
     e2e.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the preset's)")
     e2e.add_argument("--resolutions", default=None, help="comma-separated latent sizes (default: the preset's)")
     e2e.add_argument("--solver", default="dpmpp_2m", choices=sorted(bench_baselines.KDIFF_SAMPLERS),
@@ -324,11 +332,16 @@ def cmd_bench_sample(args: argparse.Namespace) -> int:
     )  # fmt: skip
     csv_path, png_path = loops.write_results(rows, args.out)
     print(loops.markdown_table(rows))
-    summary = loops.edm2_summary(rows)
-    if summary:
-        print()
-        print(summary)
-    print(f"device {rows[0]['device']}, {rows[0]['date']}; wrote {csv_path} and {png_path}")
+    for summary in (loops.overhead_summary(rows), loops.edm2_summary(rows)):
+        if summary:
+            print()
+            print(summary)
+    threads = f", {rows[0]['threads']} torch threads" if rows and rows[0]["threads"] != "" else ""
+    print(f"device {rows[0]['device']}{threads}, {rows[0]['date']}; wrote {csv_path} and {png_path}")
+    failed = [f"{r['scenario']} {r['model']} b={r['batch']} {r['variant']}" for r in rows if r["note"].startswith("failed")]
+    if failed:
+        print(f"{len(failed)} rows failed (see their notes): {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -343,10 +356,12 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     rows = bench_kernels.bench_kernels(
         [bench_kernels.parse_size(v) for v in sizes.split(",")], dtypes, workloads, device, reps=args.reps,
         compile=not args.no_compile, progress=(lambda m: print(m, file=sys.stderr)) if args.progress else None,
+        threads=args.threads or None, time_budget=args.time_budget,
     )  # fmt: skip
     bench_kernels.write_results(rows, args.out)
     print(bench_kernels.markdown_table(rows))
-    print(f"wrote {args.out / 'kernels.csv'} and {args.out / 'kernels.png'}")
+    threads = f", {rows[0]['threads']} torch threads" if rows[0]["threads"] != "" else ""
+    print(f"device {rows[0]['device']}{threads}; wrote {args.out / 'kernels.csv'} and {args.out / 'kernels.png'}")
     return 0
 
 

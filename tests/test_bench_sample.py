@@ -10,6 +10,8 @@ steps stays near 1e-6 of the samples' scale and a wrong coefficient shows at 1e-
 
 import csv
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -216,3 +218,67 @@ def test_a_model_that_cannot_be_built_is_recorded_and_the_rest_runs(monkeypatch)
         ("dit", "failed: ModuleNotFoundError: No module named 'diffusers'"), ("null", "")]  # fmt: skip
     assert rows[1]["total_ms"] > 0
     assert "| e2e | dit | 4x8x8 | 1 | dpmpp_2m, 2 | fastdiff_eager | – |" in loops.markdown_table(rows)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("steps", [4, 8, 20, 25, 40])
+def test_vp_schedule_without_diffusers_is_the_schedulers(solver, steps):
+    """The diffusers-family rows share the schedule of diffusers' scheduler, computed by fastdiff so that the rows
+    which do not run diffusers do not need it."""
+    assert torch.equal(baselines.sd_alphas_cumprod(), baselines.vp_scheduler(solver).alphas_cumprod)
+    assert torch.equal(baselines.vp_sigmas(solver, steps), baselines.scheduler_sigmas(baselines.vp_scheduler(solver),
+                                                                                       steps))  # fmt: skip
+
+
+def test_k_diffusion_peer_is_the_pypi_package_and_computes_what_fastdiff_computes(gmm, noise):
+    """The `kdiffusion` rows run k-diffusion's own sample_dpmpp_2m (the installed package, imported without its
+    training stack), which on the exact mixture gives fastdiff's result to float64 rounding: the timed loops do the
+    same work."""
+    K = pytest.importorskip("fastdiff.bench.peers").k_diffusion_sampling()
+    assert K.__file__.endswith("site-packages/k_diffusion/sampling.py") and K.__name__ == "k_diffusion.sampling"
+    sigmas = schedules.karras(12, 0.002, 80.0)
+    cond, uncond = _class_cond(torch.arange(len(noise)) % gmm.num_classes, -1)
+    cfg = baselines.CFGDenoiser(gmm, 2.5)
+    theirs = K.sample_dpmpp_2m(cfg, noise * 80.0, sigmas, extra_args={"cond": cond, "uncond": uncond}, disable=True)
+    ours = fastdiff.Sampler(gmm, solver="dpmpp_2m", sigmas=sigmas, guidance=fastdiff.Guidance(2.5)).sample(
+        noise * 80.0, cond, uncond
+    )
+    assert (theirs - ours).abs().max() < 1e-9 * ours.abs().max()
+
+
+def test_overhead_scenario_pairs_fastdiff_with_each_peer(one_thread):
+    """The loop-overhead comparison runs both pairs and states the ratio and the 1/3 target (a benchmark: the
+    numbers are not asserted)."""
+    rows = loops.bench_sample("cpu", scenarios="overhead", reps=2, progress=False)
+    got = [(r["model"], r["variant"], r["steps"], r["batch"], r["shape"]) for r in rows]
+    assert got == [("null_edm", "kdiffusion", 40, 1, "4x8x8"), ("null_edm", "fastdiff_eager", 40, 1, "4x8x8"),
+                   ("null", "diffusers", 40, 1, "4x8x8"), ("null", "fastdiff_eager", 40, 1, "4x8x8")]  # fmt: skip
+    assert all(r["note"] == "" and r["total_ms"] > 0 and r["threads"] == 1 for r in rows), [r["note"] for r in rows]
+    assert rows[0]["library"].startswith("k-diffusion 0.1") and rows[2]["library"].startswith("diffusers ")
+    summary = loops.overhead_summary(rows).splitlines()
+    assert len(summary) == 3 and "against k-diffusion 0.1" in summary[1] and "against diffusers" in summary[2]
+    assert all("(target <= 1/3: " in line for line in summary[1:])
+
+
+def test_rows_that_do_not_need_diffusers_run_without_it(tmp_path):
+    """With diffusers unimportable, the null and digits rows run and never import it; the rows that need it say so,
+    and the command still succeeds (nothing failed)."""
+    code = (
+        "import sys; sys.modules['diffusers'] = None\n"
+        "from fastdiff.cli import main\n"
+        f"rc = main(['bench', 'sample', '--preset', 'cpu', '--models', 'null,digits,unet', '--batches', '1', '--steps',"
+        f" '3', '--reps', '1', '--scenarios', 'e2e', '--out', {str(tmp_path)!r}, '--no-progress'])\n"
+        "assert sys.modules['diffusers'] is None\n"
+        "sys.exit(rc)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = _read(tmp_path / "sample_loops.csv")
+    needs = "skipped: needs diffusers (pip install 'fastdiff[diffusers]')"
+    for r in rows:
+        if r["model"] == "unet" or r["variant"] in ("diffusers", "fastdiff_scheduler", "pipeline_interval"):
+            assert r["note"].startswith(needs), (r["model"], r["variant"], r["note"])
+        elif r["variant"] == "kdiffusion":
+            assert r["note"] == "" or r["note"].startswith("skipped: needs k-diffusion"), r["note"]
+        elif r["variant"] != "fastdiff_graph":
+            assert r["note"] == "" and float(r["total_ms"]) > 0, (r["model"], r["variant"], r["note"])

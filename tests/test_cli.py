@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastdiff.cli import main
 
@@ -86,3 +87,17 @@ def test_bench_kernels_writes_csv_plot_and_table(capsys, tmp_path):
 def test_bench_rejects_unknown_names(capsys):
     assert main(["bench", "kernels", "--dtypes", "fp8"]) == 2
     assert "unknown 'fp8'" in capsys.readouterr().err
+
+
+def test_bench_kernels_compiles_every_row_and_records_its_threads():
+    """Each compile row times a graph compiled for it, even past dynamo's recompile limit (lowered to 1 here: one
+    compiled function shared by the rows would run the second eagerly, and the row's own check would raise)."""
+    import torch._dynamo
+
+    from fastdiff.bench import kernels
+
+    n = torch.get_num_threads()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        rows = kernels.bench_kernels([1024, 2048], ["fp32"], ["euler_cfg", "dpmpp_2m"], "cpu", reps=2, threads=1)
+    assert len([r for r in rows if r["provider"] == "compile"]) == 4
+    assert {r["threads"] for r in rows} == {1} and torch.get_num_threads() == n

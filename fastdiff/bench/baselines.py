@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fastdiff.bench import peers
 from fastdiff.denoisers import discrete_sigmas, network_output
 from fastdiff.sampler import _cat_kwargs
 
@@ -29,13 +30,16 @@ __all__ = [
     "CFGDenoiser",
     "KDIFF_SAMPLERS",
     "cat_cond",
+    "leading_timesteps",
     "diffusers_loop",
     "edm_scheduler",
     "sample_dpmpp_2m",
     "sample_euler",
     "sample_heun",
     "scheduler_sigmas",
+    "sd_alphas_cumprod",
     "vp_scheduler",
+    "vp_sigmas",
 ]
 
 
@@ -152,13 +156,38 @@ _VP_SCHEDULERS = {"euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteSchedu
 _EDM_SCHEDULERS = {"euler": "EDMEulerScheduler", "dpmpp_2m": "EDMDPMSolverMultistepScheduler"}
 
 
+def sd_alphas_cumprod() -> torch.Tensor:
+    """``[1000]`` float32: Stable Diffusion's ``alphas_cumprod`` (:data:`SD_BETAS`), computed as diffusers computes
+    it, without diffusers."""
+    n = SD_BETAS["num_train_timesteps"]
+    betas = torch.linspace(SD_BETAS["beta_start"] ** 0.5, SD_BETAS["beta_end"] ** 0.5, n, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def leading_timesteps(solver: str, steps: int) -> torch.Tensor:
+    """``[steps]`` int64: the timesteps the scheduler of :func:`vp_scheduler` steps through (``timestep_spacing=
+    "leading"``, ``steps_offset=1``), computed without diffusers. ``DPMSolverMultistepScheduler`` spaces
+    ``steps + 1`` points and drops the last; Euler's and Heun's schedulers space ``steps`` (Heun repeats each but
+    the first, one step per pair)."""
+    n = SD_BETAS["num_train_timesteps"]
+    if solver == "dpmpp_2m":
+        return (torch.arange(steps + 1) * (n // (steps + 1))).flip(0)[:-1] + 1
+    return (torch.arange(steps) * (n // steps)).flip(0) + 1
+
+
+def vp_sigmas(solver: str, steps: int) -> torch.Tensor:
+    """``[steps + 1]`` float64: the VE sigmas :func:`vp_scheduler` steps through, then 0 (diffusers not needed)."""
+    return discrete_sigmas(sd_alphas_cumprod(), leading_timesteps(solver, steps))
+
+
 def vp_scheduler(solver: str):
     """The diffusers scheduler for an eps-prediction network on SD's schedule that runs ``solver``'s update.
 
     ``timestep_spacing="leading"`` with ``steps_offset=1`` (SD's setting) gives integer timesteps, so
-    :func:`scheduler_sigmas` reproduces its schedule exactly for fastdiff.
+    :func:`scheduler_sigmas` reproduces its schedule exactly for fastdiff. Raises :class:`~fastdiff.bench.peers.
+    PeerMissing` without diffusers.
     """
-    import diffusers
+    diffusers = peers.diffusers()
 
     if solver not in _VP_SCHEDULERS:
         raise ValueError(f"no diffusers VP scheduler for solver {solver!r}; choose from {sorted(_VP_SCHEDULERS)}")
@@ -170,8 +199,9 @@ def vp_scheduler(solver: str):
 def edm_scheduler(solver: str, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
                   rho: float = 7.0):  # fmt: skip
     """diffusers' EDM scheduler for ``solver`` (Karras schedule, step to 0), or None where diffusers has none
-    (there is no EDM Heun scheduler in diffusers)."""
-    import diffusers
+    (there is no EDM Heun scheduler in diffusers). Raises :class:`~fastdiff.bench.peers.PeerMissing` without
+    diffusers."""
+    diffusers = peers.diffusers()
 
     if solver not in _EDM_SCHEDULERS:
         return None

@@ -7,13 +7,16 @@ Workloads are solver steps with classifier-free guidance, as the sampler issues 
 * ``dpmpp_2m``: the same plus one history entry (the previous D);
 * ``unipc_corrector``: the same plus two history entries (UniC-2 reads D_{i-1} and D_{i-2}).
 
-Each provider is timed on the same tensors in the same run: ``eager`` (the pure-torch reference),
-``compile`` (``torch.compile`` of that reference), and every fastdiff kernel backend available here, called
-through :func:`fastdiff.ops.guided_step` with the backend forced (so its host-side dispatch is included, as a
-user pays it). ``copy`` is ``dst.copy_(src)`` over the same number of bytes the step moves; bandwidth is bytes
-read plus written over time. GPU times are medians of ``triton.testing.do_bench`` (CUDA events); CPU times
-are medians of wall-clock repetitions. ``host_us`` is the wall time of one call returning to Python, without
-synchronising the device.
+Each provider is timed on the same tensors in the same run: ``eager`` (the pure-torch reference), ``compile``
+(``torch.compile`` of that reference, compiled afresh for each row: one compiled function shared by every row would
+meet dynamo's recompile limit after 8 shapes and dtypes and silently run the rest eagerly, so each row also checks
+that its call compiled a graph), and every fastdiff kernel backend available here, called through
+:func:`fastdiff.ops.guided_step` with the backend forced (so its host-side dispatch is included, as a user pays it;
+each row checks that the forced backend ran). ``copy`` is ``dst.copy_(src)`` over the same number of bytes the step
+moves; bandwidth is bytes read plus written over time. GPU times are medians of ``triton.testing.do_bench`` (CUDA
+events); CPU times are medians of wall-clock repetitions, on ``threads`` torch threads (1 by default: on a shared
+2-core machine two OpenMP threads turn small copies into multi-millisecond outliers whenever the other core is
+busy). ``host_us`` is the wall time of one call returning to Python, without synchronising the device.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import csv
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -87,6 +91,20 @@ def _forced_backend(backend: str | None):
             os.environ["FASTDIFF_BACKEND"] = old
 
 
+def _compiled_reference(args: tuple) -> Callable:
+    """``torch.compile`` of the reference, compiled for ``args`` now, after clearing dynamo's caches; raises if
+    the call did not compile a graph (it would time eager torch under the name ``compile``)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    compiled = torch.compile(ops.guided_step_reference, dynamic=False)
+    before = counters["stats"]["unique_graphs"]
+    compiled(*args)
+    if counters["stats"]["unique_graphs"] == before:
+        raise RuntimeError("torch.compile ran the reference without compiling it; the compile row would time eager")
+    return compiled
+
+
 def bench_kernels(
     sizes: list[int],
     dtypes: list[str],
@@ -95,47 +113,70 @@ def bench_kernels(
     reps: int = 20,
     compile: bool = True,
     progress: Callable[[str], None] | None = None,
+    threads: int | None = 1,
+    time_budget: float | None = None,
 ) -> list[dict]:
-    """Run the benchmark grid; returns one row per (workload, dtype, size, provider)."""
+    """Run the benchmark grid; returns one row per (workload, dtype, size, provider). ``threads``: torch's intra-op
+    threads for a CPU run (None: leave them as they are), recorded in every row. ``time_budget``: seconds after
+    which no further (workload, dtype, size) cell starts, so that a run on a lent GPU ends with its results."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     providers = [b for b in ops.available_backends() if b != "torch" and (b != "cpu") == (device.type == "cuda")]
     if device.type == "cpu" and "triton" in providers:
         providers.remove("triton")  # the interpreter measures numpy, not the kernel
-    compiled = torch.compile(ops.guided_step_reference, dynamic=False) if compile else None
+    old_threads = torch.get_num_threads()
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        deadline = None if time_budget is None else time.perf_counter() + time_budget
+        return _grid(sizes, dtypes, workloads or list(WORKLOADS), device, reps, compile, progress, providers, deadline)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _grid(sizes, dtypes, workloads, device, reps, compile, progress, providers, deadline) -> list[dict]:
     rows = []
-    for name in workloads or list(WORKLOADS):
+    cells = [(name, dname, n) for name in workloads for dname in dtypes for n in sizes]
+    for k, (name, dname, n) in enumerate(cells):
+        if deadline is not None and time.perf_counter() > deadline:
+            print(f"bench kernels: time budget spent; {k} of {len(cells)} cells measured", file=sys.stderr)
+            break
         n_hist = WORKLOADS[name]
-        for dname in dtypes:
-            tx, td = DTYPES[dname]
-            for n in sizes:
-                g = torch.Generator(device=device).manual_seed(0)
-                x = torch.randn(n, device=device, dtype=tx, generator=g)
-                dc, du = (torch.randn(n, device=device, generator=g).to(td) for _ in range(2))
-                hist = [torch.randn(n, device=device, dtype=tx, generator=g) for _ in range(n_hist)]
-                b = [0.5] + [0.1] * n_hist
-                args = (x, dc, du, hist, 0.9, b, 2.0)
-                moved = (x.element_size() * (3 + n_hist) + 2 * dc.element_size()) * n  # read x, D's, history; write 2
-                src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
-                dst = torch.empty_like(src)
-                calls = {"copy": partial(dst.copy_, src), "eager": partial(ops.guided_step_reference, *args)}
-                if compiled is not None:
-                    calls["compile"] = partial(compiled, *args)
-                step = partial(ops.guided_step, x, dc, du, hist, a=0.9, b=b, w=2.0)
-                calls.update(dict.fromkeys(providers, step))
-                for provider, fn in calls.items():
-                    if progress:
-                        progress(f"{name} {dname} {n} {provider}")
-                    with _forced_backend(provider if provider in providers else None):
-                        sec = _time(fn, device, reps)
-                        host = _host_time(fn, device) * 1e6 if provider != "copy" else float("nan")
-                    rows.append({
-                        "workload": name, "dtype": dname, "elements": n, "provider": provider,
-                        "us": sec * 1e6, "gbps": moved / sec / 1e9, "host_us": host,
-                        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    })  # fmt: skip
-                copy_gbps = next(r["gbps"] for r in rows[-len(calls) :] if r["provider"] == "copy")
-                for r in rows[-len(calls) :]:
-                    r["copy_fraction"] = r["gbps"] / copy_gbps
+        tx, td = DTYPES[dname]
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n, device=device, dtype=tx, generator=g)
+        dc, du = (torch.randn(n, device=device, generator=g).to(td) for _ in range(2))
+        hist = [torch.randn(n, device=device, dtype=tx, generator=g) for _ in range(n_hist)]
+        b = [0.5] + [0.1] * n_hist
+        args = (x, dc, du, hist, 0.9, b, 2.0)
+        moved = (x.element_size() * (3 + n_hist) + 2 * dc.element_size()) * n  # read x, D's, history; write 2
+        src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        calls = {"copy": partial(dst.copy_, src), "eager": partial(ops.guided_step_reference, *args)}
+        if compile:
+            if progress:
+                progress(f"{name} {dname} {n} compiling")
+            calls["compile"] = partial(_compiled_reference(args), *args)
+        step = partial(ops.guided_step, x, dc, du, hist, a=0.9, b=b, w=2.0)
+        calls.update(dict.fromkeys(providers, step))
+        for provider, fn in calls.items():
+            if progress:
+                progress(f"{name} {dname} {n} {provider}")
+            kernel = provider in providers
+            before = ops.calls[provider] if kernel else 0
+            with _forced_backend(provider if kernel else None):
+                sec = _time(fn, device, reps)
+                host = _host_time(fn, device) * 1e6 if provider != "copy" else float("nan")
+            if kernel and ops.calls[provider] == before:
+                raise RuntimeError(f"the {provider} row did not run the {provider} backend")
+            rows.append({
+                "workload": name, "dtype": dname, "elements": n, "provider": provider,
+                "us": sec * 1e6, "gbps": moved / sec / 1e9, "host_us": host,
+                "threads": torch.get_num_threads() if device.type == "cpu" else "",
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            })  # fmt: skip
+        copy_gbps = next(r["gbps"] for r in rows[-len(calls) :] if r["provider"] == "copy")
+        for r in rows[-len(calls) :]:
+            r["copy_fraction"] = r["gbps"] / copy_gbps
     return rows
 
 
@@ -162,7 +203,8 @@ def write_results(rows: list[dict], out: Path) -> None:
         ax.set(title=f"{wl}, {dt}", xlabel="elements", ylabel="µs per call")
         ax.grid(True, alpha=0.3)
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"fused guided step on {rows[0]['device']}")
+    threads = f", {rows[0]['threads']} torch threads" if rows[0]["threads"] != "" else ""
+    fig.suptitle(f"fused guided step on {rows[0]['device']}{threads}")
     fig.tight_layout()
     fig.savefig(out / "kernels.png", dpi=110)
     plt.close(fig)

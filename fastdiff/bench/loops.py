@@ -46,8 +46,10 @@ from __future__ import annotations
 import csv
 import datetime
 import gc
+import importlib.metadata
 import math
 import statistics
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,20 +61,33 @@ import torch
 
 import fastdiff
 from fastdiff import denoisers, generate, schedules
-from fastdiff.bench import baselines
+from fastdiff.bench import baselines, peers
 from fastdiff.sampler import capture_graph
 
 VARIANTS = (
-    "kdiff_eager", "diffusers", "fastdiff_scheduler", "fastdiff_eager", "fastdiff_graph", "fastdiff_interval",
-    "pipeline_interval",
+    "kdiffusion", "kdiff_eager", "diffusers", "fastdiff_scheduler", "fastdiff_eager", "fastdiff_graph",
+    "fastdiff_interval", "pipeline_interval",
 )  # fmt: skip
-MODELS = ("null", "digits", "dit", "unet", "unet_cond")  # roughly by cost
-SCENARIOS = ("e2e", "edm2_interval")
+MODELS = ("null", "null_edm", "digits", "dit", "unet", "unet_cond")  # roughly by cost
+E2E_MODELS = ("null", "digits", "dit", "unet", "unet_cond")  # the e2e scenario's default families
+SCENARIOS = ("overhead", "e2e", "edm2_interval")
 INTERVAL = (0.28, 2.9)  # EDM2-S's guidance interval (Kynkaenniemi et al. 2024)
 COLUMNS = [
-    "scenario", "model", "config", "shape", "batch", "dtype", "solver", "steps", "variant", "guidance", "nfe_cond",
-    "nfe_uncond", "total_ms", "model_ms", "overhead_us_per_step", "peak_mem_mb", "device", "date", "note",
+    "scenario", "model", "config", "shape", "batch", "dtype", "solver", "steps", "variant", "library", "guidance",
+    "nfe_cond", "nfe_uncond", "total_ms", "model_ms", "overhead_us_per_step", "peak_mem_mb", "threads", "device",
+    "date", "note",
 ]  # fmt: skip
+# The loop-overhead comparison (issue 17): batch 1, 4x8x8 latents, DPM-Solver++(2M), 40 steps, CFG by batching cond
+# and uncond, a network that does one multiply; fastdiff against each peer's own loop on the same model form.
+OVERHEAD = dict(batch=1, resolution=8, solver="dpmpp_2m", steps=40, reps=50)
+OVERHEAD_PAIRS = {  # model family -> (the peer's variant, fastdiff's variant in the same execution mode)
+    "null_edm": ("kdiffusion", "fastdiff_eager"),
+    "null": ("diffusers", "fastdiff_eager"),
+}
+OVERHEAD_TARGET = 1 / 3  # fastdiff's per-step overhead at most a third of the peer's
+# Variants that need diffusers in every cell, and that need the k-diffusion package.
+NEEDS = {"diffusers": "diffusers", "fastdiff_scheduler": "diffusers", "pipeline_interval": "diffusers",
+         "kdiffusion": "k-diffusion"}  # fmt: skip
 
 # What each preset runs; ``size`` picks the diffusers configs of ``_diffusers_config``.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -137,7 +152,8 @@ def _diffusers_config(family: str, resolution: int, size: str) -> tuple[dict, st
 class NullNet(torch.nn.Module):
     """A stand-in network that costs next to nothing (``0.5 x``, one elementwise op, ``[B, ...]`` in and out),
     so that a loop around it measures the loop's own cost: scheduler or solver arithmetic, guidance, adapters and
-    launches."""
+    launches. Called as ``net(x, t, **cond)`` (a raw network) or ``model(x, sigma, **cond)`` (an EDM-style model
+    that returns ``D`` itself)."""
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         return x * 0.5
@@ -175,10 +191,11 @@ class Workload:
     raw: torch.nn.Module | None = None  # the diffusers network itself (for the pipeline path)
 
     def sigmas(self, solver: str, steps: int) -> torch.Tensor:
-        """``[steps + 1]`` float64 schedule, the one the diffusers scheduler steps through."""
+        """``[steps + 1]`` float64 schedule, the one the diffusers scheduler steps through (computed without
+        diffusers; tests/test_bench_sample.py checks that it is the same)."""
         if self.edm:
             return schedules.karras(steps, 0.002, 80.0)
-        return baselines.scheduler_sigmas(self.scheduler(solver), steps)
+        return baselines.vp_sigmas(solver, steps)
 
 
 def build_workload(family: str, resolution: int, size: str, device: torch.device, dtype: torch.dtype) -> Workload:
@@ -195,7 +212,22 @@ def build_workload(family: str, resolution: int, size: str, device: torch.device
             lambda solver: baselines.edm_scheduler(solver), make_cond, lambda s: s.log() / 4, torch.float32, edm=True,
         )  # fmt: skip
 
-    ab = baselines.vp_scheduler("dpmpp_2m").alphas_cumprod
+    if family == "null_edm":
+        net = NullNet()
+
+        def make_cond(b, g):
+            labels = torch.arange(b, device=device) % 10
+            return {"class_labels": labels}, {"class_labels": torch.full_like(labels, 10)}
+
+        def no_scheduler(solver):
+            raise _Skip("diffusers has no scheduler loop for a model that returns D itself")
+
+        return Workload(
+            family, "null EDM-style model (D = 0.5 x, called with sigma): the loop alone", (4, resolution, resolution),
+            net, net, no_scheduler, make_cond, lambda s: s, torch.float32, edm=True,
+        )  # fmt: skip
+
+    ab = baselines.sd_alphas_cumprod()
     if family == "null":
         net = NullNet()
         den = denoisers.VPDenoiser(net, ab, prediction="eps").to(device)
@@ -209,8 +241,7 @@ def build_workload(family: str, resolution: int, size: str, device: torch.device
             baselines.vp_scheduler, make_cond, lambda s: den.sigma_to_t(s).to(torch.float32), torch.float32,
         )  # fmt: skip
 
-    import diffusers
-
+    diffusers = peers.diffusers()
     cfg, desc = _diffusers_config(family, resolution, size)
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: random init of 100M parameters on the host takes seconds
@@ -298,7 +329,7 @@ def forward_plan(variant: str, batch: int, nfe: tuple[int, int]) -> tuple[int, .
     needs the multiset): the baselines run ``2B`` at every evaluation; fastdiff batches cond and uncond into one
     ``2B`` forward on guided evaluations and runs ``B`` on the others."""
     cond, uncond = nfe
-    if variant in ("kdiff_eager", "diffusers", "fastdiff_scheduler"):
+    if variant in ("kdiffusion", "kdiff_eager", "diffusers", "fastdiff_scheduler"):
         return (2 * batch,) * cond
     return (2 * batch,) * uncond + (batch,) * (cond - uncond)
 
@@ -347,19 +378,25 @@ class Case:
 def _runner(case: Case, variant: str, device: torch.device) -> tuple[Callable[[], object], tuple[int, int], str]:
     """``(run, (nfe_cond, nfe_uncond), guidance label)`` for one variant; ``run()`` samples one batch."""
     w, scale = case.w, case.scale
+    if NEEDS.get(variant) == "diffusers":
+        peers.diffusers()  # says plainly what is missing, before anything imports it
     full = fastdiff.Guidance(scale)
-    if variant == "kdiff_eager":
-        sampler = baselines.KDIFF_SAMPLERS[case.solver]
+    if variant in ("kdiffusion", "kdiff_eager"):
         sig = case.sigmas.to(device, torch.float32)  # k-diffusion keeps the schedule as a device tensor
         x = case.noise * sig[0]
         cfg = baselines.CFGDenoiser(w.den, scale)
         extra = {"cond": case.cond, "uncond": case.uncond}
-        return lambda: sampler(cfg, x, sig, extra), fastdiff.count_nfe(case.solver, case.sigmas, full), "cfg every step"
+        nfe = fastdiff.count_nfe(case.solver, case.sigmas, full)
+        if variant == "kdiff_eager":
+            sampler = baselines.KDIFF_SAMPLERS[case.solver]
+            return lambda: sampler(cfg, x, sig, extra), nfe, "cfg every step"
+        sampler = getattr(peers.k_diffusion_sampling(), f"sample_{case.solver}")  # the package's own loop
+        return lambda: sampler(cfg, x, sig, extra_args=extra, disable=True), nfe, "cfg every step"
     if variant == "fastdiff_scheduler":
         from fastdiff.integrations.diffusers import FastDiffScheduler
 
         if w.edm:
-            raise _Skip("FastDiffScheduler drives DDPM-family networks; the digits model is an EDM network")
+            raise _Skip(f"FastDiffScheduler drives DDPM-family networks; the {w.family} model is an EDM network")
         scheduler = FastDiffScheduler.from_config(w.scheduler(case.solver).config, solver=case.solver)
         x = case.noise * scheduler.init_noise_sigma
 
@@ -454,7 +491,7 @@ def run_case(case: Case, variant: str, device: torch.device, reps: int, warmup: 
         overhead = statistics.median(t - m for t, m in zip(totals, models)) / case.steps
         row.update(total_ms=statistics.median(totals) * 1e3, model_ms=statistics.median(models) * 1e3,
                    overhead_us_per_step=overhead * 1e6)  # fmt: skip
-    except _Skip as exc:
+    except (_Skip, peers.PeerMissing) as exc:
         row["note"] = f"skipped: {exc}"
     except Exception as exc:  # a failed variant must not lose the rest of a scarce GPU run
         row["note"] = f"failed: {_reason(exc)}"
@@ -508,24 +545,30 @@ def bench_sample(
     if solver not in baselines.KDIFF_SAMPLERS:
         raise ValueError(f"unknown solver {solver!r} for this benchmark; choose from {list(baselines.KDIFF_SAMPLERS)}")
     p = PRESETS[preset]
-    models, variants = _parse(models, MODELS, "model"), _parse(variants, VARIANTS, "variant")
+    models, variants = _parse(models or E2E_MODELS, MODELS, "model"), _parse(variants, VARIANTS, "variant")
     scenarios = _parse(scenarios, SCENARIOS, "scenario")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, dtype or (p["dtype"] if device.type == "cuda" else "float32"))
     batches, resolutions = list(batches or p["batches"]), list(resolutions or p["resolutions"])
     steps, reps, warmup = steps or p["steps"], reps or p["reps"], p["warmup"]
 
-    # The cells, each with its variants; workloads are built lazily and freed once their cells are done.
-    # The cells (scenario, family, resolution, batch, solver, steps), cheapest first, so that a time budget cuts
-    # the most expensive ones: the EDM2 scenario, then the families in MODELS' order, small latents first.
+    # The cells (scenario, family, resolution, batch, solver, steps, variants, reps), cheapest first, so that a time
+    # budget cuts the most expensive ones: the loop-overhead pairs, the EDM2 scenario, then the families in MODELS'
+    # order, small latents first. Workloads are built lazily and freed once their cells are done.
     cells = []
+    if "overhead" in scenarios:
+        o = OVERHEAD
+        for family, pair in OVERHEAD_PAIRS.items():
+            graph = ["fastdiff_graph"] if device.type == "cuda" else []
+            chosen = [v for v in [*pair, *graph] if v in variants]
+            cells.append(("overhead", family, o["resolution"], o["batch"], o["solver"], o["steps"], chosen, o["reps"]))
     if "edm2_interval" in scenarios:
-        cells.append(("edm2_interval", "digits", 16, p["edm2_batch"], "heun", p["edm2_steps"]))
+        cells.append(("edm2_interval", "digits", 16, p["edm2_batch"], "heun", p["edm2_steps"], variants, reps))
     if "e2e" in scenarios:
         for family in models:
             for res in [16] if family == "digits" else sorted(resolutions):
-                cells += [("e2e", family, res, b, solver, steps) for b in batches]
-    total_rows = len(cells) * len(variants)
+                cells += [("e2e", family, res, b, solver, steps, variants, reps) for b in batches]
+    total_rows = sum(len(cell[6]) for cell in cells)
 
     from tqdm.auto import tqdm
 
@@ -537,7 +580,7 @@ def bench_sample(
     rows, t_start = [], time.perf_counter()
     workloads: dict[tuple, Workload] = {}
     try:
-        for scenario, family, res, batch, slv, n in cells:
+        for scenario, family, res, batch, slv, n, cell_variants, cell_reps in cells:
             key = (family, res)
             shape = (1, 16, 16) if family == "digits" else (4, res, res)
             try:
@@ -552,16 +595,18 @@ def bench_sample(
                 cond, uncond = w.make_cond(batch, g)
                 case = Case(w, batch, slv, n, scale, INTERVAL, w.sigmas(slv, n), noise, cond, uncond)
                 desc, failed = _describe(scenario, family, shape, batch, slv, n, w), None
-            except Exception as exc:  # e.g. diffusers missing on the GPU machine: record it, run the other cells
+            except peers.PeerMissing as exc:  # e.g. the diffusers networks without diffusers
+                desc, failed = _describe(scenario, family, shape, batch, slv, n), f"skipped: {exc}"
+            except Exception as exc:  # a model that cannot be built here: record it, run the other cells
                 desc, failed = _describe(scenario, family, shape, batch, slv, n), f"failed: {_reason(exc)}"
-            for variant in variants:
+            for variant in cell_variants:
                 bar.set_description(f"{scenario} {family} {shape[1]}px b={batch} {variant}")
                 if failed:
                     row = _row(desc, variant, device, failed)
                 elif time_budget is not None and time.perf_counter() - t_start > time_budget:
                     row = _row(desc, variant, device, f"skipped: time budget of {time_budget:g} s spent")
                 else:
-                    row = run_case(case, variant, device, reps, warmup, scenario)
+                    row = run_case(case, variant, device, cell_reps, warmup, scenario)
                 rows.append(row)
                 bar.update(1)
     finally:
@@ -579,11 +624,23 @@ def _describe(scenario: str, family: str, shape: Sequence[int], batch: int, solv
     }  # fmt: skip
 
 
+def _library(variant: str) -> str:
+    """The library (and version) whose loop a variant runs."""
+    if variant == "kdiff_eager":
+        return "fastdiff's k-diffusion-style baseline"
+    name = {"kdiffusion": "k-diffusion", "diffusers": "diffusers"}.get(variant, "fastdiff")
+    try:
+        return f"{name} {importlib.metadata.version(name)}"
+    except importlib.metadata.PackageNotFoundError:
+        return name
+
+
 def _row(desc: dict, variant: str, device: torch.device, note: str = "") -> dict:
     """A row with the cell's description filled in and no measurements yet."""
     return {
-        **dict.fromkeys(COLUMNS, ""), **desc, "variant": variant, "total_ms": math.nan, "model_ms": math.nan,
-        "overhead_us_per_step": math.nan, "peak_mem_mb": "n/a",
+        **dict.fromkeys(COLUMNS, ""), **desc, "variant": variant, "library": _library(variant), "total_ms": math.nan,
+        "model_ms": math.nan, "overhead_us_per_step": math.nan, "peak_mem_mb": "n/a",
+        "threads": torch.get_num_threads() if device.type == "cpu" else "",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "date": datetime.date.today().isoformat(), "note": note,
     }  # fmt: skip
@@ -597,6 +654,33 @@ def _num(v) -> float:
         return float(v)
     except (TypeError, ValueError):
         return math.nan
+
+
+def overhead_summary(rows: list[dict]) -> str:
+    """What the ``overhead`` rows show: fastdiff's per-step loop overhead against each peer's, and whether it meets
+    the target (at most a third of the peer's)."""
+    lines = []
+    for family, (peer, ours) in OVERHEAD_PAIRS.items():
+        sel = {r["variant"]: r for r in rows if r["scenario"] == "overhead" and r["model"] == family}
+        if peer not in sel or ours not in sel:
+            continue
+        p, f = _num(sel[peer]["overhead_us_per_step"]), _num(sel[ours]["overhead_us_per_step"])
+        if math.isnan(p) or math.isnan(f):
+            why = sel[peer]["note"] or sel[ours]["note"]
+            lines.append(f"{family}: not measured ({why})")
+            continue
+        ratio = f / p
+        verdict = "met" if ratio <= OVERHEAD_TARGET else "MISSED"
+        lines.append(
+            f"{sel[ours]['config'].split(':')[0]}: fastdiff {f:.1f} us per step against {sel[peer]['library']} "
+            f"{p:.1f} us: {ratio:.2f} of it (target <= 1/3: {verdict})"
+        )
+    if not lines:
+        return ""
+    o = OVERHEAD
+    head = (f"Loop overhead per step (batch {o['batch']}, 4x{o['resolution']}x{o['resolution']}, {o['solver']}, "
+            f"{o['steps']} steps, CFG batched, a one-multiply network; median of {o['reps']} runs):")  # fmt: skip
+    return "\n".join([head, *lines])
 
 
 def edm2_summary(rows: list[dict]) -> str:
@@ -642,6 +726,17 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _overhead_panel(ax, rows: list[dict]) -> None:
+    """Bars: each loop's own cost per step in the overhead scenario, grouped by model form."""
+    names = [f"{r['model']}\n{r['variant']}" for r in rows]
+    colors = ["tab:blue" if r["library"].startswith("fastdiff") else "tab:grey" for r in rows]
+    ax.bar(range(len(rows)), [_num(r["overhead_us_per_step"]) for r in rows], color=colors)
+    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
+    ax.set_title("loop overhead, batch 1, 40 steps", fontsize=9)
+    ax.set_ylabel("µs per step")
+    ax.grid(True, axis="y", alpha=0.3)
+
+
 def write_results(rows: list[dict], out: Path) -> tuple[Path, Path]:
     """Write ``sample_loops.csv`` and ``sample_loops.png`` (per model and shape: total time per batch and host
     overhead per step against batch size, one line per variant; the EDM2 scenario as bars). Returns the paths."""
@@ -661,8 +756,14 @@ def write_results(rows: list[dict], out: Path) -> tuple[Path, Path]:
     measured = [r for r in rows if not math.isnan(_num(r["total_ms"]))]
     panels = list(dict.fromkeys((r["model"], r["shape"]) for r in measured if r["scenario"] == "e2e"))
     edm2 = [r for r in measured if r["scenario"] == "edm2_interval"]
-    cols = max(1, len(panels) + bool(edm2))
+    overhead = [r for r in measured if r["scenario"] == "overhead"]
+    cols = max(1, len(panels) + bool(edm2) + bool(overhead))
     fig, axes = plt.subplots(2, cols, figsize=(4.2 * cols, 7), squeeze=False)
+    if overhead:  # the last column
+        _overhead_panel(axes[0, -1], overhead)
+        axes[1, -1].axis("off")
+        lines = "\n".join(textwrap.fill(line, 58) for line in overhead_summary(rows).splitlines())
+        axes[1, -1].text(0, 0.5, lines, fontsize=6.5, va="center")
     for j, (model, shape) in enumerate(panels):
         pts = [r for r in measured if r["scenario"] == "e2e" and (r["model"], r["shape"]) == (model, shape)]
         for variant in dict.fromkeys(r["variant"] for r in pts):
@@ -680,17 +781,19 @@ def write_results(rows: list[dict], out: Path) -> tuple[Path, Path]:
             ax.grid(True, alpha=0.3)
         axes[1, j].axhline(0, color="grey", lw=0.5)
     if edm2:
-        ax = axes[0, -1]
+        col = len(panels)
+        ax = axes[0, col]
         names = [r["variant"] for r in edm2]
         pos = range(len(edm2))
         ax.bar([i - 0.2 for i in pos], [_num(r["total_ms"]) for r in edm2], width=0.4, label="total")
         ax.bar([i + 0.2 for i in pos], [_num(r["model_ms"]) for r in edm2], width=0.4, label="model alone")
         ax.set_xticks(pos, names, rotation=30, ha="right", fontsize=8)
-        ax.set(title=f"EDM2 interval, digits, heun {edm2[0]['steps']}, b={edm2[0]['batch']}", ylabel="ms per batch")
+        ax.set_title(f"EDM2 interval, digits, heun {edm2[0]['steps']}, b={edm2[0]['batch']}", fontsize=9)
+        ax.set_ylabel("ms per batch")
         ax.legend(fontsize=8)
-        axes[1, -1].axis("off")
+        axes[1, col].axis("off")
         nfe = "\n".join(f"{r['variant']}: NFE {r['nfe_cond']}+{r['nfe_uncond']}" for r in edm2)
-        axes[1, -1].text(0, 0.5, nfe, fontsize=8, va="center")
+        axes[1, col].text(0, 0.5, nfe, fontsize=8, va="center")
     if panels:
         axes[0, 0].legend(fontsize=8)
     device = rows[0]["device"] if rows else "?"
