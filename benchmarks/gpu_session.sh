@@ -1,32 +1,115 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one device call (the device machine has no package registry, and device time is
-# scarce): build fastdiff._C with CUDA, run the GPU tests, run the CUDA tests under compute-sanitizer, benchmark the
-# kernels, and run the end-to-end sampling benchmark (k-diffusion-style and diffusers loops against fastdiff.Sampler,
-# eager and CUDA graph). Logs, kernels.csv/.png and sample_loops.csv/.png land in $OUT.
+# Every GPU check and benchmark in one device call, finished within 8 minutes (device time is scarce: 15 minutes a
+# session, the machine's start included). Stages, each under `timeout` with its own deadline (a stage may use what
+# the stages before it left unused):
+#   wheels     install the carried wheels (.whl/, from benchmarks/gpu_wheels.sh): the machine has no registry
+#   build      build fastdiff._C with CUDA for sm_90; then stop at once, with a one-line reason, unless
+#              _C.with_cuda holds and both the cuda and triton backends are available
+#   tests      the GPU tests (pytest -m gpu); every test forces its backend and proves it ran
+#   sanitizer  compute-sanitizer memcheck over the CUDA kernels' tests (forward and backward, every dtype pair,
+#              aligned and unaligned; the 12M-element case left out for time)
+#   kernels    the fused-step microbenchmark against eager, torch.compile and the copy bandwidth
+#   sample     the sampling-loop benchmark: loop overhead against k-diffusion and diffusers, EDM2 interval, e2e
+# $OUT receives at most 8 files: summary.txt, logs.tar.gz (every stage's log), kernels.csv/.png and
+# sample_loops.csv/.png.
 #
-#     bash benchmarks/gpu_session.sh        (from the repository root, on a machine with CUDA)
+#   bash benchmarks/gpu_session.sh              on the GPU machine, from the repository root
+#   bash benchmarks/gpu_session.sh --rehearse   on a CPU machine: each stage runs a CPU form of its command (the
+#                                               test selections collected, not run; tiny CPU benchmarks), so the
+#                                               script's own mistakes show before device time is spent
 set -uo pipefail
+cd "$(dirname "$0")/.."
+REHEARSE=0
+[ "${1:-}" = "--rehearse" ] && REHEARSE=1
 OUT=${OUT:-gpu-results}
+WHEELS=${WHEELS:-.whl}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
+LOGS=$(mktemp -d)
 export PYTHONUNBUFFERED=1 FASTDIFF_CUDA_ARCHS=${FASTDIFF_CUDA_ARCHS:-9.0}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-python3 -c "import torch, fastdiff.ops as o; print('torch', torch.__version__, 'backends', o.available_backends())" \
-    | tee -a "$OUT/gpu.txt"
-# The diffusers integration's GPU tests and the end-to-end benchmark build diffusers networks (its SD pipelines
-# import transformers); the device machine has no registry, so bring the wheels (pip download diffusers
-# transformers -d wheels/ on a machine with one). Without them those tests skip, the benchmark's diffusers rows are
-# recorded as failed, and the rest still runs.
-for pkg in diffusers transformers; do
-    python3 -c "import $pkg" 2>/dev/null || python3 -m pip install -q --no-index --find-links "${WHEELS:-wheels}" \
-        "$pkg" 2>&1 | tail -3
-done
-python3 -m pytest -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-# memcheck on the plain-CUDA path, forward and backward, every dtype pair and odd size.
-FASTDIFF_BACKEND=cuda compute-sanitizer --tool memcheck --error-exitcode 3 \
-    python3 -m pytest -m gpu -q -p no:cacheprovider -k "kernels_match or backward_kernels" 2>&1 \
-    | tee "$OUT/sanitizer.log" | tail -8
-python3 -m fastdiff bench kernels --progress --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
-# End-to-end loops: SD-like latents 4x64x64 and 4x128x128, batch 1, 8, 32 (about 5 minutes on an H100). The time
-# budget records the rows that would start after it as skipped, so that the CSV and the plot are always written.
-python3 -m fastdiff bench sample --preset gpu --time-budget 330 --out "$OUT" 2>&1 | tee "$OUT/sample_loops.log" | tail -120
+SANITIZE='cuda and (kernels_match or backward_kernels) and not 256'
+
+START=$SECONDS
+DEADLINE=$START
+summary() { echo "$*" | tee -a "$LOGS/summary.txt"; }
+
+# stage NAME SECONDS COMMAND...: run COMMAND, logged, until this stage's deadline (the previous one plus SECONDS).
+stage() {
+    local name=$1 slice=$2
+    shift 2
+    DEADLINE=$((DEADLINE + slice))
+    local left=$((DEADLINE - SECONDS)) t0=$SECONDS rc status last
+    if [ "$left" -lt 5 ]; then
+        summary "$name: not run (its deadline has passed)"
+        return 124
+    fi
+    timeout --kill-after=5 "$left" "$@" > "$LOGS/$name.log" 2>&1
+    rc=$?
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status="TIMED OUT after ${left} s" ;;
+        *) status="exit $rc" ;;
+    esac
+    last=$(grep -v '^\s*$' "$LOGS/$name.log" | tail -n 1 | cut -c1-240)
+    summary "$name: $status ($((SECONDS - t0)) s)${last:+: $last}"
+    return $rc
+}
+
+finish() {
+    summary "total $((SECONDS - START)) s"
+    cp "$LOGS/summary.txt" "$OUT/summary.txt"
+    tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
+    local n
+    n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+    [ "$n" -le 8 ] || echo "gpu_session.sh: $OUT holds $n files, more than the 8 that come back" >&2
+    exit "$1"
+}
+
+if [ $REHEARSE = 1 ]; then
+    summary "rehearsal on $(uname -n): CPU forms of every stage"
+else
+    summary "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 1)"
+fi
+
+if [ -d "$WHEELS" ]; then
+    SITE=$(mktemp -d)
+    stage wheels 25 "$PY" -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+    summary "wheels: none carried ($WHEELS); diffusers and k-diffusion rows and tests will say they are missing"
+fi
+
+CHECK='import torch, fastdiff.ops as o
+b = o.available_backends()
+print("torch", torch.__version__, "backends", b, "extension with CUDA", bool(o._C and o._C.with_cuda))
+missing = [x for x in ("cuda", "triton") if x not in b]
+if o._C is None or not o._C.with_cuda or missing:
+    raise SystemExit("stopped: " + ("fastdiff._C did not import" if o._C is None else
+        "fastdiff._C was built without CUDA" if not o._C.with_cuda else "backend(s) unavailable: " + ", ".join(missing)))'
+if [ $REHEARSE = 1 ]; then
+    stage build 140 "$PY" -c 'import fastdiff.ops as o; print("built already; backends", o.available_backends())'
+    stage check 10 "$PY" -c "$CHECK"  # on a CPU machine this says why a GPU run would stop
+else
+    stage build 140 "$PY" -m pip install -q --root-user-action=ignore --no-build-isolation --no-deps -e . \
+        || { summary "stopped: the build failed (logs.tar.gz: build.log)"; finish 2; }
+    stage check 10 "$PY" -c "$CHECK" || { summary "$(tail -n 1 "$LOGS/check.log")"; finish 3; }
+fi
+
+if [ $REHEARSE = 1 ]; then
+    stage tests 110 "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests
+    stage sanitizer 40 "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests/test_gpu.py -k "$SANITIZE"
+    stage kernels 70 "$PY" -m fastdiff bench kernels --device cpu --sizes 16K --dtypes fp32 \
+        --workloads euler_cfg,unipc_corrector --no-compile --reps 5 --out "$OUT"
+    stage sample 75 "$PY" -m fastdiff bench sample --preset cpu --scenarios overhead --reps 5 --no-progress \
+        --out "$OUT"
+else
+    stage tests 110 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs tests
+    stage sanitizer 40 compute-sanitizer --tool memcheck --error-exitcode 3 \
+        "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "$SANITIZE"
+    stage kernels 70 "$PY" -m fastdiff bench kernels --workloads euler_cfg,unipc_corrector --time-budget 50 \
+        --progress --out "$OUT"
+    left=$((DEADLINE + 75 - SECONDS))
+    stage sample 75 "$PY" -m fastdiff bench sample --preset gpu --batches 1,8 \
+        --time-budget $((left > 50 ? left - 35 : 15)) --no-progress --out "$OUT"
+fi
+finish 0
