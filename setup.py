@@ -24,7 +24,9 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/bindings.cpp", "csrc/step_cpu.cpp"]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # No -std: BuildExtension adds the standard the installed torch's headers need, for both compilers (C++20
+    # for torch 2.13, whose headers warn under C++17; newer ones refuse it).
+    cxx = ["-O3", "-fopenmp"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("FASTDIFF_SKIP_CUDA")
     if with_cuda:
         if os.environ.get("FASTDIFF_CUDA_ARCHS"):
@@ -33,7 +35,7 @@ def _extensions():
             "fastdiff._C",
             sources + ["csrc/step_cuda.cu", "csrc/step_cuda_glue.cpp"],
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
     else:

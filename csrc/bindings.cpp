@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "step_cpu.h"
@@ -21,6 +23,18 @@ void check_like(const torch::Tensor& t, const torch::Tensor& x, c10::ScalarType 
   TORCH_CHECK(t.device() == x.device(), "guided_step: ", name, " is on ", t.device(), " but x is on ", x.device());
   TORCH_CHECK(t.numel() == x.numel(), "guided_step: ", name, " has ", t.numel(), " elements but x has ", x.numel());
   TORCH_CHECK(t.is_contiguous(), "guided_step: ", name, " must be contiguous");
+}
+
+// The kernels take every pointer as __restrict__ (step_math.h): they may reorder loads and stores, and read the
+// inputs through the read-only cache, so an output that shares a byte with an input, or with the other output,
+// would be silently wrong. The tensors are contiguous, so each spans [data_ptr, data_ptr + nbytes).
+void check_no_overlap(const torch::Tensor& out, const char* out_name, const torch::Tensor& in,
+                      const std::string& in_name) {
+  const auto* o = static_cast<const char*>(out.data_ptr());
+  const auto* i = static_cast<const char*>(in.data_ptr());
+  const bool overlap = o < i + in.nbytes() && i < o + out.nbytes();
+  TORCH_CHECK(!overlap, "guided_step: ", out_name, " overlaps ", in_name,
+              "; the outputs must not alias or overlap an input or each other");
 }
 
 template <typename TX, typename TD, typename Acc>
@@ -126,13 +140,23 @@ struct Coef {
 // d_cond when d_uncond is None); e_out, when given, gets the history entry hx*x + hd*D.
 // coef = [a, w, hx, hd, c_noise, b0, ..., bK]. x, history, noise, x_out and e_out share the state dtype; d_cond
 // and d_uncond share the model dtype (see step_math.h for the pairs). All tensors contiguous, on one device,
-// with the same number of elements. x_out may alias x.
+// with the same number of elements. x_out and e_out must not overlap any input or each other (checked).
 void guided_step(const torch::Tensor& x, const torch::Tensor& d_cond, const OptTensor& d_uncond,
                  const std::vector<torch::Tensor>& history, const OptTensor& noise, const Coef& coef,
                  torch::Tensor x_out, const OptTensor& e_out) {
   check_step_inputs(x, d_cond, d_uncond, history, noise, coef.size());
   check_like(x_out, x, x.scalar_type(), "x_out");
   if (e_out) check_like(*e_out, x, x.scalar_type(), "e_out");
+  std::vector<std::pair<const torch::Tensor*, std::string>> inputs = {{&x, "x"}, {&d_cond, "d_cond"}};
+  if (d_uncond) inputs.emplace_back(&*d_uncond, "d_uncond");
+  for (size_t k = 0; k < history.size(); ++k) inputs.emplace_back(&history[k], "history[" + std::to_string(k) + "]");
+  if (noise) inputs.emplace_back(&*noise, "noise");
+  if (coef.device) inputs.emplace_back(&*coef.device, "coef");
+  for (const auto& [in, name] : inputs) {
+    check_no_overlap(x_out, "x_out", *in, name);
+    if (e_out) check_no_overlap(*e_out, "e_out", *in, name);
+  }
+  if (e_out) check_no_overlap(*e_out, "e_out", x_out, "x_out");
   dispatch_dtypes(x.scalar_type(), d_cond.scalar_type(), [&](auto tx, auto td, auto acc) {
     run<decltype(tx), decltype(td), decltype(acc)>(x, d_cond, d_uncond, history, noise, coef.host, coef.device,
                                                    x_out, e_out);

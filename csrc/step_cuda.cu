@@ -4,50 +4,70 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
+
 #include "step_cuda.h"
 
 namespace fastdiff {
 
 constexpr int kThreads = 256;
 
-// A grid-stride loop: enough blocks to fill the device, capped so huge tensors reuse threads.
-inline int grid_size(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<int>(blocks < 65535 ? blocks : 65535);
+inline int blocks_for(int64_t threads) {
+  const int64_t blocks = (threads + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < INT_MAX ? blocks : INT_MAX);
 }
 
+// Vectors of kVec<TX> elements over [0, packed_elements), then single elements (the tail, or everything when a
+// pointer is misaligned). The launch gives each thread one unit of work, so the loops run once (more only past
+// INT_MAX blocks) and unrolling them would only add code and registers.
 template <bool kUncond, int kHist, bool kNoise, bool kWriteE, typename TX, typename TD, typename Acc>
-__global__ void guided_step_kernel(StepArgs<TX, TD, Acc> s) {
-  load_coefficients(s);
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < s.n; i += stride) {
-    step_element<kUncond, kHist, kNoise, kWriteE>(s, i);
+__global__ void guided_step_kernel(const StepArgs<TX, TD, Acc> s) {
+  constexpr int V = kVec<TX>;
+  const auto c = load_coefficients<kHist>(s);
+  const int64_t packed = packed_elements<kHist>(s);
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t threads = static_cast<int64_t>(blockDim.x) * gridDim.x;
+#pragma unroll 1
+  for (int64_t i = thread * V; i < packed; i += threads * V) {
+    step_elements<V, kUncond, kHist, kNoise, kWriteE>(s, c, i);
+  }
+#pragma unroll 1
+  for (int64_t i = packed + thread; i < s.n; i += threads) {
+    step_elements<1, kUncond, kHist, kNoise, kWriteE>(s, c, i);
   }
 }
 
+// One vector (or element) per thread, on as many blocks as that takes rather than a grid-stride loop over a
+// capped grid: each thread then issues every load of its vector at once and no load waits behind an earlier
+// iteration's stores, so the bytes in flight are limited only by occupancy, on any GPU, without querying it.
 template <typename TX, typename TD, typename Acc>
 int guided_step_cuda(const StepArgs<TX, TD, Acc>& s, void* stream) {
   if (s.n == 0) return 0;
-  const int blocks = grid_size(s.n);
   dispatch_step_flags(s, [&](auto uncond, auto hist, auto noise, auto write_e) {
-    guided_step_kernel<decltype(uncond)::value, decltype(hist)::value, decltype(noise)::value,
-                       decltype(write_e)::value><<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(s);
+    constexpr int kHist = decltype(hist)::value;
+    const int64_t packed = packed_elements<kHist>(s);
+    const int64_t vectors = packed / kVec<TX>, singles = s.n - packed;
+    guided_step_kernel<decltype(uncond)::value, kHist, decltype(noise)::value, decltype(write_e)::value>
+        <<<blocks_for(vectors > singles ? vectors : singles), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(s);
   });
   return static_cast<int>(cudaGetLastError());
 }
 
 // The backward: tensor gradients per element, and the coefficient gradients (dot products) summed per thread,
 // then per block in shared memory, into one row of `partial` per block; the caller sums the rows. Partial sums
-// are double so that long float32 reductions stay exact enough.
+// are double so that long float32 reductions stay exact enough. The grid is capped, as `partial` has a row per
+// block; a grid-stride loop covers the rest.
 template <bool kUncond, int kHist, bool kNoise, typename TX, typename TD, typename Acc>
-__global__ void guided_step_backward_kernel(StepGradArgs<TX, TD, Acc> g, double* partial) {
-  load_coefficients(g.step);
+__global__ void guided_step_backward_kernel(const StepGradArgs<TX, TD, Acc> g, double* __restrict__ partial) {
+  const auto c = load_coefficients<kHist>(g.step);
   Acc sums[kNumCoef] = {};
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < g.step.n; i += stride) {
-    step_grad_element<kUncond, kHist, kNoise>(g, i, sums);
+    step_grad_element<kUncond, kHist, kNoise>(g, c, i, sums);
   }
   __shared__ double block_sums[kThreads];
+  // Unrolled, so that sums[k] has a constant index and stays in registers.
+#pragma unroll
   for (int k = 0; k < kNumCoef; ++k) {
     block_sums[threadIdx.x] = static_cast<double>(sums[k]);
     __syncthreads();
@@ -60,7 +80,10 @@ __global__ void guided_step_backward_kernel(StepGradArgs<TX, TD, Acc> g, double*
   }
 }
 
-int guided_step_backward_blocks(int64_t n) { return grid_size(n > 0 ? n : 1); }
+int guided_step_backward_blocks(int64_t n) {
+  const int blocks = blocks_for(n > 0 ? n : 1);
+  return blocks < 65535 ? blocks : 65535;
+}
 
 template <typename TX, typename TD, typename Acc>
 int guided_step_backward_cuda(const StepGradArgs<TX, TD, Acc>& g, double* partial, void* stream) {

@@ -21,7 +21,8 @@
 #include <cuda_fp16.h>
 #define FD_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define FD_HOST_DEVICE inline
+// Forced on the host as on the device: GCC may otherwise keep a call per vector in the CPU loop (a third slower).
+#define FD_HOST_DEVICE inline __attribute__((always_inline))
 #endif
 
 namespace fastdiff {
@@ -59,58 +60,125 @@ FD_HOST_DEVICE void store<__nv_bfloat16, float>(__nv_bfloat16* p, int64_t i, flo
 }
 #endif
 
+// The op's contract: the outputs never alias or overlap an input or each other (bindings.cpp checks it), so every
+// pointer is __restrict__ and each thread may load all its inputs before it stores anything.
 template <typename TX, typename TD, typename Acc>
 struct StepArgs {
-  const TX* x;
-  const TD* d_cond;
-  const TD* d_uncond;  // nullptr outside the guidance interval: D = d_cond
-  const TX* history[kMaxHistory];
+  const TX* __restrict__ x;
+  const TD* __restrict__ d_cond;
+  const TD* __restrict__ d_uncond;  // nullptr outside the guidance interval: D = d_cond
+  const TX* __restrict__ history[kMaxHistory];
   int n_history;
-  const TX* noise;  // nullptr for deterministic steps
+  const TX* __restrict__ noise;  // nullptr for deterministic steps
   Acc a;
   Acc b[kMaxHistory + 1];
   Acc w;
   Acc hx;
   Acc hd;
   Acc c_noise;
-  TX* x_out;
-  TX* e_out;  // may be nullptr when the caller keeps no history entry
+  TX* __restrict__ x_out;
+  TX* __restrict__ e_out;  // may be nullptr when the caller keeps no history entry
   int64_t n;
   // Coefficients in device memory, [a, w, hx, hd, c_noise, b0, ..., bK] in Acc, read by the kernel itself so a
   // device-resident schedule needs no host round trip (and a CUDA graph can replay it). nullptr: use the fields.
-  const Acc* coef;
+  const Acc* __restrict__ coef;
 };
 
-// Replaces the scalar fields by the coefficients in s.coef, when there are any (each thread does it once).
-template <typename TX, typename TD, typename Acc>
-FD_HOST_DEVICE void load_coefficients(StepArgs<TX, TD, Acc>& s) {
-  if (s.coef == nullptr) return;
-  s.a = s.coef[0];
-  s.w = s.coef[1];
-  s.hx = s.coef[2];
-  s.hd = s.coef[3];
-  s.c_noise = s.coef[4];
-  for (int k = 0; k <= s.n_history; ++k) s.b[k] = s.coef[5 + k];
+// The coefficients of one step as values of their own, which the compiler keeps in registers. (Written into
+// the kernel's by-value StepArgs instead, with a loop bound known only at run time, they would move the whole
+// struct to local memory, and the pointers read back from there would lose their global address space.)
+template <typename Acc, int kHist>
+struct StepCoef {
+  Acc a, w, hx, hd, c_noise;
+  Acc b[kHist + 1];
+};
+
+// The coefficients from s.coef when there are any (each thread reads them once), else from the fields.
+template <int kHist, typename TX, typename TD, typename Acc>
+FD_HOST_DEVICE StepCoef<Acc, kHist> load_coefficients(const StepArgs<TX, TD, Acc>& s) {
+  const Acc* dev = s.coef;
+  StepCoef<Acc, kHist> c;
+  c.a = dev ? dev[0] : s.a;
+  c.w = dev ? dev[1] : s.w;
+  c.hx = dev ? dev[2] : s.hx;
+  c.hd = dev ? dev[3] : s.hd;
+  c.c_noise = dev ? dev[4] : s.c_noise;
+  for (int k = 0; k <= kHist; ++k) c.b[k] = dev ? dev[5 + k] : s.b[k];
+  return c;
 }
 
-// One element of the step. The structure flags are template parameters so that each loop is branch-free
-// (and vectorises on the CPU); dispatch_step_flags picks the instance from a StepArgs at run time.
-template <bool kUncond, int kHist, bool kNoise, bool kWriteE, typename TX, typename TD, typename Acc>
-FD_HOST_DEVICE void step_element(const StepArgs<TX, TD, Acc>& s, int64_t i) {
-  const Acc dc = load<Acc>(s.d_cond, i);
-  Acc d = dc;
+// ------------------------------------------------------------------------------------------ vector access
+//
+// The forward pass moves whole 16-byte vectors of the state tensors: 4 floats, 8 halves or bfloat16s, or 2
+// doubles per access, and the same number of model outputs (64-bit loads of 4 bf16/fp16 beside a fp32 state).
+// A vector access needs its address to be a multiple of its size; a tensor that starts elsewhere (the second
+// half of a chunk(2) of one batched model output, a sliced view) makes the whole step go element by element.
+
+template <typename TX>
+constexpr int kVec = 16 / static_cast<int>(sizeof(TX));
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <int V, typename T>
+FD_HOST_DEVICE bool pack_aligned(const T* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % sizeof(Pack<T, V>) == 0;
+}
+
+// How many leading elements the step does in vectors of kVec<TX>: all but the n % kVec tail when every pointer
+// allows vector access, none otherwise. The rest, [packed_elements, n), goes one element at a time. The CPU and
+// CUDA paths both split the work this way, so the CPU tests run the vector and tail code of the CUDA kernel.
+template <int kHist, typename TX, typename TD, typename Acc>
+FD_HOST_DEVICE int64_t packed_elements(const StepArgs<TX, TD, Acc>& s) {
+  constexpr int V = kVec<TX>;
+  bool aligned = pack_aligned<V>(s.x) && pack_aligned<V>(s.d_cond) && pack_aligned<V>(s.d_uncond) &&
+                 pack_aligned<V>(s.noise) && pack_aligned<V>(s.x_out) && pack_aligned<V>(s.e_out);
+  for (int k = 0; k < kHist; ++k) aligned = aligned && pack_aligned<V>(s.history[k]);
+  return aligned ? s.n - s.n % V : 0;
+}
+
+template <int V, typename Acc, typename T>
+FD_HOST_DEVICE void load_pack(const T* __restrict__ p, int64_t i, Acc (&out)[V]) {
+  const Pack<T, V> pack = *reinterpret_cast<const Pack<T, V>*>(p + i);
+  for (int j = 0; j < V; ++j) out[j] = load<Acc>(pack.v, j);
+}
+
+template <int V, typename T, typename Acc>
+FD_HOST_DEVICE void store_pack(T* __restrict__ p, int64_t i, const Acc (&in)[V]) {
+  Pack<T, V> pack;
+  for (int j = 0; j < V; ++j) store(pack.v, j, in[j]);
+  *reinterpret_cast<Pack<T, V>*>(p + i) = pack;
+}
+
+// Elements [i, i + V) of the step, which must lie at a multiple of V when V > 1 (see packed_elements). The
+// structure flags are template parameters so that each loop is branch-free (and vectorises on the CPU);
+// dispatch_step_flags picks the instance from a StepArgs at run time. Each input is converted a whole vector at
+// a time (t holds one input after another), which the CPU compiler vectorises best.
+template <int V, bool kUncond, int kHist, bool kNoise, bool kWriteE, typename TX, typename TD, typename Acc>
+FD_HOST_DEVICE void step_elements(const StepArgs<TX, TD, Acc>& s, const StepCoef<Acc, kHist>& c, int64_t i) {
+  Acc d[V], x[V], acc[V], t[V];
+  load_pack(s.d_cond, i, d);
   if constexpr (kUncond) {
-    const Acc du = load<Acc>(s.d_uncond, i);
-    d = du + s.w * (dc - du);
+    load_pack(s.d_uncond, i, t);
+    for (int j = 0; j < V; ++j) d[j] = t[j] + c.w * (d[j] - t[j]);
   }
-  const Acc x = load<Acc>(s.x, i);
-  Acc acc = s.a * x + s.b[0] * d;
-  if constexpr (kHist > 0) acc += s.b[1] * load<Acc>(s.history[0], i);
-  if constexpr (kHist > 1) acc += s.b[2] * load<Acc>(s.history[1], i);
-  if constexpr (kHist > 2) acc += s.b[3] * load<Acc>(s.history[2], i);
-  if constexpr (kNoise) acc += s.c_noise * load<Acc>(s.noise, i);
-  if constexpr (kWriteE) store(s.e_out, i, s.hx * x + s.hd * d);
-  store(s.x_out, i, acc);
+  load_pack(s.x, i, x);
+  for (int j = 0; j < V; ++j) acc[j] = c.a * x[j] + c.b[0] * d[j];
+  for (int k = 0; k < kHist; ++k) {
+    load_pack(s.history[k], i, t);
+    for (int j = 0; j < V; ++j) acc[j] += c.b[k + 1] * t[j];
+  }
+  if constexpr (kNoise) {
+    load_pack(s.noise, i, t);
+    for (int j = 0; j < V; ++j) acc[j] += c.c_noise * t[j];
+  }
+  if constexpr (kWriteE) {
+    for (int j = 0; j < V; ++j) t[j] = c.hx * x[j] + c.hd * d[j];
+    store_pack(s.e_out, i, t);
+  }
+  store_pack(s.x_out, i, acc);
 }
 
 // Calls f(uncond, hist, noise, write_e) with std::integral_constant arguments for these run-time flags (host
@@ -152,30 +220,31 @@ constexpr int kNumCoef = 6 + kMaxHistory;
 template <typename TX, typename TD, typename Acc>
 struct StepGradArgs {
   StepArgs<TX, TD, Acc> step;  // inputs and coefficients of the forward pass (its outputs unused)
-  const TX* g_x;
-  const TX* g_e;
-  TX* grad_x;
-  TD* grad_dc;
-  TD* grad_du;
-  TX* grad_history[kMaxHistory];
-  TX* grad_noise;
+  const TX* __restrict__ g_x;
+  const TX* __restrict__ g_e;
+  TX* __restrict__ grad_x;
+  TD* __restrict__ grad_dc;
+  TD* __restrict__ grad_du;
+  TX* __restrict__ grad_history[kMaxHistory];
+  TX* __restrict__ grad_noise;
 };
 
 template <bool kUncond, int kHist, bool kNoise, typename TX, typename TD, typename Acc, typename Sum>
-FD_HOST_DEVICE void step_grad_element(const StepGradArgs<TX, TD, Acc>& g, int64_t i, Sum* sums) {
+FD_HOST_DEVICE void step_grad_element(const StepGradArgs<TX, TD, Acc>& g, const StepCoef<Acc, kHist>& c, int64_t i,
+                                      Sum (&sums)[kNumCoef]) {
   const auto& s = g.step;
   const Acc gx = load<Acc>(g.g_x, i);
   const Acc ge = load<Acc>(g.g_e, i);
   const Acc x = load<Acc>(s.x, i);
   const Acc dc = load<Acc>(s.d_cond, i);
   Acc d = dc;
-  const Acc gd = s.b[0] * gx + s.hd * ge;
-  store(g.grad_x, i, s.a * gx + s.hx * ge);
+  const Acc gd = c.b[0] * gx + c.hd * ge;
+  store(g.grad_x, i, c.a * gx + c.hx * ge);
   if constexpr (kUncond) {
     const Acc du = load<Acc>(s.d_uncond, i);
-    d = du + s.w * (dc - du);
-    store(g.grad_dc, i, s.w * gd);
-    store(g.grad_du, i, (Acc(1) - s.w) * gd);
+    d = du + c.w * (dc - du);
+    store(g.grad_dc, i, c.w * gd);
+    store(g.grad_du, i, (Acc(1) - c.w) * gd);
     sums[1] += gd * (dc - du);
   } else {
     store(g.grad_dc, i, gd);
@@ -185,20 +254,12 @@ FD_HOST_DEVICE void step_grad_element(const StepGradArgs<TX, TD, Acc>& g, int64_
   sums[3] += ge * d;
   sums[5] += gx * d;
   if constexpr (kNoise) {
-    store(g.grad_noise, i, s.c_noise * gx);
+    store(g.grad_noise, i, c.c_noise * gx);
     sums[4] += gx * load<Acc>(s.noise, i);
   }
-  if constexpr (kHist > 0) {
-    store(g.grad_history[0], i, s.b[1] * gx);
-    sums[6] += gx * load<Acc>(s.history[0], i);
-  }
-  if constexpr (kHist > 1) {
-    store(g.grad_history[1], i, s.b[2] * gx);
-    sums[7] += gx * load<Acc>(s.history[1], i);
-  }
-  if constexpr (kHist > 2) {
-    store(g.grad_history[2], i, s.b[3] * gx);
-    sums[8] += gx * load<Acc>(s.history[2], i);
+  for (int k = 0; k < kHist; ++k) {
+    store(g.grad_history[k], i, c.b[k + 1] * gx);
+    sums[6 + k] += gx * load<Acc>(s.history[k], i);
   }
 }
 
