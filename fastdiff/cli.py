@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="start no further size/dtype/workload cell after S seconds")  # fmt: skip
     k.add_argument("--threads", type=int, default=1,
-                   help="torch threads for a CPU run, printed with the results (default: 1; 0 leaves torch's)")  # fmt: skip
+                   help="torch threads for a CPU run (default 1; 0: torch's), printed with the results")  # fmt: skip
     k.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for kernels.csv and kernels.png")
     k.add_argument("--progress", action="store_true", help="print each measurement as it starts")
     k.set_defaults(func=cmd_bench_kernels)
@@ -338,7 +338,9 @@ def cmd_bench_sample(args: argparse.Namespace) -> int:
             print(summary)
     threads = f", {rows[0]['threads']} torch threads" if rows and rows[0]["threads"] != "" else ""
     print(f"device {rows[0]['device']}{threads}, {rows[0]['date']}; wrote {csv_path} and {png_path}")
-    failed = [f"{r['scenario']} {r['model']} b={r['batch']} {r['variant']}" for r in rows if r["note"].startswith("failed")]
+    failed = [
+        f"{r['scenario']} {r['model']} b={r['batch']} {r['variant']}" for r in rows if r["note"].startswith("failed")
+    ]
     if failed:
         print(f"{len(failed)} rows failed (see their notes): {', '.join(failed)}", file=sys.stderr)
         return 1

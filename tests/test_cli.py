@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fastdiff.cli import main
 
@@ -92,6 +91,7 @@ def test_bench_rejects_unknown_names(capsys):
 def test_bench_kernels_compiles_every_row_and_records_its_threads():
     """Each compile row times a graph compiled for it, even past dynamo's recompile limit (lowered to 1 here: one
     compiled function shared by the rows would run the second eagerly, and the row's own check would raise)."""
+    import torch
     import torch._dynamo
 
     from fastdiff.bench import kernels

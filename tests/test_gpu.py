@@ -5,6 +5,8 @@ build lacks a backend fails rather than skips. They mirror the CPU tests in test
 tolerance per output as there.
 """
 
+import functools
+
 import pytest
 import torch
 from _backends import ran_on
@@ -19,6 +21,11 @@ pytestmark = [
 
 DTYPE_PAIRS = [(tx, td) for tx, tds in ops.KERNEL_DTYPES.items() for td in tds]
 GPU_BACKENDS = ["cuda", "triton"]
+
+
+def _from(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """``t`` itself, or its flattened view from element ``offset`` on (an address the vector path cannot use)."""
+    return t.flatten()[offset:] if offset else t
 
 
 def test_the_build_has_every_gpu_backend():
@@ -44,7 +51,7 @@ def test_gpu_kernels_match_reference(backend, shape, tx, td, monkeypatch):
     for offset in (0, 1):  # aligned tensors (the 128-bit path), and views one element in (the unaligned path)
         if offset and x.numel() < 2:
             continue
-        cut = lambda t: t.flatten()[offset:] if offset else t  # noqa: E731
+        cut = functools.partial(_from, offset=offset)
         with ran_on(backend):
             got = ops.guided_step(cut(x), cut(dc), cut(du), [cut(h) for h in hist], **{**kw, "noise": cut(nz)})
         for out, r, s in zip(got, ref, same):  # x_next, then E: one tolerance per output

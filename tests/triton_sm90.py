@@ -28,8 +28,8 @@ import fastdiff.kernels.ld3_sigmas as ld3_kernels  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def launches(module, name: str, launcher) -> list[tuple]:
-    """``(kernel, args, kwargs)`` of every launch of ``module.name`` while ``launcher()`` runs (nothing runs)."""
+def launches(module, name: str, launcher, *args) -> list[tuple]:
+    """``(kernel, args, kwargs)`` of every launch of ``module.name`` while ``launcher(*args)`` runs (nothing runs)."""
     seen, kernel = [], getattr(module, name)
 
     class Spy:
@@ -38,7 +38,7 @@ def launches(module, name: str, launcher) -> list[tuple]:
 
     setattr(module, name, Spy())
     try:
-        launcher()
+        launcher(*args)
     finally:
         setattr(module, name, kernel)
     return seen
@@ -59,7 +59,7 @@ def compile_launch(kernel, args, kwargs) -> dict:
         "kernel": kernel.fn.__name__,
         "float_scalars": {n: ty for n, ty in signature.items() if ty.startswith(("fp", "bf"))},
         "cubin_bytes": len(compiled.asm["cubin"]),
-        "global_loads": sorted({tok for line in ptx.splitlines() for tok in line.split() if tok.startswith("ld.global")}),
+        "global_loads": sorted({t for line in ptx.splitlines() for t in line.split() if t.startswith("ld.global")}),
     }
 
 
@@ -79,19 +79,19 @@ def step_cases() -> dict:
         if device_coef:
             coef = torch.tensor(coef, dtype=torch.float64 if tx == torch.float64 else torch.float32)
         out_x, out_e = torch.empty_like(x), torch.empty_like(x)
-        runs = launches(step_kernels, "_guided_step_kernel",
-                        lambda: step_kernels.guided_step(x, dc, du, [h], None, coef, out_x, out_e))  # fmt: skip
-        runs += launches(step_kernels, "_guided_step_backward_kernel",
-                         lambda: step_kernels.guided_step_backward(x, dc, du, [h], None, coef, g, g))  # fmt: skip
+        runs = launches(step_kernels, "_guided_step_kernel", step_kernels.guided_step, x, dc, du, [h], None, coef,
+                        out_x, out_e)  # fmt: skip
+        runs += launches(step_kernels, "_guided_step_backward_kernel", step_kernels.guided_step_backward, x, dc, du,
+                         [h], None, coef, g, g)  # fmt: skip
         out[name] = [compile_launch(*run) for run in runs]
     return out
 
 
 def ld3_cases() -> dict:
     xi = torch.randn(33, dtype=torch.float64)
-    runs = launches(ld3_kernels, "_ld3_sigmas_kernel", lambda: ld3_kernels.ld3_sigmas(xi, -6.2, 4.4, True))
-    runs += launches(ld3_kernels, "_ld3_sigmas_backward_kernel",
-                     lambda: ld3_kernels.ld3_sigmas_backward(xi, xi, -6.2, 4.4, True))  # fmt: skip
+    runs = launches(ld3_kernels, "_ld3_sigmas_kernel", ld3_kernels.ld3_sigmas, xi, -6.2, 4.4, True)
+    backward = ld3_kernels.ld3_sigmas_backward
+    runs += launches(ld3_kernels, "_ld3_sigmas_backward_kernel", backward, xi, xi, -6.2, 4.4, True)
     return {"ld3": [compile_launch(*run) for run in runs]}
 
 
