@@ -27,6 +27,9 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)
 export PYTHONUNBUFFERED=1 FASTDIFF_CUDA_ARCHS=${FASTDIFF_CUDA_ARCHS:-9.0}
+# torch guesses CUDA_HOME from nvcc's folder, which is wrong where nvcc on the PATH is a wrapper script (it is on
+# the CPU machines: /usr/local/bin/nvcc, giving /usr/local and no cuda_runtime.h).
+if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then export CUDA_HOME=/usr/local/cuda; fi
 SANITIZE='cuda and (kernels_match or backward_kernels) and not 256'
 
 START=$SECONDS
