@@ -1,6 +1,8 @@
 // Torch glue for fastdiff._C: checks tensors, fills StepArgs, and runs the CPU or CUDA implementation.
 #include <torch/extension.h>
 
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -100,6 +102,9 @@ void check_step_inputs(const torch::Tensor& x, const torch::Tensor& d_cond, cons
   TORCH_CHECK(n_coef == history.size() + 6, "guided_step: need 6 + len(history) coefficients, got ", n_coef,
               " for ", history.size(), " history tensors");
   TORCH_CHECK(x.numel() > 0, "guided_step: x is empty");
+  // A meta (or any other) tensor has no memory these kernels can read.
+  TORCH_CHECK(x.is_cpu() || x.is_cuda(), "guided_step: x is on ", x.device(),
+              "; the kernels take CPU or CUDA tensors");
   TORCH_CHECK(x.is_contiguous(), "guided_step: x must be contiguous");
   const auto tx = x.scalar_type();
   const auto td = d_cond.scalar_type();
@@ -116,15 +121,22 @@ struct Coef {
   std::vector<double> host;
   OptTensor device;
 
-  static Coef of(const std::vector<double>& values, const torch::Tensor& /*x*/ = {}) {
-    for (double c : values) TORCH_CHECK(std::isfinite(c), "guided_step: coefficients must be finite, got ", c);
+  // A float32-accumulating state needs its coefficients to fit in float32: converting a larger double to float is
+  // undefined behaviour, and gives inf in practice.
+  static Coef of(const std::vector<double>& values, const torch::Tensor& x) {
+    const bool f64 = x.scalar_type() == torch::kFloat64;
+    for (double c : values) {
+      TORCH_CHECK(std::isfinite(c), "guided_step: coefficients must be finite, got ", c);
+      TORCH_CHECK(f64 || std::abs(c) <= std::numeric_limits<float>::max(), "guided_step: coefficients must fit in ",
+                  "float32, the accumulation dtype of a ", x.scalar_type(), " state; got ", c);
+    }
     return {values, std::nullopt};
   }
   static Coef of(const torch::Tensor& t, const torch::Tensor& x) {
     TORCH_CHECK(t.dim() == 1 && t.is_floating_point(), "guided_step: coef must be a 1-D float tensor");
     if (t.is_cpu()) {
       auto h = t.to(torch::kFloat64).contiguous();
-      return of(std::vector<double>(h.data_ptr<double>(), h.data_ptr<double>() + h.numel()));
+      return of(std::vector<double>(h.data_ptr<double>(), h.data_ptr<double>() + h.numel()), x);
     }
     const auto acc = x.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
     TORCH_CHECK(t.device() == x.device(), "guided_step: coef is on ", t.device(), " but x is on ", x.device());

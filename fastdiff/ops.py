@@ -22,6 +22,11 @@ The kernels take the state (x, history, noise, outputs) in float32, float16, bfl
 model outputs in the state dtype or, for a float32 state, in float16/bfloat16. Strided inputs are copied to
 contiguous ones first. ``FASTDIFF_BACKEND`` forces a backend; a forced backend that cannot run the call
 raises instead of falling back. Without a forced backend, CUDA tensors prefer ``cuda`` over ``triton``.
+
+Every entry point checks its arguments (:func:`_check_args`), the registered ops and their fake kernels included,
+except :func:`loop_step`, the sampling loop's form; the kernels' launchers check again before they touch memory
+(:func:`_check_launch` for Triton, TORCH_CHECK in ``csrc/bindings.cpp``). No backend returns an input, or a view
+of one, as an output.
 """
 
 from __future__ import annotations
@@ -131,7 +136,7 @@ def guided_step_reference(
 
     Returns:
         ``(x_next, E)``: ``x_next`` in ``x.dtype``; ``E = hx * x + hd * D`` in the promoted dtype of ``x`` and
-        ``d_cond``. Arithmetic runs in at least float32.
+        ``d_cond``; both new tensors, never an input. Arithmetic runs in at least float32.
     """
     ct = torch.promote_types(torch.promote_types(x.dtype, d_cond.dtype), torch.float32)
     d = d_cond.to(ct)
@@ -145,44 +150,167 @@ def guided_step_reference(
     if noise is not None:
         acc = acc + c_noise * noise.to(ct)
     plain = not isinstance(hx, torch.Tensor) and hx == 0 and hd == 1  # E = D; no branch on device values
-    e = d if plain else hx * xc + hd * d
-    return acc.to(x.dtype), e.to(torch.promote_types(x.dtype, d_cond.dtype))
+    e = (d if plain else hx * xc + hd * d).to(torch.promote_types(x.dtype, d_cond.dtype))
+    if e is d_cond:
+        # E = D returned as d_cond itself would make a sampler's history alias the model's output buffer, which a
+        # model may overwrite on its next call.
+        e = e.clone(memory_format=torch.contiguous_format)
+    return acc.to(x.dtype), e
 
 
-def _check_args(x, d_cond, d_uncond, history, noise, n_coef: int) -> None:
+# The dtypes any backend takes, for the state and for the model outputs: the reference computes in at least float32,
+# which torch cannot promote a float8 to, and an integer or bool state would be truncated.
+FLOAT_DTYPES = frozenset(KERNEL_DTYPES)
+_F32_MAX = torch.finfo(torch.float32).max
+_COEF_LIMIT = {torch.float64: torch.finfo(torch.float64).max}  # the largest coefficient; float32's for other states
+
+
+def _check_args(x, d_cond, d_uncond, history, noise, n_coef: int, grads=()) -> None:
+    """The argument checks of every entry point that reaches a kernel, except :func:`loop_step` (whose inputs are
+    valid by construction): history and coefficient counts, and every tensor shaped like x, on x's device, in a
+    dtype of :data:`FLOAT_DTYPES`. ``grads``: the backward's ``(g_x, g_e)``. One cheap pass on valid inputs."""
     if len(history) > MAX_HISTORY:
         raise ValueError(f"guided_step: at most {MAX_HISTORY} history tensors, got {len(history)}")
     if n_coef != len(history) + 6:
-        raise ValueError(f"guided_step: need len(b) == len(history) + 1, got {n_coef - 5} and {len(history)}")
+        raise ValueError(
+            f"guided_step: need len(b) == len(history) + 1 (6 + len(history) coefficients), got "
+            f"len(b) = {n_coef - 5} with {len(history)} history tensors"
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        _check_dtypes(x, d_cond, d_uncond, history, noise, grads)
     if x.numel() == 0:
         raise ValueError(f"guided_step: x is empty (shape {tuple(x.shape)})")
     shape, device = x.shape, x.device  # read once: each .device access builds a new object
-    for t in (d_cond, d_uncond, noise, *history):
-        if t is not None and (t.shape != shape or t.device != device or not t.is_floating_point()):
-            _raise_bad_input(x, d_cond, d_uncond, history, noise)
+    for t in (d_cond, d_uncond, noise, *history, *grads):
+        if t is not None and (t.shape != shape or t.device != device or t.dtype not in FLOAT_DTYPES):
+            _raise_bad_input(x, d_cond, d_uncond, history, noise, grads)
 
 
-def _raise_bad_input(x, d_cond, d_uncond, history, noise):
+def _named(x, d_cond, d_uncond, history, noise, grads=()):
+    """``(name, tensor)`` of every input, as the error messages name them."""
+    yield from (("x", x), ("d_cond", d_cond), ("d_uncond", d_uncond), ("noise", noise))
+    yield from ((f"history[{k}]", h) for k, h in enumerate(history))
+    yield from zip(("g_x", "g_e"), grads)
+
+
+def _check_dtypes(x, d_cond, d_uncond, history, noise, grads=()) -> None:
+    """Raises a TypeError naming the first input whose dtype no backend takes."""
+    for name, t in _named(x, d_cond, d_uncond, history, noise, grads):
+        if t is not None and t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"guided_step: {name} must be a floating tensor of dtype float16, bfloat16, float32 or "
+                f"float64, got {t.dtype}"
+            )
+
+
+def _raise_bad_input(x, d_cond, d_uncond, history, noise, grads=()):
     """The error for the first input that does not match x (the slow path of :func:`_check_args`)."""
-    named = [("d_cond", d_cond), ("d_uncond", d_uncond), ("noise", noise)]
-    for name, t in named + [(f"history[{k}]", h) for k, h in enumerate(history)]:
-        if t is None:
+    for name, t in _named(x, d_cond, d_uncond, history, noise, grads):
+        if t is None or t is x:
             continue
         if t.shape != x.shape:
             raise ValueError(f"guided_step: {name} has shape {tuple(t.shape)} but x has {tuple(x.shape)}")
         if t.device != x.device:
             raise ValueError(f"guided_step: {name} is on {t.device} but x is on {x.device}")
-        if not t.is_floating_point():
-            raise TypeError(f"guided_step: {name} must be a floating tensor, got {t.dtype}")
+    _check_dtypes(x, d_cond, d_uncond, history, noise, grads)
 
 
-def _kernel_fits(x, d_cond, d_uncond, state_likes) -> bool:
+def _check_coef(coef: torch.Tensor, x: torch.Tensor) -> None:
+    """A coefficient tensor's own checks (its count is :func:`_check_args`'s): 1-D, a float dtype every backend
+    takes, and holding values: a tensor on the meta device is only accepted beside a meta x."""
+    if coef.ndim != 1 or coef.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"guided_step: coef must be a 1-D float tensor (float16, bfloat16, float32 or float64), got "
+            f"{coef.dtype} {tuple(coef.shape)}"
+        )
+    if coef.device.type == "meta" and x.device.type != "meta":
+        raise ValueError(
+            f"guided_step: coef is on meta but x is on {x.device}; a meta tensor holds no values: put "
+            "the coefficients on x's device or the CPU"
+        )
+
+
+def _check_host_coefficients(coef: list[float], x: torch.Tensor) -> None:
+    """Host coefficients must be finite and, for a state that accumulates in float32, fit in float32: 1e300 is a
+    finite double, but an infinite float32 coefficient (every output inf or NaN)."""
+    # One pass on valid values (this runs every step of a sampling loop): the sum of the magnitudes is NaN for a NaN,
+    # inf for an inf, and above the limit for a value above it. Only then is each value looked at.
+    if sum(map(abs, coef)) <= _COEF_LIMIT.get(x.dtype, _F32_MAX):
+        return
+    if not all(map(math.isfinite, coef)):
+        raise ValueError(f"guided_step: coefficients must be finite, got {coef}")
+    if x.dtype != torch.float64 and max(map(abs, coef)) > _F32_MAX:
+        raise ValueError(
+            f"guided_step: coefficients must fit in float32 (|c| <= {_F32_MAX:.4g}), the accumulation "
+            f"dtype of a {x.dtype} state; got {coef}"
+        )
+
+
+def _check_launch(x, d_cond, d_uncond, history, noise, coef, outputs=(), grads=()) -> None:
+    """What a kernel launcher checks before it touches memory (the Triton launchers call this; csrc/bindings.cpp
+    checks the same in C++): :func:`_check_args`, then what the kernels assume beyond it. A dtype pair they take,
+    contiguous tensors, coefficients they can read (a tensor on x's device; host values in range), and
+    ``outputs``, ``(name, tensor)`` pairs, like x and overlapping no input or each other."""
+    n_coef = coef.numel() if isinstance(coef, torch.Tensor) else len(coef)
+    _check_args(x, d_cond, d_uncond, history, noise, n_coef, grads)
+    if not _kernel_fits(x, d_cond, d_uncond, history, noise, grads):
+        got = ", ".join(
+            f"{name} {t.dtype}" for name, t in _named(x, d_cond, d_uncond, history, noise, grads) if t is not None
+        )
+        raise TypeError(
+            f"guided_step: the kernels take {_dtype_help()} (history, noise and gradients in the state "
+            f"dtype); got {got}"
+        )
+    inputs = [(name, t) for name, t in _named(x, d_cond, d_uncond, history, noise, grads) if t is not None]
+    if isinstance(coef, torch.Tensor):
+        _check_coef(coef, x)
+        if coef.device != x.device:
+            raise ValueError(f"guided_step: the kernel reads coef on x's device, {x.device}; it is on {coef.device}")
+        inputs.append(("coef", coef))
+    else:
+        _check_host_coefficients(coef, x)
+    for name, t in inputs:
+        if not t.is_contiguous():
+            raise ValueError(f"guided_step: {name} must be contiguous")
+    seen = list(inputs)
+    for name, out in outputs:
+        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+            raise ValueError(
+                f"guided_step: {name} must be a contiguous {x.dtype} tensor of x's shape "
+                f"{tuple(x.shape)} on {x.device}; got {out.dtype} {tuple(out.shape)} on {out.device}"
+            )
+        for other, t in seen:
+            if _overlaps(out, t):
+                raise ValueError(
+                    f"guided_step: {name} overlaps {other}; the outputs must not alias or overlap an "
+                    "input or each other"
+                )
+        seen.append((name, out))
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors share a byte of memory."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    pa, pb = a.data_ptr(), b.data_ptr()
+    return pa < pb + b.numel() * b.element_size() and pb < pa + a.numel() * a.element_size()
+
+
+def _kernel_fits(x, d_cond, d_uncond, history, noise, grads=()) -> bool:
     """Whether the kernels take these dtypes."""
     td = d_cond.dtype
     if td not in KERNEL_DTYPES.get(x.dtype, ()) or (d_uncond is not None and d_uncond.dtype != td):
         return False
     tx = x.dtype
-    return all(t.dtype == tx for t in state_likes)
+    if noise is not None and noise.dtype != tx:
+        return False
+    for t in history:
+        if t.dtype != tx:
+            return False
+    for t in grads:
+        if t.dtype != tx:
+            return False
+    return True
 
 
 def _usable(backend: str, device: torch.device) -> str | None:
@@ -207,14 +335,17 @@ def _usable(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def _backend(x, d_cond, d_uncond, state_likes, device: torch.device, what: str = "this call") -> str:
+def _backend(x, d_cond, d_uncond, history, noise, device: torch.device, grads=(), what: str = "this call") -> str:
     """The backend that runs a pass over these tensors: the forced one (which must fit, else this raises), else the
     compiled kernel for the device (C++ on the CPU; CUDA, else Triton, on a GPU) where the dtypes fit, else
-    ``torch``, the reference."""
+    ``torch``, the reference. Dtypes that no backend takes raise a TypeError; that check runs only where the kernels'
+    dtypes do not fit, off the hot path (the kernels' pairs are all floating)."""
     forced = _forced_backend()
-    if forced == "torch":
-        return "torch"
-    fits = _kernel_fits(x, d_cond, d_uncond, state_likes)
+    fits = forced != "torch" and _kernel_fits(x, d_cond, d_uncond, history, noise, grads)
+    if not fits:
+        _check_dtypes(x, d_cond, d_uncond, history, noise, grads)
+        if forced == "torch":
+            return "torch"
     if forced is not None:
         why = _usable(forced, device)
         if why is None and not fits:
@@ -244,14 +375,14 @@ calls: collections.Counter = collections.Counter()
 
 def _coefficients(coef: torch.Tensor | list[float], x: torch.Tensor, device: torch.device):
     """The coefficients as the kernels take them: a tensor on x's (non-CPU) device stays there, in the
-    accumulation dtype, for the kernel to read; anything else becomes host floats, checked finite (a CPU tensor is
-    read without a sync; a tensor on another device is read back)."""
+    accumulation dtype, for the kernel to read; anything else becomes host floats, checked finite and in range (a
+    CPU tensor is read without a sync; a tensor on another device is read back)."""
     if isinstance(coef, torch.Tensor):
         if device.type != "cpu" and coef.device == device:
             return coef if coef.dtype == acc_dtype(x) else coef.to(acc_dtype(x))
+        _check_coef(coef, x)  # before reading it: a meta tensor cannot be read, a 2-D one reads as nested lists
         coef = coef.tolist()
-    if not all(map(math.isfinite, coef)):
-        raise ValueError(f"guided_step: coefficients must be finite, got {coef}")
+    _check_host_coefficients(coef, x)
     return coef
 
 
@@ -265,7 +396,7 @@ def _forward(
     Outputs are contiguous, on every backend."""
     device = x.device  # read once: each .device access builds a new object
     coef = _coefficients(coef, x, device)
-    backend = _backend(x, d_cond, d_uncond, history if noise is None else [*history, noise], device)
+    backend = _backend(x, d_cond, d_uncond, history, noise, device)
     calls[backend] += 1
     if backend == "torch":
         a, w, hx, hd, c_noise, *b = coef.unbind() if isinstance(coef, torch.Tensor) else coef
@@ -305,13 +436,22 @@ def _guided_step_op(
     noise: torch.Tensor | None,
     coef: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x_out, e_out = _forward(x, d_cond, d_uncond, list(history), noise, coef)
-    # The reference returns d_cond itself as E when E = D; an op's outputs must not alias its inputs.
-    return x_out, e_out.clone() if e_out is d_cond else e_out
+    history = list(history)
+    _check_op_args(x, d_cond, d_uncond, history, noise, coef)
+    return _forward(x, d_cond, d_uncond, history, noise, coef)
+
+
+def _check_op_args(x, d_cond, d_uncond, history, noise, coef, grads=()) -> None:
+    """The registered ops check as the public functions do: a caller of ``torch.ops.fastdiff.*`` reaches the
+    kernels directly. Their fake kernels check too, so torch.compile and the meta device refuse the same calls
+    (and a call that mixes meta and real tensors, which the dispatcher sends to the fake, is refused there)."""
+    _check_coef(coef, x)
+    _check_args(x, d_cond, d_uncond, history, noise, coef.numel(), grads)
 
 
 @_guided_step_op.register_fake
 def _(x, d_cond, d_uncond, history, noise, coef):
+    _check_op_args(x, d_cond, d_uncond, list(history), noise, coef)
     # Contiguous, as every backend returns them (empty_like would keep a channels_last x's strides).
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, d_cond.dtype))
 
@@ -354,9 +494,9 @@ def _guided_step_backward_op(
     entries only when those inputs are given.
     """
     history = list(history)
+    _check_op_args(x, d_cond, d_uncond, history, noise, coef, (g_x, g_e))
     device = x.device
-    backend = _backend(x, d_cond, d_uncond, [*history, *([noise] if noise is not None else []), g_x, g_e], device,
-                       "the backward")  # fmt: skip
+    backend = _backend(x, d_cond, d_uncond, history, noise, device, (g_x, g_e), "the backward")
     calls[backend] += 1
     if backend == "torch":
         grads = _backward_reference(x, d_cond, d_uncond, history, noise, coef, g_x, g_e)
@@ -374,6 +514,7 @@ def _guided_step_backward_op(
 
 @_guided_step_backward_op.register_fake
 def _(x, d_cond, d_uncond, history, noise, coef, g_x, g_e):
+    _check_op_args(x, d_cond, d_uncond, list(history), noise, coef, (g_x, g_e))
     like = [x, d_cond] + ([d_uncond] if d_uncond is not None else []) + list(history)
     like += [noise] if noise is not None else []
     return [t.new_empty(t.shape) for t in like] + [torch.empty_like(coef)]
@@ -435,8 +576,34 @@ def _ld3_backend(xi: torch.Tensor) -> str:
     return "triton" if usable and forced in (None, "triton") else "torch"
 
 
+def _check_ld3(xi: torch.Tensor, grad_sigmas: torch.Tensor | None = None, contiguous: bool = False) -> None:
+    """The checks of LD3's map, in its registered ops (and their fakes) and its Triton launchers: ``xi`` a 1-D float
+    tensor of at least 2 values (one value normalises 0 by 0), ``grad_sigmas`` like it; ``contiguous`` for a
+    launcher, whose kernel reads ``n`` consecutive values of each."""
+    named = [("xi", xi)] + ([("grad_sigmas", grad_sigmas)] if grad_sigmas is not None else [])
+    for name, t in named:
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"ld3_sigmas: {name} must be a floating tensor of dtype float16, bfloat16, float32 or "
+                f"float64, got {t.dtype}"
+            )
+    if xi.ndim != 1 or xi.numel() < 2:
+        raise ValueError(f"ld3_sigmas: xi must be a 1-D tensor of at least 2 values, got shape {tuple(xi.shape)}")
+    if grad_sigmas is not None:
+        if grad_sigmas.shape != xi.shape:
+            raise ValueError(
+                f"ld3_sigmas: grad_sigmas has shape {tuple(grad_sigmas.shape)} but xi has {tuple(xi.shape)}"
+            )
+        if grad_sigmas.device != xi.device:
+            raise ValueError(f"ld3_sigmas: grad_sigmas is on {grad_sigmas.device} but xi is on {xi.device}")
+    for name, t in named if contiguous else ():
+        if not t.is_contiguous():
+            raise ValueError(f"ld3_sigmas: {name} must be contiguous")
+
+
 @torch.library.custom_op("fastdiff::ld3_sigmas", mutates_args=())
 def _ld3_sigmas_op(xi: torch.Tensor, lo: float, hi: float, logsnr: bool) -> torch.Tensor:
+    _check_ld3(xi)
     if _ld3_backend(xi) == "triton":
         return _triton_kernels("ld3_sigmas").ld3_sigmas(xi.contiguous(), lo, hi, logsnr)
     return ld3_sigmas_reference(xi, lo, hi, logsnr)
@@ -444,6 +611,7 @@ def _ld3_sigmas_op(xi: torch.Tensor, lo: float, hi: float, logsnr: bool) -> torc
 
 @_ld3_sigmas_op.register_fake
 def _(xi, lo, hi, logsnr):
+    _check_ld3(xi)
     return torch.empty_like(xi)
 
 
@@ -451,6 +619,7 @@ def _(xi, lo, hi, logsnr):
 def _ld3_sigmas_backward_op(
     xi: torch.Tensor, grad_sigmas: torch.Tensor, lo: float, hi: float, logsnr: bool
 ) -> torch.Tensor:
+    _check_ld3(xi, grad_sigmas)
     if _ld3_backend(xi) == "triton":
         return _triton_kernels("ld3_sigmas").ld3_sigmas_backward(
             xi.contiguous(), grad_sigmas.contiguous(), lo, hi, logsnr
@@ -478,6 +647,7 @@ def _ld3_sigmas_backward_reference(xi, grad_sigmas, lo, hi, logsnr):
 
 @_ld3_sigmas_backward_op.register_fake
 def _(xi, grad_sigmas, lo, hi, logsnr):
+    _check_ld3(xi, grad_sigmas)
     return torch.empty_like(xi)
 
 
@@ -521,9 +691,7 @@ def guided_step_coef(
     :func:`guided_step_reference`.
     """
     history = list(history)
-    if coef.ndim != 1 or not coef.is_floating_point():
-        raise ValueError(f"guided_step: coef must be a 1-D float tensor, got {coef.dtype} {tuple(coef.shape)}")
-    _check_args(x, d_cond, d_uncond, history, noise, coef.numel())
+    _check_op_args(x, d_cond, d_uncond, history, noise, coef)
     return loop_step(x, d_cond, d_uncond, history, coef, noise)
 
 
@@ -540,7 +708,8 @@ def loop_step(
     checks, with ``coef`` as host floats too. It goes through the registered op only where autograd or
     ``torch.compile`` needs it; otherwise the forward runs directly, which saves the op's dispatch (about 50 us a
     call on the CPU) and, on a process's first call, the import of ``torch._dynamo`` that dispatching a custom op
-    triggers (seconds)."""
+    triggers (seconds). What it still checks costs nothing on a valid call: host coefficients (finite, in range),
+    and dtypes no backend takes (only where the kernels' dtypes do not fit, on the way to the reference)."""
     if _needs_op(x, d_cond, d_uncond, history, noise, coef):
         if not isinstance(coef, torch.Tensor):
             coef = torch.tensor(coef, dtype=torch.float64)

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff import ops
+
 BLOCK = 1024
 N_COEF_MAX = 9  # a, w, hx, hd, c_noise, b0..b3
 
@@ -87,12 +89,13 @@ def guided_step(
     x_out: torch.Tensor,
     e_out: torch.Tensor | None,
 ) -> None:
-    """Launch the kernel. All tensors contiguous with ``x.numel()`` elements on one device; ``x``, ``history``,
-    ``noise`` and the outputs share the state dtype. ``coef``: ``[6 + len(history)]`` host floats, or a tensor on
-    x's device in the accumulation dtype (float64 for a float64 state, else float32)."""
+    """Launch the kernel. All tensors contiguous, shaped like ``x`` on its device; ``x``, ``history``, ``noise`` and
+    the outputs share the state dtype. ``coef``: ``[6 + len(history)]`` host floats, or a tensor on x's device in
+    the accumulation dtype (float64 for a float64 state, else float32). Checked here, not trusted: the kernel reads
+    every pointer at x's offsets, so a shorter tensor would be read out of bounds."""
+    outputs = [("x_out", x_out)] + ([("e_out", e_out)] if e_out is not None else [])
+    ops._check_launch(x, d_cond, d_uncond, history, noise, coef, outputs)
     n = x.numel()
-    if n == 0:
-        return
     hist = list(history) + [x] * (3 - len(history))  # unused slots are never read
     coef_ptr, scalars, coef_in_memory, acc = _coefficient_args(coef, x)
     _guided_step_kernel[(triton.cdiv(n, BLOCK),)](
@@ -178,7 +181,8 @@ def guided_step_backward(
 ):
     """Backward of :func:`guided_step`; same layout rules and coefficient forms. Returns ``(grad_x, grad_d_cond,
     grad_d_uncond, grad_history, grad_noise, grad_coef)``, the last a float64 tensor of ``6 + len(history)`` values
-    on x's device."""
+    on x's device. Checked here, as :func:`guided_step` checks."""
+    ops._check_launch(x, d_cond, d_uncond, history, noise, coef, grads=(g_x, g_e))
     n = x.numel()
     blocks = triton.cdiv(n, BLOCK)
     grad_x, grad_dc = torch.empty_like(x), torch.empty_like(d_cond)

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff import ops
+
 
 @triton.jit
 def _reversed_softmax(xi_ptr, n, BLOCK: tl.constexpr):
@@ -77,14 +79,17 @@ def _launch_args(xi: torch.Tensor, lo: float, hi: float, logsnr: bool) -> dict:
 
 def ld3_sigmas(xi: torch.Tensor, lo: float, hi: float, logsnr: bool) -> torch.Tensor:
     """Sigmas ``[n]`` (xi's dtype and device) from contiguous ``xi [n]``; ``lo``/``hi`` as in the module
-    docstring. Arithmetic runs in float64: a schedule is tiny and its sigmas span orders of magnitude."""
+    docstring. Arithmetic runs in float64: a schedule is tiny and its sigmas span orders of magnitude. Checked here,
+    not trusted: the kernel reads ``xi.numel()`` consecutive values."""
+    ops._check_ld3(xi, contiguous=True)
     out = torch.empty_like(xi)
     _ld3_sigmas_kernel[(1,)](xi, out, **_launch_args(xi, lo, hi, logsnr))
     return out
 
 
 def ld3_sigmas_backward(xi: torch.Tensor, grad_sigmas: torch.Tensor, lo: float, hi: float, logsnr: bool):
-    """``dL/dxi [n]`` from ``dL/dsigmas [n]`` (both contiguous, xi's dtype)."""
+    """``dL/dxi [n]`` from ``dL/dsigmas [n]`` (both contiguous, on one device); checked as :func:`ld3_sigmas`."""
+    ops._check_ld3(xi, grad_sigmas, contiguous=True)
     grad = torch.empty_like(xi)
     _ld3_sigmas_backward_kernel[(1,)](xi, grad_sigmas, grad, **_launch_args(xi, lo, hi, logsnr))
     return grad

@@ -1,5 +1,6 @@
 """Every backend of the guided step against the pure-torch reference computed in float64."""
 
+import re
 import subprocess
 import sys
 
@@ -306,3 +307,306 @@ def test_triton_takes_host_coefficients_as_launch_arguments(monkeypatch):
     ops.guided_step_coef(x, x, None, [], torch.tensor([0.5, 1.0, 0.0, 1.0, 0.0, 0.5]))  # a CPU tensor: host values
     assert [flag for flag, _ in seen] == [False, False]
     assert seen[0][1] == (0.9, 2.0, 0.0, 1.0, 0.0, 0.5, 0.25, 0.0, 0.0)  # a, w, hx, hd, c_noise, b0..b3
+
+
+# ------------------------------------------------------------------------------ issue 18: robustness of the op
+
+
+def _coef(n_history, dtype=torch.float64):
+    return torch.tensor([0.7, 2.5, 0.4, -0.3, 0.35, 0.3, -0.2, 0.15, 0.05][: 6 + n_history], dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_registered_op_checks_its_arguments(backend, monkeypatch):
+    """``torch.ops.fastdiff.guided_step`` is an entry point of its own: on Triton a short input was read out of
+    bounds (garbage, or a segfault at 30M elements), on torch a 1-element d_cond broadcast and a coefficient
+    vector of the wrong length dropped terms."""
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    g = torch.Generator().manual_seed(18)
+    x, one = torch.randn(4097, generator=g), torch.randn(1, generator=g)
+    op = torch.ops.fastdiff.guided_step
+    with pytest.raises(ValueError, match=r"d_cond has shape \(1,\) but x has \(4097,\)"):
+        op(x, one, None, [], None, _coef(0))
+    with pytest.raises(ValueError, match=r"d_uncond has shape \(1,\)"):
+        op(x, x, one, [], None, _coef(0))
+    with pytest.raises(ValueError, match=r"noise has shape \(1,\)"):
+        op(x, x, None, [], one, _coef(0))
+    with pytest.raises(ValueError, match=r"history\[0\] has shape \(2048,\) but x has \(4097,\)"):
+        op(x, x, None, [x[:2048]], None, _coef(1))
+    for n_history, coef in [(1, _coef(0)), (0, _coef(1)), (2, _coef(1))]:  # too short, too long
+        with pytest.raises(ValueError, match=r"need len\(b\) == len\(history\) \+ 1"):
+            op(x, x, None, [x] * n_history, None, coef)
+    with pytest.raises(ValueError, match="at most 3 history"):
+        op(x, x, None, [x] * 4, None, torch.zeros(10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="coef must be a 1-D float tensor"):
+        op(x, x, None, [], None, _coef(0)[None])
+    bw = torch.ops.fastdiff.guided_step_backward
+    for g_x, g_e, name in [(one, x, "g_x"), (x, one, "g_e"), (x, x[:-1], "g_e")]:
+        with pytest.raises(ValueError, match=rf"{name} has shape \({g_x.numel() if name == 'g_x' else g_e.numel()},\)"):
+            bw(x, x, None, [], None, _coef(0), g_x, g_e)
+    with pytest.raises(ValueError, match=r"need len\(b\) == len\(history\) \+ 1"):
+        bw(x, x, None, [x], None, _coef(0), x, x)
+    with pytest.raises(TypeError, match="g_x must be a floating tensor"):
+        bw(x, x, None, [], None, _coef(0), x.int(), x)
+
+
+def test_registered_op_checks_under_the_fake_kernel():
+    """A call that mixes meta and CPU tensors goes to the fake kernel: it returned meta tensors for CPU inputs."""
+    x = torch.randn(8)
+    meta = torch.empty(8, device="meta")
+    with pytest.raises(ValueError, match="d_cond is on meta but x is on cpu"):
+        torch.ops.fastdiff.guided_step(x, meta, None, [], None, _coef(0))
+    with pytest.raises(ValueError, match="coef is on meta but x is on cpu"):
+        torch.ops.fastdiff.guided_step(x, x, None, [], None, _coef(0).to("meta"))
+    with pytest.raises(ValueError, match="g_e is on meta but x is on cpu"):
+        torch.ops.fastdiff.guided_step_backward(x, x, None, [], None, _coef(0), x, meta)
+    with pytest.raises(ValueError, match=r"d_cond has shape \(1,\)"):
+        torch.ops.fastdiff.guided_step(meta, meta[:1], None, [], None, _coef(0).to("meta"))
+    x_out, e = torch.ops.fastdiff.guided_step(meta, meta, None, [], None, _coef(0).to("meta"))
+    assert x_out.device.type == e.device.type == "meta" and x_out.shape == (8,)
+
+
+def test_compiled_op_checks_its_arguments():
+    step = torch.compile(
+        lambda x, dc, coef: torch.ops.fastdiff.guided_step(x, dc, None, [], None, coef), fullgraph=True
+    )
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(step(x, x, _coef(0))[0], ops.guided_step(x, x, a=0.7, b=[0.3])[0])
+    with pytest.raises(Exception, match=r"d_cond has shape \(1,\) but x has \(4, 5\)"):
+        step(x, torch.randn(1), _coef(0))
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="triton cannot run here")
+def test_triton_launchers_check_before_launching(monkeypatch):
+    """The launchers are called only from fastdiff.ops, but do not trust it: a bad call raises, nothing launches."""
+    kernels = ops._triton_kernels()
+    launched = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(grid)
+
+    monkeypatch.setattr(kernels, "_guided_step_kernel", Spy())
+    monkeypatch.setattr(kernels, "_guided_step_backward_kernel", Spy())
+    g = torch.Generator().manual_seed(3)
+    x, one = torch.randn(4097, generator=g), torch.randn(1, generator=g)
+    out, e = torch.empty_like(x), torch.empty_like(x)
+    host = lambda k: _coef(k).tolist()  # noqa: E731
+    bad = [
+        ((x, one, None, [], None, host(0), out, e), ValueError, r"d_cond has shape \(1,\)"),
+        ((x, x, None, [x[:2048]], None, host(1), out, e), ValueError, r"history\[0\] has shape \(2048,\)"),
+        ((x, x, None, [x], None, host(0), out, e), ValueError, r"need len\(b\)"),
+        ((x, x, None, [x], None, _coef(0).float(), out, e), ValueError, r"need len\(b\)"),
+        ((x, x, None, [x] * 4, None, [0.0] * 10, out, e), ValueError, "at most 3 history"),
+        ((x, x, None, [], None, host(0), out[:1], e), ValueError, "x_out must be a contiguous"),
+        ((x, x, None, [], None, host(0), out, x), ValueError, "e_out overlaps x"),
+        ((x, x, None, [], None, host(0), out, out), ValueError, "e_out overlaps x_out"),
+        ((x, x.double(), None, [], None, host(0), out, e), TypeError, "the kernels take"),
+        ((x, x, None, [x.half()], None, host(1), out, e), TypeError, "the kernels take"),
+        ((x.int(), x, None, [], None, host(0), out, e), TypeError, "x must be a floating tensor"),
+        ((x[::2], x[::2], None, [], None, host(0), out[:2049], e[:2049]), ValueError, "x must be contiguous"),
+        ((x, x, None, [], None, [1e300, 1, 0, 1, 0, 1], out, e), ValueError, "fit in float32"),
+        ((x, x, None, [], None, [float("nan"), 1, 0, 1, 0, 1], out, e), ValueError, "must be finite"),
+        ((x, x, None, [], None, _coef(0).to("meta"), out, e), ValueError, "coef is on meta"),
+    ]
+    for args, error, message in bad:
+        with pytest.raises(error, match=message):
+            kernels.guided_step(*args)
+    for g_x, g_e, message in [(one, x, r"g_x has shape \(1,\)"), (x, one, r"g_e has shape \(1,\)"),
+                              (x, x.double(), "the kernels take")]:  # fmt: skip
+        with pytest.raises((ValueError, TypeError), match=message):
+            kernels.guided_step_backward(x, x, None, [], None, host(0), g_x, g_e)
+    assert launched == []
+    kernels.guided_step(x, x, None, [], None, host(0), out, e)
+    assert len(launched) == 1
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="triton cannot run here")
+def test_ld3_triton_launchers_check_before_launching():
+    kernels = ops._triton_kernels("ld3_sigmas")
+    xi = torch.randn(9, dtype=torch.float64)
+    bad_calls = [
+        (xi[None], ValueError, r"xi must be a 1-D .* \(1, 9\)"),
+        (xi[:1], ValueError, "at least 2"),
+        (xi[::2], ValueError, "contiguous"),
+        (xi.long(), TypeError, "floating"),
+    ]
+    for bad, error, message in bad_calls:
+        with pytest.raises(error, match=message):
+            kernels.ld3_sigmas(bad, 0.1, 5.0, False)
+    with pytest.raises(ValueError, match=r"grad_sigmas has shape \(1,\) but xi has \(9,\)"):
+        kernels.ld3_sigmas_backward(xi, xi[:1], 0.1, 5.0, False)
+    with pytest.raises(ValueError, match=r"grad_sigmas has shape \(1,\) but xi has \(9,\)"):
+        torch.ops.fastdiff.ld3_sigmas_backward(xi, xi[:1], 0.1, 5.0, False)
+    with pytest.raises(ValueError, match="xi must be a 1-D"):
+        torch.ops.fastdiff.ld3_sigmas(xi[None], 0.1, 5.0, False)
+
+
+@pytest.mark.skipif(not ops.extension_available(), reason="fastdiff._C not built")
+def test_extension_checks_the_backward_and_every_coefficient():
+    x, one = torch.randn(4097), torch.randn(1)
+    out, e = torch.empty_like(x), torch.empty_like(x)
+    bw = ops._C.guided_step_backward
+    bad_grads = [
+        (one, x, "g_x has 1 elements"),
+        (x, one, "g_e has 1 elements"),
+        (x, x.double(), "g_e has dtype Double"),
+        (x[::2], x[::2], "g_x has 2049 elements"),
+    ]
+    for g_x, g_e, message in bad_grads:
+        with pytest.raises(RuntimeError, match=message):
+            bw(x, x, None, [], None, _coef(0), g_x, g_e)
+    with pytest.raises(RuntimeError, match=r"need 6 \+ len\(history\) coefficients, got 6 for 1"):
+        bw(x, x, None, [x], None, _coef(0), x, x)
+    with pytest.raises(RuntimeError, match=r"need 6 \+ len\(history\) coefficients, got 8 for 1"):
+        ops._C.guided_step(x, x, None, [x], None, [0.5] * 7 + [0.1], out, e)
+    for state in (torch.float32, torch.float16, torch.bfloat16):
+        xs = x.to(state)
+        with pytest.raises(RuntimeError, match="coefficients must fit in float32"):
+            ops._C.guided_step(xs, xs, None, [], None, [1e300, 1, 0, 1, 0, 1], torch.empty_like(xs), None)
+        with pytest.raises(RuntimeError, match="coefficients must fit in float32"):
+            bw(xs, xs, None, [], None, torch.tensor([1, 1, 0, 1, 0, -1e39], dtype=torch.float64), xs, xs)
+    xd = x.double()
+    ops._C.guided_step(xd, xd, None, [], None, [1e300, 1, 0, 1, 0, 1], torch.empty_like(xd), None)  # float64: fine
+    meta = torch.empty(8, device="meta")
+    with pytest.raises(RuntimeError, match="the kernels take CPU or CUDA tensors"):
+        ops._C.guided_step(meta, meta, None, [], None, [0.5, 1, 0, 1, 0, 0.5], torch.empty_like(meta), None)
+
+
+ENTRY_POINTS = ["guided_step", "guided_step_coef", "loop_step", "loop_step_tensor", "op"]
+
+
+def _call(entry, x, d_cond, d_uncond=None, history=(), noise=None, a=0.7, b=(0.3,), w=1.0, hx=0.0, hd=1.0,
+          c_noise=0.0):  # fmt: skip
+    """One step through the named entry point."""
+    coef = [a, w, hx, hd, c_noise, *b]
+    if entry == "guided_step":
+        return ops.guided_step(x, d_cond, d_uncond, list(history), a=a, b=list(b), w=w, hx=hx, hd=hd, noise=noise,
+                               c_noise=c_noise)  # fmt: skip
+    if entry == "guided_step_coef":
+        return ops.guided_step_coef(x, d_cond, d_uncond, list(history), torch.tensor(coef, dtype=torch.float64), noise)
+    if entry == "loop_step":
+        return ops.loop_step(x, d_cond, d_uncond, list(history), coef, noise)
+    if entry == "loop_step_tensor":
+        return ops.loop_step(x, d_cond, d_uncond, list(history), torch.tensor(coef, dtype=torch.float64), noise)
+    return torch.ops.fastdiff.guided_step(x, d_cond, d_uncond, list(history), noise,
+                                          torch.tensor(coef, dtype=torch.float64))  # fmt: skip
+
+
+def _shares_memory(a, b):
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+# A float32 state with float64 model outputs runs on the reference, whatever the backend (a forced kernel refuses it).
+ALIAS_CASES = [(b, torch.float32) for b in [None, "torch", *KERNEL_BACKENDS]] + [(None, torch.float64)]
+
+
+@pytest.mark.parametrize("backend,td", ALIAS_CASES, ids=str)
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_no_entry_point_returns_an_alias_of_an_input(backend, td, entry, monkeypatch):
+    """The reference returned d_cond itself as E = D: a sampler's history then aliased the model's output buffer."""
+    if backend is not None:
+        monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    g = torch.Generator().manual_seed(5)
+    x, h, nz = (torch.randn(3, 7, generator=g) for _ in range(3))
+    dc = torch.randn(3, 7, generator=g, dtype=td)
+    for kw in [dict(), dict(history=[h], b=(0.3, 0.2)), dict(noise=nz, c_noise=0.1)]:
+        inputs = [x, dc, *kw.get("history", ()), *([nz] if "noise" in kw else [])]
+        outputs = _call(entry, x, dc, **kw)
+        for out in outputs:
+            assert not any(_shares_memory(out, t) for t in inputs), (entry, kw)
+        torch.testing.assert_close(outputs[1], dc.to(outputs[1].dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "heun", "unipc"])
+@pytest.mark.parametrize("mix", ["torch_backend", "float64_outputs"])
+def test_model_reusing_its_output_buffer_samples_the_same(gmm, solver, mix, monkeypatch):
+    """A model may write every output into one buffer it reuses (as a captured or preallocated network does); the
+    sampler's history must not alias it. Sampled on the forced torch backend, and with float64 outputs beside a
+    float32 state (a dtype mix that runs on the reference on every backend)."""
+    if mix == "torch_backend":
+        monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
+    out_dtype = torch.float64 if mix == "float64_outputs" else torch.float32
+    cond = {"class_labels": torch.arange(16) % 4}
+    buffer = torch.empty(16, 2, dtype=out_dtype)
+
+    def fresh(x, sigma, **kw):
+        return gmm(x.double(), sigma, **kw).to(out_dtype)
+
+    def reusing(x, sigma, **kw):
+        return buffer.copy_(fresh(x, sigma, **kw))
+
+    x = 80.0 * torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
+    s = schedules.karras(8, 0.002, 80.0)
+    want = fastdiff.sample(fresh, x, s, solver=solver, cond=cond)
+    got = fastdiff.sample(reusing, x, s, solver=solver, cond=cond)
+    assert torch.equal(got, want), (got - want).abs().max().item()
+
+
+@pytest.mark.parametrize("backend", [None, "torch", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("bad", [torch.int64, torch.int32, torch.bool, torch.float8_e4m3fn, torch.complex64], ids=str)
+def test_unsupported_state_dtypes_are_refused_everywhere(backend, entry, bad, monkeypatch):
+    """An integer or bool state was truncated on the torch path; float8 gave torch's promotion traceback."""
+    if backend is not None:
+        monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    x = (torch.randn(2, 9) * 4).to(bad)
+    dc = torch.randn(2, 9)
+    with pytest.raises(TypeError, match=rf"guided_step: x must be a floating tensor of dtype float16, bfloat16, "
+                                        rf"float32 or float64, got {bad}"):  # fmt: skip
+        _call(entry, x, dc)
+
+
+@pytest.mark.parametrize("backend", [None, "torch", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("name", ["d_cond", "d_uncond", "history[0]", "noise"])
+@pytest.mark.parametrize("bad", [torch.int64, torch.bool, torch.float8_e5m2], ids=str)
+def test_unsupported_model_output_history_and_noise_dtypes_are_refused(backend, entry, name, bad, monkeypatch):
+    if backend is not None:
+        monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    g = torch.Generator().manual_seed(7)
+    x, dc, du, h, nz = (torch.randn(2, 9, generator=g) for _ in range(5))
+    args = dict(d_cond=dc, d_uncond=du, history=[h], noise=nz)
+    key = name.split("[")[0]
+    value = (torch.randn(2, 9) * 4).to(bad)
+    args[key] = [value] if key == "history" else value
+    with pytest.raises(
+        TypeError, match=rf"guided_step: {re.escape(name)} must be a floating tensor of dtype .*, got {bad}"
+    ):
+        _call(entry, x, **args, b=(0.3, 0.2), w=2.0, c_noise=0.1)
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("entry", ["guided_step_coef", "op"])
+def test_coefficients_on_the_meta_device(backend, entry, monkeypatch):
+    """A meta coefficient tensor beside a CPU x gave 'Cannot copy out of meta tensor'; beside a meta x it works (the
+    sampler's no-sync tests run the loop so)."""
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    x = torch.randn(4, 5)
+    f = ops.guided_step_coef if entry == "guided_step_coef" else (
+        lambda x, dc, du, h, coef: torch.ops.fastdiff.guided_step(x, dc, du, h, None, coef))  # fmt: skip
+    with pytest.raises(ValueError, match="coef is on meta but x is on cpu"):
+        f(x, x, None, [], _coef(0).to("meta"))
+    meta = x.to("meta")
+    if backend == "torch" or entry == "op":  # the registered op infers shapes on meta (its fake), whatever the backend
+        out, e = f(meta, meta, None, [], _coef(0).to("meta"))
+        assert out.device.type == "meta" and out.shape == (4, 5) and e.dtype == torch.float32
+    else:
+        with pytest.raises(RuntimeError, match=f"FASTDIFF_BACKEND={backend} cannot run"):
+            f(meta, meta, None, [], _coef(0).to("meta"))
+
+
+@pytest.mark.parametrize("backend", [None, "torch", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("state", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_coefficients_overflowing_float32_are_refused(backend, entry, state, monkeypatch):
+    """1e300 is a finite double but an infinite float32: every output was inf for a float32-accumulating state."""
+    if backend is not None:
+        monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    x = torch.randn(2, 9).to(state)
+    for kw in [dict(a=1e300), dict(b=(-1e39,)), dict(w=3.5e38), dict(hd=1e300)]:
+        with pytest.raises(ValueError, match="coefficients must fit in float32"):
+            _call(entry, x, x, **kw)
+    xd = x.double()
+    out, _ = _call(entry, xd, xd, a=1e300)  # float64 accumulates it
+    assert torch.isfinite(out).all()
