@@ -22,8 +22,10 @@ import copy
 import functools
 import math
 import os
+import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from fastdiff.checkpoint import atomic_write
+from fastdiff.checkpoint import atomic_write, check_regular_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 ARRAY_EXTENSIONS = (".npy", ".npz")
@@ -192,6 +194,7 @@ def _read_image(path: Path, channels: int | None, resolution: int | None) -> np.
 
     With ``channels=None`` the image keeps its own kind: greyscale modes give ``[H, W]``, the rest RGB.
     """
+    check_regular_file(path, "image file")
     with Image.open(path) as im:
         im.load()
         # Phone JPEGs store their rotation in EXIF; apply it so the pixels are upright.
@@ -245,10 +248,11 @@ class ImageFolderDataset(_PreloadedImages):
         ):
             raise ValueError(f"resolution must be a positive integer or None, got {resolution!r}")
         root = Path(root)
-        if not root.exists():
+        if not os.path.lexists(root):
             raise FileNotFoundError(f"image folder not found: {root}")
         if not root.is_dir():
-            raise NotADirectoryError(f"expected a folder of images, but {root} is a file")
+            what = "a symlink loop or a dangling link" if not root.exists() else "not a folder"
+            raise NotADirectoryError(f"expected a folder of images, but {root} is {what}")
         rel = _find_images(root)
         if not rel:
             raise ValueError(f"no images found under {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})")
@@ -330,25 +334,118 @@ def _array_layout(shape: tuple[int, ...], path: Path) -> str:
     )
 
 
+# What NumPy's header parser and zipfile raise for a damaged file (zipfile: zlib.error for bad deflate data,
+# NotImplementedError for an unknown compression method, RuntimeError for a member flagged as encrypted, EOFError
+# for a member shorter than its directory entry says, struct.error for short headers).
+_DAMAGE = (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, struct.error,
+           OverflowError)  # fmt: skip
+# deflate cannot expand data more than 1032-fold; a member that claims more is damaged (or a zip bomb)
+_DEFLATE_MAX_RATIO = 1032
+
+
 def _np_read(path: Path, read):
-    """``read()``, with NumPy's errors for a bad file turned into one ``ValueError`` that names ``path``."""
+    """``read()``, with NumPy's and zipfile's errors for a bad file turned into one ``ValueError`` naming ``path``."""
     try:
         return read()
     except ValueError as exc:
-        if "Object arrays" in str(exc):
-            raise ValueError(
-                f"{path} holds an object array, which would need unpickling; files are never unpickled, for "
-                "safety. Save plain numeric arrays (uint8 or float) instead"
-            ) from None
+        if str(path) in str(exc):
+            raise
         raise ValueError(f"cannot read {path} as a NumPy file: {exc}") from exc
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:  # truncated, or not a NumPy file at all
-        raise ValueError(f"cannot read {path} as a NumPy file: {exc}") from exc
+    except _DAMAGE as exc:  # truncated, damaged, or not a NumPy file at all
+        raise ValueError(f"cannot read {path} as a NumPy file: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_npy(f, size: int, path: Path, key: str | None = None) -> np.ndarray:
+    """One array from the ``.npy`` stream ``f`` of ``size`` bytes: the file ``path``, or its member ``key``.
+
+    NumPy's own loader trusts the header: a damaged shape there either asks for terabytes or silently drops the
+    images past it. Here the header must describe exactly the bytes that follow it, and object arrays (which
+    would need unpickling) are refused before any data is read.
+    """
+    where = str(path) if key is None else f"{path} (array {key!r})"
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"{where}: .npy format version {version[0]}.{version[1]} is not supported")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    try:
+        shape, fortran, dtype = read_header(f)
+    except Exception as exc:  # the header is Python literal text: its parser fails in many ways on damaged text
+        raise ValueError(f"{where}: unreadable .npy header ({type(exc).__name__}: {exc})") from None
+    if dtype.hasobject:
+        raise ValueError(
+            f"{path} holds an object array{'' if key is None else f' ({key!r})'}, which would need unpickling; "
+            "files are never unpickled, for safety. Save plain numeric arrays (uint8 or float) instead"
+        )
+    nbytes = math.prod(shape) * dtype.itemsize
+    have = size - f.tell()
+    if nbytes != have:
+        raise ValueError(
+            f"{where}: its header describes {nbytes} bytes of data (shape {shape}, dtype {dtype}) but the file holds "
+            f"{have}: corrupt or truncated"
+        )
+    buf = bytearray(nbytes)
+    view, got = memoryview(buf), 0
+    while got < nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise ValueError(f"{where} is truncated: {got} of {nbytes} bytes of data")
+        got += n
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _read_npz(path: Path) -> dict[str, zipfile.ZipInfo]:
+    """The arrays of an ``.npz`` by key (member name without ``.npy``), after every member passed zipfile's CRC and
+    header checks: a damaged name (``labels`` read as ``lafels``) must not make an array silently vanish."""
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        for info in infos:
+            if (info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size) or (
+                info.compress_type == zipfile.ZIP_DEFLATED
+                and info.file_size > _DEFLATE_MAX_RATIO * info.compress_size + 2**20
+            ):
+                raise ValueError(f"{path} is corrupt: member {info.filename!r} claims {info.file_size} bytes from "
+                                 f"{info.compress_size} stored")  # fmt: skip
+        bad = z.testzip()
+    if bad is not None:
+        raise ValueError(f"{path} is corrupt: member {bad!r} fails its CRC or header check")
+    declared = _zip_entries_declared(path)
+    if declared is not None and declared != len(infos):
+        # a damaged length field in one directory entry can swallow the entries after it without an error
+        raise ValueError(f"{path} is corrupt: its directory declares {declared} members but lists {len(infos)}")
+    keys = {(i.filename[:-4] if i.filename.endswith(".npy") else i.filename): i for i in infos}
+    if len(keys) != len(infos):
+        raise ValueError(f"{path} is corrupt: two members share a name")
+    return keys
+
+
+def _zip_entries_declared(path: Path) -> int | None:
+    """The member count in the zip's end-of-central-directory record (None for zip64, which keeps it elsewhere)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 22 - 0xFFFF))  # the record is 22 bytes plus a comment of at most 64 KiB
+        tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        return None
+    total = int.from_bytes(tail[at + 10 : at + 12], "little")
+    return None if total == 0xFFFF else total
+
+
+def _npz_array(path: Path, members: dict[str, zipfile.ZipInfo], key: str) -> np.ndarray:
+    info = members[key]
+    if not info.filename.endswith(".npy"):
+        raise ValueError(f"{path}: member {info.filename!r} is not a .npy array")
+    with zipfile.ZipFile(path) as z, z.open(info) as f:
+        return _read_npy(f, info.file_size, path, key)
 
 
 class ArrayDataset(_PreloadedImages):
     """Images from a ``.npy`` file (images only) or a ``.npz`` file (images, optionally labels).
 
-    Loaded with ``np.load(..., allow_pickle=False)``: a file is never unpickled, so object arrays are refused.
+    Read with NumPy's header parser but not ``np.load``: a file is never unpickled (object arrays are refused), its
+    header must describe exactly the data that follows (a damaged shape neither drops images silently nor asks for
+    terabytes), and every member of an ``.npz`` must pass its CRC-32 check. A ``.npy`` file has no checksum, so a
+    damaged pixel loads as it is. Anything wrong with the file raises ``ValueError`` naming it.
 
     Args:
         path: the ``.npy`` or ``.npz`` file.
@@ -365,30 +462,33 @@ class ArrayDataset(_PreloadedImages):
 
     def __init__(self, path: str | os.PathLike, key: str | None = None, labels_key: str | None = "labels"):
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"array file not found: {path}")
+        size = check_regular_file(path, "array file")
         suffix = path.suffix.lower()
         if suffix not in ARRAY_EXTENSIONS:
             raise ValueError(
                 f"{path}: an array dataset must be a .npy or .npz file, got {path.suffix or 'no suffix'!r}"
             )
-        if path.is_dir():
-            raise IsADirectoryError(f"{path} is a folder, not a {suffix} file")
 
         labels = None
         if suffix == ".npy":
             if key is not None:
                 raise ValueError(f"{path}: key= names an array in a .npz file; a .npy file holds just one")
-            images = _np_read(path, lambda: np.load(path, allow_pickle=False))
+
+            def read_one():
+                with open(path, "rb") as f:
+                    return _read_npy(f, size, path)
+
+            images = _np_read(path, read_one)
         else:
-            with _np_read(path, lambda: np.load(path, allow_pickle=False)) as z:
-                key = self._images_key(z.files, key, labels_key, path)
-                images = _np_read(path, lambda: z[key])
-                if labels_key is not None and labels_key != key:
-                    if labels_key in z.files:
-                        labels = _np_read(path, lambda: z[labels_key])
-                    elif labels_key != "labels":
-                        raise ValueError(f"{path} has no labels array {labels_key!r}; its arrays: {z.files}")
+            members = _np_read(path, lambda: _read_npz(path))
+            names = list(members)
+            key = self._images_key(names, key, labels_key, path)
+            images = _np_read(path, lambda: _npz_array(path, members, key))
+            if labels_key is not None and labels_key != key:
+                if labels_key in members:
+                    labels = _np_read(path, lambda: _npz_array(path, members, labels_key))
+                elif labels_key != "labels":
+                    raise ValueError(f"{path} has no labels array {labels_key!r}; its arrays: {names}")
 
         self.path = path
         self.key = key
@@ -475,7 +575,7 @@ def get_dataset(spec: str, resolution: int | None = None, **kwargs) -> Dataset:
     if spec == "digits":
         return DigitsDataset(resolution=16 if resolution is None else resolution, **kwargs)
     path = Path(spec)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"no dataset {spec!r}: no such file or folder (accepted: {_ACCEPTED_SPECS})")
     if path.is_dir():
         return ImageFolderDataset(path, resolution=resolution, **kwargs)

@@ -74,11 +74,25 @@ class TeacherPairs:
 
     @classmethod
     def load(cls, path: str | Path) -> TeacherPairs:
-        """Read pairs written by :meth:`save` (checksum verified; no pickle)."""
+        """Read pairs written by :meth:`save` (checksum verified; no pickle). Raises
+        :class:`~fastdiff.checkpoint.CheckpointError` naming the file for anything else: a missing, special,
+        damaged or foreign file, or tensors that do not make pairs."""
         tensors, meta = checkpoint._read_safetensors(Path(path), TEACHER_FORMAT)
-        if "noise" not in tensors or "target" not in tensors or tensors["noise"].shape != tensors["target"].shape:
-            raise checkpoint.CheckpointError(f"{path} lacks matching 'noise' and 'target' tensors")
-        return cls(tensors["noise"], tensors["target"], tensors.get("labels"), meta)
+        noise, target, labels = tensors.get("noise"), tensors.get("target"), tensors.get("labels")
+        if noise is None or target is None or noise.shape != target.shape or noise.ndim < 1 or not len(noise):
+            raise checkpoint.CheckpointError(f"{path} lacks matching 'noise' and 'target' tensors [M, ...]")
+        if not noise.is_floating_point() or not target.is_floating_point():
+            raise checkpoint.CheckpointError(
+                f"{path}: noise and target must be float, got {noise.dtype} and {target.dtype}"
+            )
+        unexpected = sorted(set(tensors) - {"noise", "target", "labels"})
+        if unexpected:
+            raise checkpoint.CheckpointError(f"{path} holds unexpected tensors {unexpected}")
+        if labels is not None and (labels.dtype != torch.int64 or labels.shape != (len(noise),)):
+            raise checkpoint.CheckpointError(
+                f"{path}: labels must be int64 [{len(noise)}], got {labels.dtype} {tuple(labels.shape)}"
+            )
+        return cls(noise, target, labels, meta)
 
 
 def make_teacher_pairs(

@@ -10,6 +10,14 @@ import struct
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_files_support import (
+    address_space_limit,
+    flip_every_bit,
+    make_fifo,
+    make_symlink_loop,
+    no_hang,
+    write_v1,
+)
 from torch import nn
 
 from fastdiff import checkpoint as ckpt
@@ -147,7 +155,7 @@ def test_corrupted_bytes_are_refused(tmp_path):
     flipped = bytearray(data)
     flipped[-3] ^= 0x55  # inside the tensor data: only the stored checksum can see this
     path.write_bytes(bytes(flipped))
-    with pytest.raises(CheckpointError, match=r"c\.safetensors is corrupt: the tensor data does not match"):
+    with pytest.raises(CheckpointError, match=r"c\.safetensors is corrupt: the tensor data (or metadata )?does not"):
         load_checkpoint(path)
     header = bytearray(data)
     header[9] = ord("?")  # inside the JSON header
@@ -214,7 +222,7 @@ def test_wrong_format_or_version_is_refused(tmp_path):
     ):
         load_checkpoint(plain)
     newer = _foreign(tmp_path / "newer.safetensors", {"format": "fastdiff-checkpoint", "version": "99"})
-    with pytest.raises(CheckpointError, match="version '99'; this fastdiff reads version 1 \\(written by a newer"):
+    with pytest.raises(CheckpointError, match="version '99'; this fastdiff reads versions 1, 2 \\(written by a newer"):
         load_checkpoint(newer)
     model_file = save_model(tmp_path / "m.safetensors", nn.Linear(2, 2), {})
     with pytest.raises(CheckpointError, match="model weights file: use fastdiff.checkpoint.load_model_weights"):
@@ -292,3 +300,159 @@ def test_save_model_ships_weights_and_config(tmp_path):
     header = json.loads(path.read_bytes()[8 : 8 + header_len])
     assert header["__metadata__"]["format"] == "fastdiff-model"
     assert json.loads(header["__metadata__"]["meta"]) == {"config": config}
+
+
+# ------------------------------------------------------------------------------ metadata integrity (issue 18)
+
+
+def _header(path) -> tuple[int, bytes]:
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    return n, data[8 : 8 + n]
+
+
+def _edit_header(path, old: bytes, new: bytes) -> None:
+    """Replace ``old`` by ``new`` (same length) inside the header, as a hand edit or a bad disk would."""
+    assert len(old) == len(new)
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    assert data[8 : 8 + n].count(old) == 1, old
+    path.write_bytes(data[:8] + data[8 : 8 + n].replace(old, new) + data[8 + n :])
+
+
+@pytest.mark.parametrize("old,new", [(b"step\\\": 100", b"step\\\": 900"), (b"epoch\\\": 2", b"epoch\\\": 3"),
+                                     (b"batch_in_epoch\\\": 7", b"batch_in_epoch\\\": 1")])  # fmt: skip
+def test_an_edited_checkpoint_header_is_refused(tmp_path, old, new):
+    path = save_checkpoint(tmp_path / "c.safetensors", _tensors(), {"step": 100, "epoch": 2, "batch_in_epoch": 7})
+    _edit_header(path, old, new)
+    with pytest.raises(CheckpointError, match=r"c\.safetensors is corrupt: .*does not match the checksum"):
+        load_checkpoint(path)
+
+
+def test_an_edited_model_config_is_refused(tmp_path):
+    path = save_model(tmp_path / "m.safetensors", nn.Linear(2, 2), {"sigma_data": 0.5, "channels": 16})
+    for old, new in [(b'sigma_data\\": 0.5', b'sigma_data\\": 0.4'), (b'channels\\": 16', b'channels\\": 99')]:
+        saved = path.read_bytes()
+        _edit_header(path, old, new)
+        with pytest.raises(CheckpointError, match="does not match the checksum"):
+            load_model_weights(path)
+        path.write_bytes(saved)
+    assert load_model_weights(path)[1] == {"sigma_data": 0.5, "channels": 16}
+
+
+def test_header_format_version_and_keys_are_covered(tmp_path):
+    path = save_checkpoint(tmp_path / "c.safetensors", {"a": torch.ones(2)}, {"step": 1})
+    _, header = _header(path)
+    info = json.loads(header)["__metadata__"]
+    assert info["version"] == "2" and set(info) == {"format", "version", "sha256", "meta"}
+    saved = path.read_bytes()
+    _edit_header(path, b'"version":"2"', b'"version":"1"')  # a v1 (tensor-only) digest never equals a v2 one
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        load_checkpoint(path)
+    path.write_bytes(saved)
+    _edit_header(path, b'"meta":', b'"meto":')  # a lost key must not read as empty metadata
+    with pytest.raises(CheckpointError, match="meta"):
+        load_checkpoint(path)
+
+
+def test_version_1_files_still_load(tmp_path):
+    tensors = _tensors()
+    path = write_v1(tmp_path / "old.safetensors", tensors, "fastdiff-checkpoint", META)
+    loaded, meta = load_checkpoint(path)
+    assert meta == META and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    model = write_v1(tmp_path / "m.safetensors", nn.Linear(2, 2).state_dict(), "fastdiff-model", {"config": {"a": 1}})
+    assert load_model_weights(model)[1] == {"a": 1}
+    flipped = bytearray(model.read_bytes())
+    flipped[-1] ^= 1  # version 1 still checks its tensors
+    model.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        load_model_weights(model)
+
+
+def test_version_1_metadata_must_be_an_object(tmp_path):
+    path = write_v1(tmp_path / "m.safetensors", {"a": torch.ones(1)}, "fastdiff-model", [1, 2])
+    with pytest.raises(CheckpointError, match="m.safetensors.*metadata.*JSON object"):
+        load_model_weights(path)
+    path = write_v1(tmp_path / "n.safetensors", {"a": torch.ones(1)}, "fastdiff-model", {"config": [1]})
+    with pytest.raises(CheckpointError, match="n.safetensors.*config.*JSON object"):
+        load_model_weights(path)
+
+
+def test_an_absurdly_nested_header_is_refused(tmp_path):
+    path = tmp_path / "deep.safetensors"
+    body = b"[" * 200_000
+    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    with pytest.raises(CheckpointError, match="deep.safetensors is corrupt"):
+        load_checkpoint(path)
+
+
+def _same_checkpoint(tensors, meta):
+    def same(result):
+        got, got_meta = result
+        return (
+            got_meta == meta
+            and got.keys() == tensors.keys()
+            and all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in tensors.items())
+        )
+
+    return same
+
+
+def test_every_bit_flip_of_a_checkpoint_header_is_refused_or_harmless(tmp_path):
+    tensors = {"model.w": torch.randn(3, 2), "ema.w": torch.randn(3, 2), "step": torch.tensor(7)}
+    meta = {"step": 100, "epoch": 2, "batch_in_epoch": 7, "config": {"lr": 0.0002, "channels": 16}}
+    path = save_checkpoint(tmp_path / "c.safetensors", tensors, meta)
+    n, _ = _header(path)
+    with address_space_limit():
+        flip_every_bit(path, range(8 + n), load_checkpoint, _same_checkpoint(tensors, meta))
+
+
+def test_every_bit_flip_of_a_model_file_header_is_refused_or_harmless(tmp_path):
+    net = nn.Linear(3, 2)
+    config = {"type": "edm_unet", "channels": 16, "channel_mult": [1, 2], "sigma_data": 0.5, "num_classes": 10}
+    path = save_model(tmp_path / "m.safetensors", net, config)
+    n, _ = _header(path)
+    with address_space_limit():
+        flip_every_bit(path, range(8 + n), load_model_weights, _same_checkpoint(net.state_dict(), config))
+
+
+def test_a_fifo_or_other_special_file_is_refused_without_blocking(tmp_path):
+    from fastdiff.ld3 import TeacherPairs
+
+    fifo = make_fifo(tmp_path / "pipe.safetensors")
+    with no_hang():
+        for load in (load_checkpoint, load_model_weights, TeacherPairs.load):
+            with pytest.raises(CheckpointError, match=r"pipe\.safetensors is not a regular file \(a FIFO"):
+                load(fifo)
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_model_weights(tmp_path)
+
+
+def test_a_symlink_loop_is_reported_as_one(tmp_path):
+    loop = make_symlink_loop(tmp_path / "loop.safetensors")
+    with pytest.raises(CheckpointError, match=r"loop\.safetensors.*symlink loop"):
+        load_checkpoint(loop)
+
+
+def test_a_garbled_latest_pointer_is_refused(tmp_path):
+    run = tmp_path / "run"
+    save_checkpoint(run, {"a": torch.ones(1)}, {"step": 1})
+    (run / "latest").write_bytes(b"\xff\xfe ckpt")
+    with pytest.raises(CheckpointError, match="latest is corrupt"):
+        load_checkpoint(run)
+
+
+def test_teacher_pairs_that_do_not_make_pairs_are_refused(tmp_path):
+    from fastdiff.ld3 import TEACHER_FORMAT, TeacherPairs
+
+    noise = torch.randn(4, 2)
+    for name, tensors in [
+        ("labels", {"noise": noise, "target": noise, "labels": torch.zeros(3, dtype=torch.int64)}),
+        ("labels", {"noise": noise, "target": noise, "labels": torch.zeros(4)}),
+        ("float", {"noise": noise.long(), "target": noise.long()}),
+        ("unexpected", {"noise": noise, "target": noise, "extra": noise}),
+        ("matching", {"noise": noise, "target": noise[:3]}),
+    ]:
+        path = write_v1(tmp_path / f"{name}.safetensors", tensors, TEACHER_FORMAT, {})
+        with pytest.raises(CheckpointError, match=f"{name}.safetensors.*{name}"):
+            TeacherPairs.load(path)

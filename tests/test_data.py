@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_files_support import address_space_limit, make_fifo, make_symlink_loop, no_hang
 
 from fastdiff.data import (
     ArrayDataset,
@@ -403,3 +404,70 @@ def test_image_grid_errors(tmp_path):
     with pytest.raises(ValueError, match="scale must be a positive integer"):
         save_image_grid(torch.zeros(1, 1, 2, 2), tmp_path / "a.png", scale=0)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Damaged and special files (issue 18)
+
+
+def _edit_npy_header(path, old: str, new: str):
+    """Rewrite the header dict of a .npy file in place, keeping its length (spaces pad it)."""
+    data = path.read_bytes()
+    start, end = 10, 10 + int.from_bytes(data[8:10], "little")
+    header = data[start:end].decode("latin1")
+    assert old in header
+    edited = header.replace(old, new).rstrip(" \n")
+    edited = edited + " " * (len(header) - 1 - len(edited)) + "\n"
+    assert len(edited) == len(header)
+    path.write_bytes(data[:start] + edited.encode("latin1") + data[end:])
+
+
+def test_an_npy_header_that_disagrees_with_the_file_size_is_refused(tmp_path):
+    path = tmp_path / "a.npy"
+    np.save(path, rng_image(1, 5 * 4, 4).reshape(5, 4, 4))
+    _edit_npy_header(path, "(5, 4, 4)", "(1, 4, 4)")  # one flipped bit: four images would vanish silently
+    with pytest.raises(ValueError, match=r"a\.npy: its header describes 16 bytes of data .*file holds 80"):
+        ArrayDataset(path)
+    _edit_npy_header(path, "(1, 4, 4)", "(99999999999999, 4, 4)")
+    with address_space_limit(), pytest.raises(ValueError, match=r"a\.npy: its header describes 1599999999999984 "):
+        ArrayDataset(path)
+
+
+def test_a_renamed_npz_member_is_refused(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, images=rng_image(2, 3 * 4, 4).reshape(3, 4, 4), labels=np.array([0, 1, 2]))
+    data = path.read_bytes()
+    at = data.rindex(b"labels.npy")  # the central directory's copy of the name: a bit flip there drops the labels
+    path.write_bytes(data[:at] + b"lafels.npy" + data[at + 10 :])
+    with pytest.raises(ValueError, match=r"d\.npz is corrupt"):
+        ArrayDataset(path)
+    # one flipped bit in the first directory entry's comment length: its "comment" swallows the labels' entry
+    entry = data.index(b"PK\x01\x02")
+    damaged = bytearray(data)
+    damaged[entry + 33] ^= 1
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"d\.npz is corrupt: its directory declares 2 members but lists 1"):
+        ArrayDataset(path)
+
+
+def test_special_files_are_refused_without_blocking(tmp_path):
+    fifo = make_fifo(tmp_path / "pipe.npy")
+    with no_hang():
+        with pytest.raises(ValueError, match=r"pipe\.npy is not a regular file \(a FIFO"):
+            ArrayDataset(fifo)
+        with pytest.raises(ValueError, match=r"pipe\.npy is not a regular file \(a FIFO"):
+            get_dataset(str(fifo))
+    with pytest.raises(ValueError, match=r"loop\.npz.*symlink loop"):
+        ArrayDataset(make_symlink_loop(tmp_path / "loop.npz"))
+    (tmp_path / "dir.npy").mkdir()
+    with pytest.raises(ValueError, match=r"dir\.npy is a directory"):
+        ArrayDataset(tmp_path / "dir.npy")
+    folder = tmp_path / "images"
+    write_png(folder / "a.png", rng_image(3, 4, 4))
+    make_fifo(folder / "b.png")
+    with no_hang():
+        with pytest.raises(ValueError, match=r"cannot read image .*b\.png: .*not a regular file \(a FIFO"):
+            ImageFolderDataset(folder)
+        with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+            ds = ImageFolderDataset(folder, on_error="skip")
+    assert len(ds) == 1 and ds.skipped == [folder / "b.png"]

@@ -20,10 +20,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.checkpoint import load_typed_model, save_typed_model
+from fastdiff.arguments import as_int, as_real
+from fastdiff.checkpoint import check_keys, load_typed_model, save_typed_model
 from fastdiff.denoisers import EDMPrecond
 
 UNET_TYPE = "edm_unet"
+
+# Plausibility limits of a config, far beyond any UNet this architecture is meant for (the built-in one has about
+# 1M parameters, EDM's largest ImageNet models a few hundred million); a config beyond them is damage or a typo.
+MAX_PARAMETERS = 2**32
+MAX_IMAGE_CHANNELS = 4096
+MAX_CLASSES = 2**24
+_MAX_MULT = 1024
+_MAX_LEVELS = 16
+_INT_FIELDS = (
+    ("resolution", 1, 2**16), ("in_channels", 1, MAX_IMAGE_CHANNELS), ("channels", 1, 2**14), ("num_blocks", 1, 256),
+    ("num_classes", 0, MAX_CLASSES), ("head_channels", 1, 2**16),
+)  # fmt: skip
+
+
+def _int_tuple(value, name: str, lo: int, hi: int, min_len: int = 0, max_len: int | None = None) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of integers, got {value!r}")
+    if len(value) < min_len or (max_len is not None and len(value) > max_len):
+        raise ValueError(f"{name} must have {min_len} to {max_len} entries, got {len(value)}")
+    return tuple(as_int(v, f"{name}[{i}]", lo, hi) for i, v in enumerate(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,26 +79,47 @@ class UNetConfig:
     head_channels: int = 32
 
     def __post_init__(self):
-        # JSON round trips turn tuples into lists; normalise so that configs compare equal.
-        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
-        object.__setattr__(self, "attention_levels", tuple(int(a) for a in self.attention_levels))
+        # Every field is checked for type and plausibility before anything is allocated: a config read from a file
+        # (or typed by hand) with channels=1e6 would otherwise ask for terabytes. NumPy and 0-d tensor integers are
+        # taken and stored as Python numbers, so that the config stays JSON; JSON round trips turn tuples into
+        # lists, so sequences are normalised to tuples and configs compare equal.
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        for name, lo, hi in _INT_FIELDS:
+            put(name, as_int(getattr(self, name), name, lo, hi))
+        if self.out_channels is not None:
+            put("out_channels", as_int(self.out_channels, "out_channels", 1, MAX_IMAGE_CHANNELS))
+        put("channel_mult", _int_tuple(self.channel_mult, "channel_mult", 1, _MAX_MULT, 1, _MAX_LEVELS))
         levels = len(self.channel_mult)
-        if levels < 1 or any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
-        if self.resolution < 1 or self.resolution % (2 ** (levels - 1)):
+        put("attention_levels", _int_tuple(self.attention_levels, "attention_levels", 0, levels - 1))
+        put("dropout", as_real(self.dropout, "dropout"))
+        put("sigma_data", as_real(self.sigma_data, "sigma_data"))
+        if self.resolution % (2 ** (levels - 1)):
             raise ValueError(f"resolution {self.resolution} must be divisible by 2**{levels - 1} for {levels} levels")
-        if self.in_channels < 1 or self.channels < 1 or self.num_blocks < 1 or self.head_channels < 1:
-            raise ValueError("in_channels, channels, num_blocks and head_channels must be positive")
-        if self.out_channels is not None and self.out_channels < 1:
-            raise ValueError(f"out_channels must be positive or None, got {self.out_channels}")
-        if any(not 0 <= a < levels for a in self.attention_levels):
-            raise ValueError(f"attention_levels {self.attention_levels} must index levels 0..{levels - 1}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if not self.sigma_data > 0:
             raise ValueError(f"sigma_data must be positive, got {self.sigma_data}")
+        bound = self.parameter_bound()
+        if bound > MAX_PARAMETERS:
+            raise ValueError(
+                f"this UNet (channels={self.channels}, channel_mult={self.channel_mult}, num_blocks="
+                f"{self.num_blocks}, num_classes={self.num_classes}) could have up to {bound:.3g} parameters, beyond "
+                f"the plausible {MAX_PARAMETERS:.3g}: a damaged or mistyped config"
+            )
+
+    def parameter_bound(self) -> int:
+        """An upper bound on the network's parameter count, from the config alone (nothing is built): every block
+        is counted at the widest level's width ``W``, with the decoder's concatenated input ``2W``."""
+        w, emb = self.channels * max(self.channel_mult), 4 * self.channels
+        levels, io = len(self.channel_mult), self.in_channels + (self.out_channels or self.in_channels)
+        res_blocks = levels * self.num_blocks + levels * (self.num_blocks + 1) + 2
+        per_res = 9 * 2 * w * w + 9 * w * w + 2 * w * w + 2 * emb * w + 16 * w  # conv1, conv2, skip, emb, norms/biases
+        per_attn = 4 * w * w + 6 * w
+        samplers = 2 * levels * (9 * w * w + w)
+        embeds = self.channels * emb + emb * emb + 2 * emb + (self.num_classes + 1) * emb
+        return res_blocks * (per_res + per_attn) + samplers + embeds + 9 * io * w + 4 * w
 
     @classmethod
     def tiny(cls) -> UNetConfig:
@@ -105,11 +147,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig fields {unknown}")
-        return cls(**d)
+        return cls(**check_keys(d, "UNetConfig", allowed=[f.name for f in dataclasses.fields(cls)]))
 
 
 def _groups(channels: int) -> int:

@@ -35,9 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdiff.arguments import as_int, as_real
+from fastdiff.checkpoint import check_keys
 from fastdiff.denoisers import VPDenoiser
 
 VARIANTS = ("cascade", "dual", "ddpm")
+MAX_TIMESTEPS = 10**6  # DDPM uses 1000; a million is already absurd, and a corrupt count would size the tables
 METRICS = ("auto", "lpips", "pseudo_huber", "l2", "none")
 
 
@@ -94,9 +97,16 @@ class CascadeConfig:
         choices = dict(variant=VARIANTS, schedule=("linear", "cosine"), phi_inputs=("xt_x0", "x0"),
                        r_map=("pixel", "channel"), r_loss=("posterior", "uniform", "none"), metric=METRICS)  # fmt: skip
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not (math.isfinite(self.lam) and self.lam >= 0):
+        # Numbers are stored as Python numbers (the config is saved as JSON), and bounded before anything is
+        # allocated: the schedule tables have `timesteps` entries.
+        object.__setattr__(self, "timesteps", as_int(self.timesteps, "timesteps", 2, MAX_TIMESTEPS))
+        for name in ("lam", "label_dropout"):
+            object.__setattr__(self, name, as_real(getattr(self, name), name))
+        if self.clip_phi_input is not None:
+            object.__setattr__(self, "clip_phi_input", as_real(self.clip_phi_input, "clip_phi_input"))
+        if not self.lam >= 0:
             raise ValueError(f"lam must be a finite number >= 0, got {self.lam}")
         if not 0 <= self.label_dropout <= 1:
             raise ValueError(f"label_dropout must lie in [0, 1], got {self.label_dropout}")
@@ -108,8 +118,7 @@ class CascadeConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CascadeConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**check_keys(d, "CascadeConfig", allowed=[f.name for f in fields(cls)]))
 
     def network_channels(self, c: int) -> dict[str, tuple[int, int]]:
         """``{network: (in_channels, out_channels)}`` for images of ``c`` channels."""
@@ -285,13 +294,23 @@ def save_cascade(path, model: CascadeModel, *, provenance: str = ""):
 
 
 def load_cascade(path, device: str | torch.device = "cpu") -> CascadeModel:
-    """Rebuild a :func:`save_cascade` file, in eval mode on ``device`` (names and shapes checked)."""
+    """Rebuild a :func:`save_cascade` file, in eval mode on ``device`` (config fields, names and shapes checked;
+    :class:`~fastdiff.checkpoint.CheckpointError` naming the file and the field otherwise)."""
     from fastdiff.checkpoint import load_typed_model
     from fastdiff.models.unet import UNetConfig
 
     def build(config):
-        return build_cascade(CascadeConfig.from_dict(config["cascade"]), UNetConfig.from_dict(config["unet"]),
-                             tuple(config["image_shape"]))  # fmt: skip
+        check_keys(config, "the cascade model config", required=("cascade", "unet", "image_shape"), allowed=())
+        cascade, unet = CascadeConfig.from_dict(config["cascade"]), UNetConfig.from_dict(config["unet"])
+        shape = config["image_shape"]
+        if not isinstance(shape, list) or len(shape) != 3:
+            raise ValueError(f"image_shape must be a list [C, H, W], got {shape!r}")
+        c, h, w = (as_int(v, f"image_shape[{i}]", 1) for i, v in enumerate(shape))
+        # The networks are run once on this shape when built, so it must fit them before anything is allocated
+        # (the channels are checked as the networks' UNetConfigs).
+        if (h, w) != (unet.resolution, unet.resolution):
+            raise ValueError(f"image_shape {shape} does not fit the UNet's resolution {unet.resolution}")
+        return build_cascade(cascade, unet, (c, h, w))
 
     return load_typed_model(path, CASCADE_TYPE, build).to(device).eval()
 

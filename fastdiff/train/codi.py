@@ -43,13 +43,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff import ops
+from fastdiff.arguments import as_int, as_real
+from fastdiff.checkpoint import check_keys
 from fastdiff.denoisers import EDMPrecond
-from fastdiff.models.unet import EDMUNet, UNet, _zero
+from fastdiff.models.unet import MAX_CLASSES, MAX_IMAGE_CHANNELS, EDMUNet, UNet, _zero
 from fastdiff.schedules import karras
 
 FUSIONS = ("zero_conv", "mu")
 TARGETS = ("teacher", "ema_cfg")
 TRAINABLE = ("adapter", "all")
+MAX_INTERVALS = 10**5  # the paper uses tens; a corrupt count would size the noise-level grid
 
 
 # --------------------------------------------------------------------------------------------- conditions
@@ -319,8 +322,16 @@ class CoDiConfig:
     trainable: str = "adapter"
 
     def __post_init__(self) -> None:
-        if self.intervals < 1:
-            raise ValueError(f"intervals must be >= 1, got {self.intervals}")
+        # Numbers are stored as Python numbers (the config is saved as JSON) and bounded before anything is
+        # allocated: the noise-level grid has `intervals + 1` entries.
+        object.__setattr__(self, "intervals", as_int(self.intervals, "intervals", 1, MAX_INTERVALS))
+        for name in ("sigma_min", "sigma_max", "rho", "w_min", "w_max", "cond_dropout", "data_weight",
+                     "boundary_scale"):  # fmt: skip
+            object.__setattr__(self, name, as_real(getattr(self, name), name))
+        if not isinstance(self.condition, str):
+            raise ValueError(f"condition must be a condition name such as 'lowres4+class', got {self.condition!r}")
+        if not self.rho > 0:
+            raise ValueError(f"rho must be positive, got {self.rho}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         if self.target not in TARGETS:
@@ -343,6 +354,10 @@ class CoDiConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CoDiConfig:
+        return cls(**check_keys(d, "CoDiConfig", allowed=[f.name for f in dataclasses.fields(cls)]))
 
 
 class CoDiLoss:
@@ -483,6 +498,7 @@ class LowResReplacement(nn.Module):
 
 
 CODI_TYPE = "codi_student"
+_FILE_KEYS = ("unet", "codi", "cond_channels", "uses_labels", "num_classes")
 
 
 def save_student(path, student: CoDiStudent, config: CoDiConfig, *, provenance: str = ""):
@@ -504,13 +520,17 @@ def load_student(path, device: str | torch.device = "cpu") -> CoDiStudent:
     from fastdiff.models.unet import UNetConfig
 
     def build(meta):
-        codi = CoDiConfig(**meta["codi"])
-        unet = UNetConfig.from_dict(meta["unet"])
+        check_keys(meta, "the CoDi model config", required=_FILE_KEYS, allowed=())
+        codi, unet = CoDiConfig.from_dict(meta["codi"]), UNetConfig.from_dict(meta["unet"])
+        cond_channels = as_int(meta["cond_channels"], "cond_channels", 0, MAX_IMAGE_CHANNELS)
+        num_classes = as_int(meta["num_classes"], "num_classes", 0, MAX_CLASSES)
+        if not isinstance(meta["uses_labels"], bool):
+            raise ValueError(f"uses_labels must be true or false, got {meta['uses_labels']!r}")
         try:
             cond = get_condition(codi.condition, unet.in_channels)
         except ValueError:
-            cond = TensorCondition(meta["cond_channels"], None, codi.condition, meta["uses_labels"])
-        student = CoDiStudent(EDMUNet(unet), cond, codi.fusion, meta["num_classes"])
+            cond = TensorCondition(cond_channels, None, codi.condition, meta["uses_labels"])
+        student = CoDiStudent(EDMUNet(unet), cond, codi.fusion, num_classes)
         student.codi_config = codi
         return student
 
