@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import re
+import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -15,8 +22,77 @@ from fastdiff import metrics, models, schedules, solvers
 from fastdiff.bench import baselines as bench_baselines
 from fastdiff.bench import kernels as bench_kernels
 from fastdiff.bench import loops
+from fastdiff.checkpoint import atomic_write, check_regular_file
 from fastdiff.guidance import Guidance
 from fastdiff.ode import reference_sample
+from fastdiff.train.runtime import RunDirectoryInUse
+
+SEED_MAX = 2**32 - 1  # every seed the commands derive (seed + 2, seed * 1_000_003 + index) stays in torch's range
+
+
+class CLIError(Exception):
+    """A one-line message for the user, naming the argument or the file at fault."""
+
+
+class _UsageError(Exception):
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (no usage block) and ``main`` returns 2 rather than
+    exiting, as for every other error."""
+
+    def error(self, message: str):
+        raise _UsageError(self.prog, f"{message} (see {self.prog} --help)")
+
+
+# --------------------------------------------------------------------------------------------- argument types
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _number(minimum: float | None = None, *, strict: bool = False) -> Callable[[str], float]:
+    """A finite float, at least (``strict``: above) ``minimum``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        low = minimum is not None and (value <= minimum if strict else value < minimum)
+        if not math.isfinite(value) or low:
+            bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _integers(minimum: int) -> Callable[[str], list[int]]:
+    """Comma-separated integers, each at least ``minimum``."""
+    one = _integer(minimum)
+
+    def parse(text: str) -> list[int]:
+        try:
+            return [one(v) for v in text.split(",")]
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= {minimum}, got {text!r}") from None
+
+    return parse
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -25,6 +101,132 @@ def _pair(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected two numbers 'lo,hi', got {text!r}") from None
     return lo, hi
+
+
+def _device(text: str) -> str:
+    """A device this torch can allocate on: a CPU-only build refuses cuda here, not deep inside the first copy."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu or cuda (cuda:N)") from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("meta tensors hold no data; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this torch sees no CUDA device (a CPU-only build, or no GPU); "
+                                         "use cpu")  # fmt: skip
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise argparse.ArgumentTypeError(f"{text} cannot be used here: {reason}") from None
+    return str(device)
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OSError as ``FILE: reason``, naming the file a temporary file of :func:`atomic_write` stood in for."""
+    name = exc.filename
+    if name is None:
+        return str(exc)
+    path = Path(os.fsdecode(name))
+    m = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", path.name)
+    shown = path.with_name(m[1]) if m else path
+    return f"{shown}: {exc.strerror or exc}"
+
+
+def _input_file(path: str | os.PathLike, arg: str, *, folder: bool = False) -> Path:
+    """``path`` if it is a regular file (or, with ``folder``, a directory), decided by ``stat`` before anything
+    opens it: opening a FIFO waits forever for a writer."""
+    if not (folder and os.path.isdir(path)):
+        check_regular_file(path, f"{arg} file", error=CLIError, missing=CLIError)
+    return Path(path)
+
+
+def _output_dir(path: str | os.PathLike, arg: str, *, target: str | os.PathLike | None = None) -> Path:
+    """Refuse, before any work, a directory that cannot be made or written into (``target`` names what ``arg``
+    gave, when ``path`` is that file's folder)."""
+    shown = target if target is not None else path
+    here = Path(os.path.abspath(path))
+    while True:
+        try:
+            mode = os.stat(here).st_mode
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if here.parent == here:
+                raise CLIError(f"{arg} {shown}: no existing folder above it") from None
+            here = here.parent  # made by the write; its nearest existing ancestor decides
+        except OSError as exc:
+            raise CLIError(f"{arg} {shown}: {here}: {exc.strerror}") from None
+    if not stat.S_ISDIR(mode):
+        what = "is not a directory" if target is None and here == Path(os.path.abspath(path)) else (
+            f"lies under {here}, which is not a directory")  # fmt: skip
+        raise CLIError(f"{arg} {shown} {what}")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise CLIError(f"{arg} {shown}: cannot write into {here} (permission denied or a read-only file system)")
+    return Path(path)
+
+
+def _output_file(path: str | os.PathLike, arg: str, *, suffixes: tuple[str, ...] | None = None) -> Path:
+    """Refuse, before any work, an output file that cannot be written: an existing directory or special file, a
+    suffix the writer does not produce, or a folder that cannot be made or written."""
+    path = Path(path)
+    if path.is_dir():
+        example = path / ("out" + (suffixes or ("",))[0])
+        raise CLIError(f"{arg} {path} is a directory; give a file path inside it, e.g. {example}")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        listed = " or ".join(suffixes) if len(suffixes) <= 2 else f"{suffixes[0]} (or {', '.join(suffixes[1:5])}, ...)"
+        raise CLIError(f"{arg} {path}: the file name must end in {listed}")
+    if os.path.lexists(path):
+        _input_file(path, arg)  # a FIFO or device is never overwritten
+    _output_dir(path.parent, arg, target=path)
+    return path
+
+
+def _load(arg: str, path: str | os.PathLike, load: Callable[..., Any], *args, **kwargs) -> Any:
+    """``load(path, ...)`` with what a corrupt file can raise besides ValueError turned into one line naming it."""
+    try:
+        return load(path, *args, **kwargs)
+    except RecursionError:
+        raise CLIError(f"{arg} {path}: nested too deeply to read; not a file fastdiff wrote") from None
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"{arg} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise CLIError(f"{arg} {path}: {exc.strerror or exc}") from None
+
+
+def _model_path(spec: str, arg: str) -> None:
+    """Refuse a model argument that names something other than a built-in model or a regular file."""
+    if str(spec) not in models.MODELS and os.path.lexists(spec):
+        _input_file(spec, arg)
+
+
+def _model(spec: str, arg: str):
+    """A built-in model or a model file (checked to be a regular file before it is opened)."""
+    _model_path(spec, arg)
+    return _load(arg, spec, models.get)
+
+
+def _image_suffixes() -> tuple[str, ...]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return (".png", *("." + k for k in FigureCanvasBase.get_supported_filetypes() if k != "png"))
+
+
+def _save_figure(fig, path: Path, arg: str, dpi: int) -> None:
+    """One atomic write (a reader, or a Ctrl-C, never leaves half an image), in the format of the suffix."""
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower()))
+    except OSError as exc:
+        raise CLIError(f"{arg} {path}: cannot write it: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -40,7 +242,7 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastdiff", description="Fast, trustworthy sampling for diffusion models.")
+    p = _Parser(prog="fastdiff", description="Fast, trustworthy sampling for diffusion models.")
     p.add_argument("--version", action="version", version=f"fastdiff {fastdiff.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -68,37 +270,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="solver option, repeatable, e.g. -O order=3 -O variant=bh1 for unipc, -O max_order=3 for ipndm",
     )
-    s.add_argument("--steps", type=int, default=None, help="solver steps N (default: 10 for images, 6 for gmm)")
+    s.add_argument("--steps", type=_integer(1), default=None, help="solver steps N (default: 10 for images, 6 for gmm)")
     s.add_argument(
         "--schedule",
         default="karras",
         help="karras, logsnr_uniform, time_uniform, or a .json schedule file written by fastdiff.schedules.save",
     )
-    s.add_argument("--sigma-min", type=float, default=None,
+    s.add_argument("--sigma-min", type=_number(0, strict=True), default=None,
                    help="smallest nonzero sigma (default 0.002, or the model's smallest if larger)")  # fmt: skip
-    s.add_argument("--sigma-max", type=float, default=None,
+    s.add_argument("--sigma-max", type=_number(0, strict=True), default=None,
                    help="largest sigma (default 80, or the model's largest if smaller)")  # fmt: skip
-    s.add_argument("--rho", type=float, default=7.0, help="rho of the karras schedule")
-    s.add_argument("--guidance", type=float, default=None, metavar="W", help="classifier-free guidance scale w")
+    s.add_argument("--rho", type=_number(0, strict=True), default=7.0, help="rho of the karras schedule")
+    s.add_argument("--guidance", type=_number(0), default=None, metavar="W",
+                   help="classifier-free guidance scale w >= 0 (0: the unconditional model, 1: the conditional one; "
+                   "negative scales only through the Python API)")  # fmt: skip
     s.add_argument(
         "--interval",
         type=_pair,
         default=None,
         metavar="LO,HI",
-        help="guide only steps whose start sigma lies in (LO, HI]; default: every step",
+        help="with --guidance: guide only steps whose start sigma lies in (LO, HI]; default: every step",
     )
-    s.add_argument("--class", dest="class_label", type=int, default=None,
+    s.add_argument("--class", dest="class_label", type=_integer(0), default=None,
                    help="images: sample only this class (default: all classes in turn)")  # fmt: skip
-    s.add_argument("--n", "-n", "--num-samples", dest="n", type=int, default=None,
+    s.add_argument("--n", "-n", "--num-samples", dest="n", type=_integer(2), default=None,
                    help="number of samples (default: 200 for images, 2000 for gmm); under torchrun write -n or "
                    "--num-samples, since torchrun rejects --n as an abbreviation of its own options")  # fmt: skip
-    s.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    s.add_argument("--out", type=Path, default=None, help="write a PNG (image grid, or scatter plot for gmm)")
+    s.add_argument("--seed", type=_integer(0, SEED_MAX), default=0, help="seed of the initial noise")
+    s.add_argument("--out", type=Path, default=None,
+                   help="write a PNG (image grid, or scatter plot for gmm); the suffix picks the format")  # fmt: skip
     s.add_argument("--out-dir", type=Path, default=None,
                    help="images: write all samples to DIR/samples.npz (sharded across torchrun processes)")  # fmt: skip
-    s.add_argument("--batch-size", type=int, default=500, help="images: samples per model call")
+    s.add_argument("--batch-size", type=_integer(1), default=500, help="images: samples per model call")
     s.add_argument("--no-teacher", action="store_true", help="images: skip the teacher solve and its metrics")
-    s.add_argument("--device", default=None, help="images: cuda or cpu (default: cuda when available)")
+    s.add_argument("--device", type=_device, default=None, help="images: cuda or cpu (default: cuda when available)")
     s.add_argument("--unconditional", action="store_true", help="gmm: sample the whole mixture")
     s.add_argument("--dtype", default="float64", choices=["float32", "float64"], help="gmm: sampling dtype")
     s.add_argument("--cuda-graph", action="store_true",
@@ -119,31 +324,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--model", default="digits", help=f"built-in model {sorted(models.MODELS)} or a .safetensors UNet")
     d.add_argument("--solver", default="ipndm", choices=sorted(solvers.SOLVERS), help="the solver to learn for")
-    d.add_argument("--nfe", type=int, default=4, help="model evaluations per sample")
-    d.add_argument("--out", type=Path, required=True, help="the learned schedule (.json)")
-    d.add_argument("--pairs", type=int, default=100, help="teacher pairs, half for training, half for validation")
-    d.add_argument("--held-out", type=int, default=200, help="new pairs for the final comparison")
+    d.add_argument("--nfe", type=_integer(1), default=4, help="model evaluations per sample")
+    d.add_argument("--out", type=Path, required=True,
+                   help="the learned schedule (.json); an existing file is replaced only if it is one")  # fmt: skip
+    d.add_argument("--force", action="store_true", help="replace an existing --out even if it is not a schedule")
+    d.add_argument("--pairs", type=_integer(4), default=100,
+                   help="teacher pairs, half for training, half for validation")  # fmt: skip
+    d.add_argument("--held-out", type=_integer(1), default=200, help="new pairs for the final comparison")
     d.add_argument("--teacher-solver", default="heun", choices=sorted(solvers.SOLVERS), help="teacher solver")
-    d.add_argument("--teacher-steps", type=int, default=32, help="teacher steps (Karras schedule)")
+    d.add_argument("--teacher-steps", type=_integer(1), default=32, help="teacher steps (Karras schedule)")
     d.add_argument("--teacher-cache", type=Path, default=None,
                    help="teacher pairs, reused when they match (default: OUT with .teacher.safetensors)")  # fmt: skip
     d.add_argument("--space", default="logsnr", choices=["logsnr", "time"], help="where xi is normalised")
     d.add_argument("--no-decoupled", action="store_true", help="do not learn the evaluation offsets xi_c")
     d.add_argument("--metric", default="auto", choices=["auto", "lpips", "l2", "l1"],
                    help="teacher distance (auto: LPIPS where lpips imports, else L2)")  # fmt: skip
-    d.add_argument("--rounds-xi", type=int, default=2, help="rounds of xi alone")
-    d.add_argument("--rounds-both", type=int, default=5, help="then rounds of xi and xi_c")
-    d.add_argument("--batch-size", type=int, default=2, help="pairs per step")
-    d.add_argument("--lr-xi", type=float, default=5e-3, help="RMSprop learning rate of xi")
-    d.add_argument("--gamma", type=float, default=1e-3, help="slack radius r = gamma * d / N^2")
-    d.add_argument("--sigma-min", type=float, default=None,
+    d.add_argument("--rounds-xi", type=_integer(0), default=2, help="rounds of xi alone")
+    d.add_argument("--rounds-both", type=_integer(0), default=5, help="then rounds of xi and xi_c")
+    d.add_argument("--batch-size", type=_integer(1), default=2, help="pairs per step")
+    d.add_argument("--lr-xi", type=_number(0, strict=True), default=5e-3, help="RMSprop learning rate of xi")
+    d.add_argument("--gamma", type=_number(0), default=1e-3, help="slack radius r = gamma * d / N^2")
+    d.add_argument("--sigma-min", type=_number(0, strict=True), default=None,
                    help="smallest nonzero sigma (default 0.002, or the model's smallest if larger)")  # fmt: skip
-    d.add_argument("--sigma-max", type=float, default=None,
+    d.add_argument("--sigma-max", type=_number(0, strict=True), default=None,
                    help="largest sigma (default 80, or the model's largest if smaller)")  # fmt: skip
-    d.add_argument("--guidance", type=float, default=None, metavar="W", help="classifier-free guidance scale w")
-    d.add_argument("--interval", type=_pair, default=None, metavar="LO,HI", help="guidance interval (LO, HI]")
-    d.add_argument("--seed", type=int, default=0, help="seed of the training order")
-    d.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    d.add_argument("--guidance", type=_number(0), default=None, metavar="W",
+                   help="classifier-free guidance scale w >= 0")  # fmt: skip
+    d.add_argument("--interval", type=_pair, default=None, metavar="LO,HI",
+                   help="with --guidance: guidance interval (LO, HI]")  # fmt: skip
+    d.add_argument("--seed", type=_integer(0, SEED_MAX), default=0, help="seed of the training order")
+    d.add_argument("--device", type=_device, default=None, help="cuda or cpu (default: cuda when available)")
     d.add_argument("--progress", action="store_true", help="show progress bars")
     d.set_defaults(func=cmd_ld3)
 
@@ -175,19 +385,22 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    a.add_argument("--lam", type=float, default=0.01, help="weight of the structural gap in the denoiser's loss")
+    a.add_argument("--lam", type=_number(0), default=0.01, help="weight of the structural gap in the denoiser's loss")
     a.add_argument("--affinity", default="cosine", choices=["cosine", "l2", "gaussian"], help="pairwise affinity S")
     a.add_argument("--distance", default="l1", choices=["l1", "l2", "kl"], help="distance between the affinities")
-    a.add_argument("--temperature", type=float, default=0.1, help="row-softmax temperature of --distance kl")
-    a.add_argument("--bandwidth", type=float, default=1.0, help="kernel bandwidth of --affinity gaussian")
-    a.add_argument("--feature-dim", type=int, default=64, help="the discriminator's feature size")
+    a.add_argument("--temperature", type=_number(0, strict=True), default=0.1,
+                   help="row-softmax temperature of --distance kl")  # fmt: skip
+    a.add_argument("--bandwidth", type=_number(0, strict=True), default=1.0,
+                   help="kernel bandwidth of --affinity gaussian")  # fmt: skip
+    a.add_argument("--feature-dim", type=_integer(1), default=64, help="the discriminator's feature size")
     a.add_argument("--no-encoder-sigma", dest="encoder_sigma", action="store_false",
                    help="the discriminator does not see the noise level")  # fmt: skip
-    a.add_argument("--d-lr", type=float, default=2e-4, help="the discriminator's learning rate")
-    a.add_argument("--d-updates", type=int, default=1, help="discriminator updates per turn")
-    a.add_argument("--d-every", type=int, default=1, help="denoiser steps per discriminator turn")
-    a.add_argument("--adv-warmup", type=int, default=0, help="denoiser steps on the EDM loss alone before the game")
-    a.add_argument("--gradient-penalty", type=float, default=0.0, help="R1-style penalty weight on the real batch")
+    a.add_argument("--d-lr", type=_number(0, strict=True), default=2e-4, help="the discriminator's learning rate")
+    a.add_argument("--d-updates", type=_integer(1), default=1, help="discriminator updates per turn")
+    a.add_argument("--d-every", type=_integer(1), default=1, help="denoiser steps per discriminator turn")
+    a.add_argument("--adv-warmup", type=_integer(0), default=0,
+                   help="denoiser steps on the EDM loss alone before the game")  # fmt: skip
+    a.add_argument("--gradient-penalty", type=_number(0), default=0.0, help="R1-style penalty weight on the real batch")
     _add_training_args(a, "runs/sadm")
     _add_init_arg(a)
     a.set_defaults(func=cmd_train_sadm)
@@ -205,14 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--teacher", default="digits", help="the EDM UNet to distil: digits, or a model file")
     o.add_argument("--condition", default="lowres4+class",
                    help="lowres2|lowres4|lowres8|inpaint|class, optionally +class")  # fmt: skip
-    o.add_argument("--intervals", type=int, default=20, help="N, the number of noise intervals")
+    o.add_argument("--intervals", type=_integer(1), default=20, help="N, the number of noise intervals")
     o.add_argument("--target", default="teacher", choices=["teacher", "ema_cfg"],
                    help="who takes the step z_t -> z_s: the frozen teacher, or the EMA student with CFG")  # fmt: skip
-    o.add_argument("--w-min", type=float, default=2.0, help="smallest CFG scale of --target ema_cfg")
-    o.add_argument("--w-max", type=float, default=14.0, help="largest CFG scale (exclusive)")
-    o.add_argument("--cond-dropout", type=float, default=0.1, help="probability of training the null condition")
-    o.add_argument("--data-weight", type=float, default=1.0, help="weight of the data term |x_hat - x0|^2")
-    o.add_argument("--boundary-scale", type=float, default=10.0, help="LCM's timestep scaling of c_skip, c_out")
+    o.add_argument("--w-min", type=_number(), default=2.0, help="smallest CFG scale of --target ema_cfg")
+    o.add_argument("--w-max", type=_number(), default=14.0, help="largest CFG scale (exclusive)")
+    o.add_argument("--cond-dropout", type=_number(0), default=0.1, help="probability of training the null condition")
+    o.add_argument("--data-weight", type=_number(0), default=1.0, help="weight of the data term |x_hat - x0|^2")
+    o.add_argument("--boundary-scale", type=_number(0, strict=True), default=10.0,
+                   help="LCM's timestep scaling of c_skip, c_out")  # fmt: skip
     o.add_argument("--fusion", default="zero_conv", choices=["zero_conv", "mu"], help="how adapter features join")
     o.add_argument("--trainable", default="adapter", choices=["adapter", "all"], help="PE-CoDi or full CoDi")
     _add_training_args(o, "runs/codi", sized=False)
@@ -233,15 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--variant", default="cascade", choices=["cascade", "dual", "ddpm"], help="model variant")
     k.add_argument("--metric", default="auto", choices=["auto", "lpips", "pseudo_huber", "l2", "none"],
                    help="metric on phi's x0 (auto: LPIPS where it imports, else pseudo-Huber)")  # fmt: skip
-    k.add_argument("--lam", type=float, default=1.0, help="the metric's weight")
+    k.add_argument("--lam", type=_number(0), default=1.0, help="the metric's weight")
     k.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="DDPM beta schedule")
-    k.add_argument("--timesteps", type=int, default=1000, help="DDPM training timesteps T")
+    k.add_argument("--timesteps", type=_integer(1), default=1000, help="DDPM training timesteps T")
     k.add_argument("--phi-inputs", default="xt_x0", choices=["xt_x0", "x0"], help="what phi sees besides t")
     k.add_argument("--r-map", default="pixel", choices=["pixel", "channel"], help="r per pixel or per element")
     k.add_argument("--r-loss", default="posterior", choices=["posterior", "uniform", "none"],
                    help="r's loss weight: DDPM's posterior c_t^2, 1, or r untrained")  # fmt: skip
-    k.add_argument("--clip-phi-input", type=float, default=1.0, help="clamp phi's x0 input to [-c, c] (0: no clamp)")
-    k.add_argument("--staged", type=int, default=None, metavar="N",
+    k.add_argument("--clip-phi-input", type=_number(0), default=1.0,
+                   help="clamp phi's x0 input to [-c, c] (0: no clamp)")  # fmt: skip
+    k.add_argument("--staged", type=_integer(1), default=None, metavar="N",
                    help="train theta alone for N steps, then phi with theta frozen (default: joint)")  # fmt: skip
     _add_training_args(k, "runs/cascade")
     k.set_defaults(func=cmd_train_cascade)
@@ -251,9 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the digits classifier on the train split of the UCI digits; report held-out accuracy.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    c.add_argument("--steps", type=int, default=600, help="optimizer steps")
-    c.add_argument("--seed", type=int, default=0, help="seed")
-    c.add_argument("--out", default="digits_classifier.safetensors", help="output weights file")
+    c.add_argument("--steps", type=_integer(1), default=600, help="optimizer steps")
+    c.add_argument("--seed", type=_integer(0, SEED_MAX), default=0, help="seed")
+    c.add_argument("--out", default="digits_classifier.safetensors", help="output weights file (.safetensors)")
     c.set_defaults(func=cmd_train_classifier)
 
     b = sub.add_parser("bench", help="microbenchmarks (see BENCHMARKS.md)")
@@ -268,12 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "16K,1M on the CPU)")  # fmt: skip
     k.add_argument("--dtypes", default="fp32,fp32+bf16", help=f"comma-separated, from {list(bench_kernels.DTYPES)}")
     k.add_argument("--workloads", default=",".join(bench_kernels.WORKLOADS), help="comma-separated workloads")
-    k.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    k.add_argument("--reps", type=int, default=20, help="timed repetitions on the CPU")
+    k.add_argument("--device", type=_device, default=None, help="cuda or cpu (default: cuda when available)")
+    k.add_argument("--reps", type=_integer(1), default=20, help="timed repetitions on the CPU")
     k.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    k.add_argument("--time-budget", type=float, default=None, metavar="S",
+    k.add_argument("--time-budget", type=_number(0, strict=True), default=None, metavar="S",
                    help="start no further size/dtype/workload cell after S seconds")  # fmt: skip
-    k.add_argument("--threads", type=int, default=1,
+    k.add_argument("--threads", type=_integer(0), default=1,
                    help="torch threads for a CPU run (default 1; 0: torch's), printed with the results")  # fmt: skip
     k.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for kernels.csv and kernels.png")
     k.add_argument("--progress", action="store_true", help="print each measurement as it starts")
@@ -302,19 +517,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="overhead (each loop's own cost per step against k-diffusion's and diffusers' loops: batch "
                      "1, 40 steps, a one-multiply network), e2e (every model and batch) and/or edm2_interval (digits, "
                      "32 Heun steps)")  # fmt: skip
-    e2e.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the preset's)")
-    e2e.add_argument("--resolutions", default=None, help="comma-separated latent sizes (default: the preset's)")
+    e2e.add_argument("--batches", type=_integers(1), default=None,
+                     help="comma-separated batch sizes (default: the preset's)")  # fmt: skip
+    e2e.add_argument("--resolutions", type=_integers(1), default=None,
+                     help="comma-separated latent sizes (default: the preset's)")  # fmt: skip
     e2e.add_argument("--solver", default="dpmpp_2m", choices=sorted(bench_baselines.KDIFF_SAMPLERS),
                      help="solver of the e2e scenario")  # fmt: skip
-    e2e.add_argument("--steps", type=int, default=None, help="steps of the e2e scenario (default: the preset's)")
-    e2e.add_argument("--reps", type=int, default=None, help="timed repetitions per row (default: the preset's)")
-    e2e.add_argument("--scale", type=float, default=2.0, help="guidance scale")
-    e2e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    e2e.add_argument("--steps", type=_integer(1), default=None,
+                     help="steps of the e2e scenario (default: the preset's)")  # fmt: skip
+    e2e.add_argument("--reps", type=_integer(1), default=None,
+                     help="timed repetitions per row (default: the preset's)")  # fmt: skip
+    e2e.add_argument("--scale", type=_number(0), default=2.0, help="guidance scale")
+    e2e.add_argument("--device", type=_device, default=None, help="cuda or cpu (default: cuda when available)")
     e2e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="diffusers networks' weights (default: bfloat16 on CUDA, float32 on the CPU)")  # fmt: skip
-    e2e.add_argument("--time-budget", type=float, default=None, metavar="S",
+    e2e.add_argument("--time-budget", type=_number(0, strict=True), default=None, metavar="S",
                      help="record the rows that would start after S seconds as skipped")  # fmt: skip
-    e2e.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: the preset's, 1)")
+    e2e.add_argument("--threads", type=_integer(1), default=None,
+                     help="torch threads on the CPU (default: the preset's, 1)")  # fmt: skip
     e2e.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the CSV and PNG")
     e2e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e2e.set_defaults(func=cmd_bench_sample)
@@ -322,14 +542,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench_sample(args: argparse.Namespace) -> int:
-    ints = lambda text: [int(v) for v in text.split(",")] if text else None  # noqa: E731
+    _output_dir(args.out, "--out")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = loops.bench_sample(
         args.preset or ("gpu" if device.type == "cuda" else "cpu"), models=args.models, variants=args.variants,
-        scenarios=args.scenarios, batches=ints(args.batches), resolutions=ints(args.resolutions), solver=args.solver,
+        scenarios=args.scenarios, batches=args.batches, resolutions=args.resolutions, solver=args.solver,
         steps=args.steps, reps=args.reps, scale=args.scale, device=device, dtype=args.dtype,
         time_budget=args.time_budget, threads=args.threads, progress=not args.no_progress,
     )  # fmt: skip
+    if not rows:
+        raise CLIError(f"--variants {args.variants} has no row in --scenarios {args.scenarios} here: nothing to run")
     csv_path, png_path = loops.write_results(rows, args.out)
     print(loops.markdown_table(rows))
     for summary in (loops.overhead_summary(rows), loops.edm2_summary(rows)):
@@ -348,6 +570,7 @@ def cmd_bench_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    _output_dir(args.out, "--out")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = args.sizes or ("16K,1M,50M" if device.type == "cuda" else "16K,1M")
     dtypes = args.dtypes.split(",")
@@ -355,8 +578,14 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     for name, known in [(d, bench_kernels.DTYPES) for d in dtypes] + [(w, bench_kernels.WORKLOADS) for w in workloads]:
         if name not in known:
             raise ValueError(f"unknown {name!r}; choose from {list(known)}")
+    try:
+        elements = [bench_kernels.parse_size(v) for v in sizes.split(",")]
+    except ValueError:
+        elements = [0]
+    if min(elements) < 1:
+        raise CLIError(f"--sizes {sizes}: expected comma-separated element counts >= 1, e.g. 16K,1M")
     rows = bench_kernels.bench_kernels(
-        [bench_kernels.parse_size(v) for v in sizes.split(",")], dtypes, workloads, device, reps=args.reps,
+        elements, dtypes, workloads, device, reps=args.reps,
         compile=not args.no_compile, progress=(lambda m: print(m, file=sys.stderr)) if args.progress else None,
         threads=args.threads or None, time_budget=args.time_budget,
     )  # fmt: skip
@@ -371,23 +600,27 @@ def _add_training_args(p: argparse.ArgumentParser, out_dir: str, sized: bool = T
     """The data, network size (``sized``) and runtime options every ``fastdiff train`` diffusion job shares."""
     p.add_argument("--data", default="digits", help="digits, an image folder, or a .npy/.npz array file")
     if sized:
-        p.add_argument("--resolution", type=int, default=None, help="image size (digits: 16; folders: resize to it)")
+        p.add_argument("--resolution", type=_integer(1), default=None,
+                       help="image size (digits: 16; folders: resize to it)")  # fmt: skip
     p.add_argument("--classes", type=_ints, default=None, metavar="A,B,...",
                    help="train on these classes only (labels kept: a model of every class still fits)")  # fmt: skip
     if sized:
         p.add_argument("--size", default="small", choices=["tiny", "small"], help="UNet preset (of every network)")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size per process")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    p.add_argument("--ema", type=float, default=0.998, help="EMA decay per step")
-    p.add_argument("--label-dropout", type=float, default=0.1, help="probability of training a sample unconditionally")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and the noise")
+    p.add_argument("--steps", type=_integer(1), default=2000, help="optimizer steps")
+    p.add_argument("--batch-size", type=_integer(1), default=128, help="batch size per process")
+    p.add_argument("--lr", type=_number(0, strict=True), default=2e-3, help="AdamW learning rate")
+    p.add_argument("--warmup", type=_integer(0), default=100, help="linear warm-up steps")
+    p.add_argument("--ema", type=_number(0), default=0.998, help="EMA decay per step")
+    p.add_argument("--label-dropout", type=_number(0), default=0.1,
+                   help="probability of training a sample unconditionally")  # fmt: skip
+    p.add_argument("--seed", type=_integer(0, SEED_MAX), default=0,
+                   help="seed of the weights, the data order and the noise")  # fmt: skip
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-    p.add_argument("--out-dir", default=out_dir, help="checkpoints and log.csv (a rerun resumes from here)")
+    p.add_argument("--checkpoint-every", type=_integer(1), default=500, help="steps between checkpoints")
+    p.add_argument("--out-dir", default=out_dir,
+                   help="checkpoints and log.csv (a rerun resumes from here; one run at a time)")  # fmt: skip
     p.add_argument("--export", default=None, help="EMA model file (default: OUT_DIR/model.safetensors)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", type=_device, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -403,6 +636,20 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _check_training_paths(args: argparse.Namespace, *models_: str) -> None:
+    """Every path a ``fastdiff train`` job reads or writes, before the data and the model are loaded: ``models_``
+    names the model arguments (``--init``, ``--teacher``)."""
+    _output_dir(args.out_dir, "--out-dir")
+    if args.export is not None:
+        _output_file(args.export, "--export", suffixes=(".safetensors",))  # what fastdiff sample --model reads
+    if args.data != "digits" and os.path.lexists(args.data):
+        _input_file(args.data, "--data", folder=True)
+    for arg in models_:
+        spec = getattr(args, arg.lstrip("-"))
+        if spec is not None:
+            _model_path(spec, arg)
+
+
 def _train_config(args: argparse.Namespace):
     from fastdiff.train import TrainConfig
 
@@ -416,6 +663,7 @@ def _train_config(args: argparse.Namespace):
 def cmd_train_edm(args: argparse.Namespace) -> int:
     from fastdiff.train import recipes
 
+    _check_training_paths(args, "--init")
     path = recipes.train_edm(
         args.data, _train_config(args), size=args.size, resolution=args.resolution, classes=args.classes,
         label_dropout=args.label_dropout, init=args.init, export=args.export,
@@ -428,6 +676,7 @@ def cmd_train_codi(args: argparse.Namespace) -> int:
     from fastdiff.train import recipes
     from fastdiff.train.codi import CoDiConfig
 
+    _check_training_paths(args, "--teacher")
     codi = CoDiConfig(
         condition=args.condition, intervals=args.intervals, target=args.target, w_min=args.w_min, w_max=args.w_max,
         cond_dropout=args.cond_dropout, data_weight=args.data_weight, boundary_scale=args.boundary_scale,
@@ -443,6 +692,7 @@ def cmd_train_sadm(args: argparse.Namespace) -> int:
     from fastdiff.train import recipes
     from fastdiff.train.sadm import SADMConfig
 
+    _check_training_paths(args, "--init")
     sadm = SADMConfig(
         lam=args.lam, affinity=args.affinity, distance=args.distance, temperature=args.temperature,
         bandwidth=args.bandwidth, feature_dim=args.feature_dim, encoder_sigma=args.encoder_sigma, d_lr=args.d_lr,
@@ -461,6 +711,7 @@ def cmd_train_cascade(args: argparse.Namespace) -> int:
     from fastdiff.train import recipes
     from fastdiff.train.cascade import CascadeConfig
 
+    _check_training_paths(args)
     cascade = CascadeConfig(
         variant=args.variant, schedule=args.schedule, timesteps=args.timesteps, phi_inputs=args.phi_inputs,
         r_map=args.r_map, r_loss=args.r_loss, lam=args.lam, metric=args.metric,
@@ -478,15 +729,34 @@ def cmd_train_cascade(args: argparse.Namespace) -> int:
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from fastdiff.train import recipes
 
+    _output_file(args.out, "--out", suffixes=(".safetensors",))
     path, acc = recipes.train_digits_classifier(args.out, steps=args.steps, seed=args.seed)
     print(f"held-out accuracy {acc:.4f} (359 test digits); wrote {path}")
     return 0
 
 
-def cmd_ld3(args: argparse.Namespace) -> int:
-    from fastdiff.train.ld3 import LD3Config, learn_schedule
+def _is_schedule_file(path: Path) -> bool:
+    """Whether ``path`` (a regular file) holds a fastdiff schedule, the only kind ``ld3 --out`` may replace."""
+    try:
+        with open(path, "rb") as f:
+            payload = json.loads(f.read(64 << 20))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(payload, dict) and payload.get("format") == schedules.SCHEDULE_FORMAT
 
-    model = models.get(args.model)
+
+def cmd_ld3(args: argparse.Namespace) -> int:
+    from fastdiff.train.ld3 import LD3Config, learn_schedule, learnable_steps
+
+    _check_interval(args)
+    _output_file(args.out, "--out", suffixes=(".json",))  # fastdiff sample --schedule reads .json files
+    if os.path.lexists(args.out) and not args.force and not _is_schedule_file(args.out):
+        raise CLIError(f"--out {args.out} exists and is not a fastdiff schedule; give another path, or --force to "
+                       "replace it")  # fmt: skip
+    cache = args.teacher_cache if args.teacher_cache is not None else args.out.with_suffix(".teacher.safetensors")
+    _output_file(cache, "--teacher-cache", suffixes=(".safetensors",))
+    learnable_steps(args.solver, args.nfe)  # before the model and the teacher pairs cost anything
+    model = _model(args.model, "--model")
     _sigma_range(args, model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device)
@@ -517,17 +787,42 @@ def _sigma_range(args: argparse.Namespace, model) -> None:
         args.sigma_max = min(80.0, getattr(model, "sigma_max", 80.0))
 
 
+def _check_interval(args: argparse.Namespace) -> None:
+    if args.interval is not None and args.guidance is None:
+        raise CLIError("--interval limits guidance to a noise interval; it needs --guidance W")
+
+
+def _refuse_unused(args: argparse.Namespace, gmm: bool) -> None:
+    """Options the chosen model would silently ignore."""
+    if gmm:
+        unused = [("--class", args.class_label is not None), ("--out-dir", args.out_dir is not None),
+                  ("--cuda-graph", args.cuda_graph), ("--no-teacher", args.no_teacher),
+                  ("--device " + str(args.device), args.device not in (None, "cpu"))]  # fmt: skip
+        why = "the gmm model samples all its classes on the CPU and always compares with the exact solve"
+    else:
+        unused = [("--unconditional", args.unconditional)]
+        why = "image models sample their classes in turn (or one, with --class)"
+    given = [name for name, on in unused if on]
+    if given:
+        raise CLIError(f"{', '.join(given)} does not apply to --model {args.model}: {why}")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    model = models.get(args.model)
+    _check_interval(args)
+    if args.out is not None:
+        _output_file(args.out, "--out", suffixes=_image_suffixes())
+    if args.out_dir is not None:
+        _output_dir(args.out_dir, "--out-dir")
+    model = _model(args.model, "--model")
+    _refuse_unused(args, isinstance(model, models.GaussianMixture))
     _sigma_range(args, model)
     steps = args.steps if args.steps is not None else (6 if isinstance(model, models.GaussianMixture) else 10)
     n = args.n if args.n is not None else (2000 if isinstance(model, models.GaussianMixture) else 200)
-    if steps < 1 or n < 2:
-        raise ValueError("--steps must be >= 1 and --n >= 2")
     solver = solvers.get(args.solver, **dict(args.option))
     args.eval_sigmas = None
     if args.schedule.endswith(".json"):  # a learned schedule brings its own steps and evaluation sigmas
-        learned = schedules.load_schedule(args.schedule, solver=args.solver)
+        _input_file(args.schedule, "--schedule")
+        learned = _load("--schedule", args.schedule, schedules.load_schedule, solver=args.solver)
         sigmas, args.eval_sigmas = learned.sigmas, learned.eval_sigmas
         if args.steps is not None and args.steps != len(sigmas) - 1:
             raise ValueError(f"--steps {args.steps} disagrees with {args.schedule} ({len(sigmas) - 1} steps); drop it")
@@ -544,30 +839,37 @@ def _describe(args, solver, sigmas, guidance) -> str:
 
 
 def _sample_images(args, model, sigmas, solver, guidance, n: int) -> int:
+    import contextlib
+
     from fastdiff import generate
     from fastdiff.train import init_distributed
+    from fastdiff.train.runtime import hold_run_directory
 
     cfg = model.config
     ctx, created = init_distributed(args.device)
     try:
         if ctx.distributed and args.out_dir is None:
             raise ValueError("under torchrun, give --out-dir: each process samples a shard and writes it there")
-        model = model.to(ctx.device)
-        kw = dict(shape=(cfg.in_channels, cfg.resolution, cfg.resolution), num_classes=cfg.num_classes,
-                  guidance=guidance, class_label=args.class_label, seed=args.seed, batch_size=args.batch_size,
-                  device=ctx.device)  # fmt: skip
-        indices = generate.shard(n, ctx.rank, ctx.world_size)
-        t0 = time.perf_counter()
-        gen = generate.generate(model, indices, sigmas, solver=solver, progress=args.progress and ctx.is_main,
-                                cuda_graph=args.cuda_graph, eval_sigmas=args.eval_sigmas, **kw)  # fmt: skip
-        wall = time.perf_counter() - t0
-        if args.out_dir is not None:
-            generate.write_part(args.out_dir, gen, ctx.rank, ctx.world_size)
-            if ctx.distributed:
-                torch.distributed.barrier()  # every part is on disk before rank 0 merges them
-            if ctx.is_main:
-                path = generate.merge_parts(args.out_dir, n, ctx.world_size)
-                print(f"wrote {path} ({n} samples from {ctx.world_size} process(es), indices 0..{n - 1} once each)")
+        # Held from before the first part is written until the merge: two runs' parts must never mix.
+        held = hold_run_directory(args.out_dir, ctx) if args.out_dir is not None else contextlib.nullcontext()
+        with held:
+            model = model.to(ctx.device)
+            kw = dict(shape=(cfg.in_channels, cfg.resolution, cfg.resolution), num_classes=cfg.num_classes,
+                      guidance=guidance, class_label=args.class_label, seed=args.seed, batch_size=args.batch_size,
+                      device=ctx.device)  # fmt: skip
+            indices = generate.shard(n, ctx.rank, ctx.world_size)
+            t0 = time.perf_counter()
+            gen = generate.generate(model, indices, sigmas, solver=solver, progress=args.progress and ctx.is_main,
+                                    cuda_graph=args.cuda_graph, eval_sigmas=args.eval_sigmas, **kw)  # fmt: skip
+            wall = time.perf_counter() - t0
+            if args.out_dir is not None:
+                generate.write_part(args.out_dir, gen, ctx.rank, ctx.world_size)
+                if ctx.distributed:
+                    torch.distributed.barrier()  # every part is on disk before rank 0 merges them
+                if ctx.is_main:
+                    path = generate.merge_parts(args.out_dir, n, ctx.world_size)
+                    print(f"wrote {path} ({n} samples from {ctx.world_size} process(es), indices 0..{n - 1} once "
+                          "each)")  # fmt: skip
     finally:
         if created:
             torch.distributed.destroy_process_group()
@@ -643,9 +945,7 @@ def _image_figure(args, gen, teacher, sigmas, solver, rows: int = 10) -> None:
     g = f"guidance {args.guidance}" + (f" on ({args.interval[0]}, {args.interval[1]}]" if args.interval else "")
     fig.suptitle(f"{args.model}: same noise, {g if args.guidance else 'no guidance'}", fontsize=10)
     fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, args.out, "--out", dpi=120)
 
 
 def _sample_gmm(args, model, sigmas, solver, guidance, n: int) -> int:
@@ -704,17 +1004,40 @@ def _plot(args, out: torch.Tensor, ref: torch.Tensor, data: torch.Tensor, labels
     axes[0].set_ylim(-lim, lim)
     fig.suptitle(f"{args.model}: guidance {args.guidance or 'off'}, interval {args.interval or 'all steps'}")
     fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, args.out, "--out", dpi=110)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, RunDirectoryInUse):
+        return _os_reason(exc)
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every failure the input can cause is one line on stderr and exit status 2, Ctrl-C is one
+    line and 130 (the shell's code for SIGINT). ``FASTDIFF_TRACEBACK=1`` shows the traceback instead."""
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastdiff: interrupted", file=sys.stderr)
+        return 130
+    name = " ".join(["fastdiff", args.command, *(getattr(args, k) for k in ("train", "bench") if hasattr(args, k))])
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"fastdiff {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if os.environ.get("FASTDIFF_TRACEBACK"):
+            raise
+        # atomic_write removed its temporary file on the way out: no output is left half-written.
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, TypeError, OSError, RecursionError, ArithmeticError, RunDirectoryInUse) as exc:
+        if os.environ.get("FASTDIFF_TRACEBACK"):
+            raise
+        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

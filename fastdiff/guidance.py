@@ -8,9 +8,12 @@ once per step, at the step's start sigma, and every evaluation of that step (bot
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+
+from fastdiff.arguments import as_real
 
 
 class Guidance:
@@ -43,8 +46,13 @@ class Guidance:
         batch: bool = True,
         restart: bool = True,
     ):
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"guidance scale must be a finite number, got {scale!r}")
+        scale = as_real(scale, "guidance scale")
+        if scale < 0:
+            warnings.warn(
+                f"guidance scale {scale:g} is negative: D_u + w (D_c - D_u) then steers samples away from the "
+                "condition. Some research does that on purpose; 1 means no guidance, and the usual scales are above 1",
+                stacklevel=2,
+            )
         if interval is not None and steps is not None:
             raise ValueError("give the guidance interval either as sigmas (interval=) or as step indices (steps=)")
         if interval is not None:
@@ -56,14 +64,14 @@ class Guidance:
             interval = (lo, hi)
         if steps is not None:
             start, stop = _pair(steps, "steps")
-            if start != int(start) or stop != int(stop) or start < 0:
+            if not (start.is_integer() and stop.is_integer() and start >= 0):
                 raise ValueError(f"guidance steps must be non-negative integers, got {steps}")
             if start > stop:
                 raise ValueError(f"guidance steps have start={int(start)} > stop={int(stop)}")
             steps = (int(start), int(stop))
         if uncond_model is not None and not callable(uncond_model):
             raise TypeError("uncond_model must be callable as model(x, sigma, **uncond)")
-        self.scale = float(scale)
+        self.scale = scale
         self.interval = interval
         self.steps = steps
         self.uncond_model = uncond_model
@@ -95,6 +103,6 @@ class Guidance:
 def _pair(value, name: str) -> tuple[float, float]:
     try:
         lo, hi = value
-        return float(lo), float(hi)
     except (TypeError, ValueError):
         raise ValueError(f"guidance {name} must be a pair (lo, hi), got {value!r}") from None
+    return as_real(lo, f"guidance {name}[0]", finite=False), as_real(hi, f"guidance {name}[1]", finite=False)

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdiff import denoisers, ops, schedules, solvers
+from fastdiff.arguments import as_int
 from fastdiff.guidance import Guidance
 from fastdiff.solvers import Denoised, Row, Solver
 
@@ -90,11 +91,30 @@ def _check_inputs(model, x, sigmas) -> torch.Tensor:
     return schedules.validate(sigmas)
 
 
-def _cond_kwargs(plan: Plan, cond: Mapping | None, uncond: Mapping | None) -> tuple[dict, dict]:
-    """``cond`` and ``uncond`` as dicts; guided steps need ``cond``."""
+def _cond_kwargs(plan: Plan, cond: Mapping | None, uncond: Mapping | None, x: torch.Tensor) -> tuple[dict, dict]:
+    """``cond`` and ``uncond`` as dicts, checked once per run (never per step); guided steps need ``cond``."""
     if any(plan.guided) and cond is None:
         raise ValueError("guidance needs cond: the keyword arguments of the conditional pass (e.g. class labels)")
-    return dict(cond or {}), dict(uncond or {})
+    return _kwargs(cond, "cond", x), _kwargs(uncond, "uncond", x)
+
+
+def _kwargs(given: Mapping | None, name: str, x: torch.Tensor) -> dict:
+    """A model's keyword arguments: a mapping with string keys whose tensors are per sample (first dimension the
+    batch of ``x``) or 0-d. Guided steps concatenate cond's and uncond's tensors with x along that dimension, and a
+    tensor of another batch would otherwise fail deep inside the model, or broadcast into a silently wrong result."""
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise TypeError(f"{name} must be a dict of keyword arguments for the model (e.g. {{'class_labels': y}}), "
+                        f"got {type(given).__name__}")  # fmt: skip
+    batch = x.shape[0]
+    for key, value in given.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{name} keys must be keyword names (str), got {key!r}")
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] != batch:
+            raise ValueError(f"{name}[{key!r}] has shape {tuple(value.shape)}: its first dimension must be the "
+                             f"batch of x ({batch}); expand a tensor the batch shares, or pass it 0-d")  # fmt: skip
+    return dict(given)
 
 
 def _sigma_batch(sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -384,7 +404,7 @@ def sample(
     uncond_model = guidance.unconditional_model(model) if guidance is not None else model
     level_sigmas = torch.tensor(sig_model, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     levels = _Levels(level_sigmas, _level_count(plan), sig_model)
-    evaluate = _Evaluator(model, uncond_model, guidance, plan, *_cond_kwargs(plan, cond, uncond), x.shape[0], levels)
+    evaluate = _Evaluator(model, uncond_model, guidance, plan, *_cond_kwargs(plan, cond, uncond, x), x.shape[0], levels)
     evaluate.check_finite = check_finite
 
     def on_step(i, x, x_next, d):
@@ -525,9 +545,9 @@ class Sampler:
                              "use the default mode (the whole loop is captured here)")  # fmt: skip
         self.solver = solvers.get(solver)
         self.guidance = guidance
-        self.shape = None if shape is None else tuple(int(v) for v in shape)
+        self.shape = None if shape is None else tuple(as_int(v, "shape entries", 1) for v in shape)
         self.cuda_graph = bool(cuda_graph)
-        self.warmup = int(warmup)
+        self.warmup = as_int(warmup, "warmup", 0)
         self._raw_model = model
         uncond_model = guidance.unconditional_model(model) if guidance is not None else model
         if compile:
@@ -663,7 +683,7 @@ class Sampler:
         ``trajectory=True`` also the state after every step, ``[N + 1, B, ...]`` (row 0 is ``x``). Records nothing
         for autograd (:meth:`run` is the differentiable loop)."""
         self._check_x(x)
-        cond, uncond = _cond_kwargs(self.plan, cond, uncond)
+        cond, uncond = _cond_kwargs(self.plan, cond, uncond, x)
         if self.cuda_graph:
             return self._replay(x, cond, uncond, trajectory)
         traj = x.new_empty((self.plan.steps + 1, *x.shape)) if trajectory else None
@@ -689,7 +709,7 @@ class Sampler:
             x = torch.randn(self.shape, device="cuda") * float(self._sigmas[0])
         self.cuda_graph = True
         self._check_x(x)
-        cond, uncond = _cond_kwargs(self.plan, cond, uncond)
+        cond, uncond = _cond_kwargs(self.plan, cond, uncond, x)
         self._capture(x, cond, uncond)
 
     def _capture(self, x: torch.Tensor, cond: dict, uncond: dict, trajectory: bool = False) -> None:

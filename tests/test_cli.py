@@ -50,7 +50,7 @@ def test_more_steps_give_smaller_error(capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["sample", "--model", "gmm", "--steps", "0"], "--steps must be >= 1"),
+        (["sample", "--model", "gmm", "--steps", "0"], "argument --steps: must be an integer >= 1"),
         (["sample", "--model", "nope"], "unknown model 'nope'"),
         (["sample", "--model", "missing.safetensors"], "missing.safetensors"),
         (["sample", "--interval", "3,1", "--guidance", "2"], "sigma_lo=3.0 > sigma_hi=1.0"),

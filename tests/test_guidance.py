@@ -133,7 +133,7 @@ def test_guidance_errors():
         Guidance(2.0, steps=(4, 2))
     with pytest.raises(ValueError, match="either as sigmas"):
         Guidance(2.0, interval=(0.1, 1.0), steps=(0, 1))
-    with pytest.raises(ValueError, match="finite number"):
+    with pytest.raises(ValueError, match="finite real number"):
         Guidance(float("nan"))
     with pytest.raises(ValueError, match="must be a pair"):
         Guidance(2.0, interval=0.5)
@@ -142,3 +142,29 @@ def test_guidance_errors():
 def test_guidance_without_cond_is_refused(gmm, noise):
     with pytest.raises(ValueError, match="guidance needs cond"):
         fastdiff.sample(gmm, noise, schedules.karras(4, 0.1, 10.0), guidance=Guidance(2.0))
+
+
+def test_numpy_and_0d_tensor_scales_are_numbers():
+    g = Guidance(np.float32(2.0), interval=(np.float64(0.3), torch.tensor(3.0)))
+    assert g.scale == 2.0 and type(g.scale) is float and g.interval == (0.3, 3.0)
+    assert Guidance(torch.tensor(2), steps=(np.int64(1), np.int32(3))).steps == (1, 3)
+    assert repr(Guidance(np.float16(1.5))) == "Guidance(scale=1.5, everywhere)"
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(True), "2", torch.ones(2), torch.tensor(True), 2j])
+def test_non_numbers_are_refused_as_scales(bad):
+    with pytest.raises(ValueError, match="guidance scale must be a real number"):
+        Guidance(bad)
+
+
+def test_bools_are_not_interval_bounds():
+    with pytest.raises(ValueError, match=r"guidance interval\[1\] must be a real number"):
+        Guidance(2.0, interval=(0.0, True))
+
+
+def test_negative_scale_warns_but_runs(gmm, noise):
+    s = schedules.karras(4, 0.1, 10.0)
+    with pytest.warns(UserWarning, match="guidance scale -1 is negative"):
+        g = Guidance(-1.0)
+    out = fastdiff.sample(gmm, noise, s, guidance=g, cond=_labels(64))
+    assert torch.isfinite(out).all()

@@ -100,3 +100,63 @@ def test_model_output_on_another_device_is_refused(noise):
 def test_sigmas_on_another_device_are_refused(gmm):
     with pytest.raises(ValueError, match="sigmas are on meta but x is on cpu"):
         fastdiff.sample(gmm, torch.randn(4, 2), S.to("meta"))
+
+
+# ------------------------------------------------------------------------------------------ cond and uncond
+
+
+def _labels(n):
+    return {"class_labels": torch.arange(n) % 4}
+
+
+@pytest.mark.parametrize("bad", [torch.arange(64), [("class_labels", torch.arange(64))], "labels"])
+def test_cond_that_is_not_a_dict_is_refused(gmm, noise, bad):
+    g = fastdiff.Guidance(2.0)
+    for kw in ({"cond": bad}, {"cond": _labels(64), "uncond": bad}):
+        name = "cond" if kw["cond"] is bad else "uncond"
+        with pytest.raises(TypeError, match=f"^{name} must be a dict of keyword arguments for the model"):
+            fastdiff.sample(gmm, noise, S, guidance=g, **kw)
+        with pytest.raises(TypeError, match=f"^{name} must be a dict of keyword arguments for the model"):
+            fastdiff.Sampler(gmm, sigmas=S, guidance=g).sample(noise, **kw)
+
+
+@pytest.mark.parametrize("batch", [1, 63, 128])
+def test_cond_tensor_of_another_batch_is_refused_by_name(gmm, noise, batch):
+    """Caught before the first model call, with the key named, rather than inside the model (or broadcast)."""
+    calls = []
+
+    def spy(x, sigma, **kw):
+        calls.append(1)
+        return gmm(x, sigma, **kw)
+
+    g = fastdiff.Guidance(2.0)
+    wrong = {"class_labels": torch.arange(batch) % 4}
+    msg = rf"\['class_labels'\] has shape \({batch},\): its first dimension must be the batch of x \(64\)"
+    with pytest.raises(ValueError, match="cond" + msg):
+        fastdiff.sample(spy, noise, S, guidance=g, cond=wrong)
+    with pytest.raises(ValueError, match="^uncond" + msg):
+        fastdiff.Sampler(spy, sigmas=S, guidance=g).sample(noise, _labels(64), wrong)
+    assert calls == []
+
+
+def test_batch_independent_cond_values_pass(gmm, noise):
+    """0-d tensors and non-tensor values are not per sample; they reach the model as they are."""
+    seen = []
+
+    def model(x, sigma, class_labels=None, temperature=None, tag=None):
+        seen.append((temperature.ndim, tag))
+        return gmm(x, sigma, class_labels=class_labels)
+
+    cond = {**_labels(64), "temperature": torch.tensor(1.0), "tag": "c"}
+    out = fastdiff.sample(model, noise, S, cond=cond)
+    assert torch.isfinite(out).all() and set(seen) == {(0, "c")}
+
+
+def test_numpy_and_tensor_numbers_are_numbers_for_the_sampler(gmm, noise):
+    np = pytest.importorskip("numpy")
+    s = fastdiff.Sampler(gmm, sigmas=S, shape=(np.int64(64), torch.tensor(2)), warmup=np.int32(1))
+    assert s.shape == (64, 2) and s.warmup == 1 and type(s.warmup) is int
+    with pytest.raises(ValueError, match="warmup must be a non-negative integer"):
+        fastdiff.Sampler(gmm, sigmas=S, warmup=True)
+    with pytest.raises(ValueError, match="shape entries must be a positive integer, got 2.5"):
+        fastdiff.Sampler(gmm, sigmas=S, shape=(64, 2.5))

@@ -363,3 +363,106 @@ def test_checkpoint_of_another_model_is_refused_on_resume(tmp_path):
     other = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Dropout(0.0), nn.Linear(5, 4))
     with pytest.raises(ckpt.CheckpointError, match=r"shape mismatches.*0\.weight: checkpoint \(8, 4\) vs model"):
         train(other, _mse, data, _cfg(tmp_path, steps=2))
+
+
+# ------------------------------------------------------------------------------------------ one run per directory
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_a_second_run_on_a_live_directory_is_refused_and_a_killed_ones_lock_is_not(tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "hanging"
+    first = _worker(run_dir, "--hang-at", "12", "--marker", str(marker))
+    try:
+        _wait_for(marker, first)  # step 12: past its first checkpoint (step 10), the lock held
+        in_flight = run_dir / ".ckpt-000020.safetensors.a1b2c3d4.tmp"  # as if it were writing its next one
+        in_flight.write_bytes(b"half a checkpoint")
+        log_before = (run_dir / "log.csv").read_text()
+
+        second = _worker(run_dir)
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode != 0
+        assert "in use by another training run" in out and f"pid {first.pid} " in out, out
+        assert "_train_worker.py" in out  # the holder's command line
+        # The refused run touched nothing: not the in-flight file, not the log, not the checkpoints.
+        assert in_flight.exists() and (run_dir / "log.csv").read_text() == log_before
+        assert (run_dir / "latest").read_text().strip() == "ckpt-000010.safetensors"
+        # Nor does anyone else's stale-file cleanup while the run lives.
+        assert ckpt.remove_stale_temp_files(run_dir) == [] and in_flight.exists()
+
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=30)
+    except BaseException:
+        first.kill()
+        first.communicate()
+        raise
+    # The kernel dropped the dead run's lock: the next run takes the directory, resumes and clears the leftover.
+    _finish(_worker(run_dir))
+    assert not in_flight.exists()
+    _, meta = ckpt.load_checkpoint(run_dir)
+    assert meta["step"] == 40
+    assert [int(r["step"]) for r in _rows(run_dir / "log.csv")] == list(range(1, 41))
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "ckpt-000030.safetensors", "ckpt-000040.safetensors", "latest", "log.csv"
+    ]  # fmt: skip
+
+
+def test_run_lock_is_reentrant_and_kept_for_exports(tmp_path):
+    import fcntl
+
+    from fastdiff.train import runtime
+
+    model, data = _tiny()
+    lock_file = tmp_path / "run" / ckpt.RUN_LOCK
+
+    def held_by_someone() -> bool:
+        fd = os.open(lock_file, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    with runtime.keep_run_locks():
+        train(model, _mse, data, _cfg(tmp_path, steps=2))
+        assert held_by_someone()  # still ours: the export goes here
+        (tmp_path / "run" / ".model.safetensors.x.tmp").write_bytes(b"ours, in flight")
+        assert [p.name for p in ckpt.remove_stale_temp_files(tmp_path / "run")] == [".model.safetensors.x.tmp"]
+        train(model, _mse, data, _cfg(tmp_path, steps=3))  # the same process may run again
+    assert not lock_file.exists()
+    train(model, _mse, data, _cfg(tmp_path, steps=4))
+    assert not lock_file.exists()
+
+
+def test_out_dir_that_is_a_file_is_refused(tmp_path):
+    model, data = _tiny()
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="run directory .*run exists and is not a directory"):
+        train(model, _mse, data, _cfg(tmp_path))
+
+
+def test_ddp_run_on_a_live_directory_ends_on_every_rank(tmp_path):
+    from fastdiff.train import runtime
+
+    out = tmp_path / "ddp"
+    out.mkdir()
+    lock = runtime._acquire_run_lock(out)  # this process plays the live run
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"]
+        cmd += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(out), "--steps", "2"]
+        p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        runtime._release_run_lock(lock)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert f"in use by another training run (pid {os.getpid()} " in text, text
+    assert "rank 0 could not take the run directory" in text, text  # rank 1 says why it stops, and stops
+    assert not list(out.glob("ckpt-*"))

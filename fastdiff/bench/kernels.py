@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import os
 import statistics
 import sys
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 from fastdiff import ops
+from fastdiff.checkpoint import atomic_write
 
 WORKLOADS = {"euler_cfg": 0, "heun_corrector": 1, "dpmpp_2m": 1, "unipc_corrector": 2}  # history entries
 DTYPES = {"fp32": (torch.float32, torch.float32), "fp32+bf16": (torch.float32, torch.bfloat16)}
@@ -119,6 +121,10 @@ def bench_kernels(
     """Run the benchmark grid; returns one row per (workload, dtype, size, provider). ``threads``: torch's intra-op
     threads for a CPU run (None: leave them as they are), recorded in every row. ``time_budget``: seconds after
     which no further (workload, dtype, size) cell starts, so that a run on a lent GPU ends with its results."""
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"reps must be an integer >= 1, got {reps!r}")
+    if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes):
+        raise ValueError(f"sizes must be element counts >= 1, got {sizes!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     providers = [b for b in ops.available_backends() if b != "torch" and (b != "cpu") == (device.type == "cuda")]
     if device.type == "cpu" and "triton" in providers:
@@ -182,11 +188,13 @@ def _grid(sizes, dtypes, workloads, device, reps, compile, progress, providers, 
 
 def write_results(rows: list[dict], out: Path) -> None:
     """CSV, PNG (time per provider, one panel per workload and dtype) and a Markdown table."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "kernels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    if not rows:
+        raise ValueError("no benchmark rows to write")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(out / "kernels.csv", lambda tmp: Path(tmp).write_text(buf.getvalue(), newline=""))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,8 +214,10 @@ def write_results(rows: list[dict], out: Path) -> None:
     threads = f", {rows[0]['threads']} torch threads" if rows[0]["threads"] != "" else ""
     fig.suptitle(f"fused guided step on {rows[0]['device']}{threads}")
     fig.tight_layout()
-    fig.savefig(out / "kernels.png", dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(out / "kernels.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def markdown_table(rows: list[dict]) -> str:

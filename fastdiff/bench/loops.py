@@ -47,6 +47,7 @@ import csv
 import datetime
 import gc
 import importlib.metadata
+import io
 import math
 import statistics
 import textwrap
@@ -62,6 +63,7 @@ import torch
 import fastdiff
 from fastdiff import denoisers, generate, schedules
 from fastdiff.bench import baselines, peers
+from fastdiff.checkpoint import atomic_write
 from fastdiff.sampler import capture_graph
 
 VARIANTS = (
@@ -549,8 +551,13 @@ def bench_sample(
     scenarios = _parse(scenarios, SCENARIOS, "scenario")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, dtype or (p["dtype"] if device.type == "cuda" else "float32"))
-    batches, resolutions = list(batches or p["batches"]), list(resolutions or p["resolutions"])
-    steps, reps, warmup = steps or p["steps"], reps or p["reps"], p["warmup"]
+    # None takes the preset's value; 0 is refused, never read as "unset".
+    batches = list(p["batches"] if batches is None else batches)
+    resolutions = list(p["resolutions"] if resolutions is None else resolutions)
+    steps, reps, warmup = p["steps"] if steps is None else steps, p["reps"] if reps is None else reps, p["warmup"]
+    for name, values in (("batches", batches), ("resolutions", resolutions), ("steps", [steps]), ("reps", [reps])):
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ValueError(f"{name} must be integers >= 1, got {values if len(values) != 1 else values[0]!r}")
 
     # The cells (scenario, family, resolution, batch, solver, steps, variants, reps), cheapest first, so that a time
     # budget cuts the most expensive ones: the loop-overhead pairs, the EDM2 scenario, then the families in MODELS'
@@ -741,12 +748,12 @@ def write_results(rows: list[dict], out: Path) -> tuple[Path, Path]:
     """Write ``sample_loops.csv`` and ``sample_loops.png`` (per model and shape: total time per batch and host
     overhead per step against batch size, one line per variant; the EDM2 scenario as bars). Returns the paths."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / "sample_loops.csv", out / "sample_loops.png"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(csv_path, lambda tmp: Path(tmp).write_text(buf.getvalue(), newline=""))
 
     import matplotlib
 
@@ -800,6 +807,8 @@ def write_results(rows: list[dict], out: Path) -> tuple[Path, Path]:
     date = rows[0]["date"] if rows else ""
     fig.suptitle(f"end-to-end sampling loops with CFG on {device}, {date}")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return csv_path, png_path

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from fastdiff import generate, ld3, metrics, schedules, solvers
+from fastdiff.arguments import number
 from fastdiff.guidance import Guidance
 from fastdiff.ld3 import LD3Schedule, Student, TeacherPairs, make_metric, project_to_ball, slack_radius
-from fastdiff.sampler import Model, Sampler
+from fastdiff.sampler import Model, Sampler, count_nfe
 
 
 @dataclass
@@ -51,6 +52,8 @@ class LD3Config:
     seed: int = 0  # the order of the training pairs
 
     def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, number(getattr(self, f.name)))
         if self.rounds_xi < 0 or self.rounds_both < 0 or self.rounds_xi + self.rounds_both == 0:
             raise ValueError("LD3 needs at least one round (rounds_xi + rounds_both > 0)")
         if self.batch_size < 1:
@@ -141,6 +144,9 @@ def train_ld3(
     """
     config = config or LD3Config()
     solver = solvers.get(solver)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < _MIN_LD3_STEPS:
+        raise ValueError(f"LD3 keeps sigma_max and sigma_min fixed: it needs steps >= {_MIN_LD3_STEPS} to have a "
+                         f"timestep to learn, got {steps!r}")  # fmt: skip
     device = torch.device(device)
     dtype = train_pairs.noise.dtype
     schedule = LD3Schedule(steps, sigma_min, sigma_max, config.space, config.decoupled).to(device)
@@ -204,6 +210,32 @@ def train_ld3(
     return LD3Result(schedule, sigmas, eval_sigmas, log, metric_name, time.perf_counter() - t0, asdict(config))
 
 
+def learnable_steps(solver: str | solvers.Solver, nfe: int) -> int:
+    """The steps at which ``solver`` spends ``nfe`` evaluations, when LD3 has a timestep to learn there.
+
+    LD3 keeps ``sigma_max`` and ``sigma_min`` fixed and learns the sigmas between them (and offsets of those), so it
+    needs at least 3 steps; with fewer, training would run and report the starting schedule unchanged. Raises
+    ``ValueError`` saying so, with the smallest NFE that works for ``solver``.
+    """
+    steps = ld3.steps_for_nfe(solver, nfe)
+    if steps >= _MIN_LD3_STEPS:
+        return steps
+    name = solver if isinstance(solver, str) else solver.name
+    smallest = count_nfe_at(solver, _MIN_LD3_STEPS)
+    fixed = "sigma_max and 0" if steps == 1 else "sigma_max, sigma_min and 0"
+    raise ValueError(f"{name} at NFE {nfe} takes {steps} step(s), whose sigmas ({fixed}) LD3 keeps fixed: there is "
+                     f"no timestep to learn. LD3 needs {_MIN_LD3_STEPS} steps or more; for {name} the smallest NFE "
+                     f"is {smallest}")  # fmt: skip
+
+
+_MIN_LD3_STEPS = 3  # sigma_max, sigma_min (both fixed), and at least one learned sigma between them
+
+
+def count_nfe_at(solver: str | solvers.Solver, steps: int) -> int:
+    """The evaluations ``solver`` spends on ``steps`` steps of a schedule ending in 0."""
+    return sum(count_nfe(solver, schedules.karras(steps, 0.1, 1.0)))
+
+
 def model_spec(model: Model) -> tuple[tuple[int, ...], int, torch.dtype]:
     """``(sample shape, number of classes, dtype)`` of fastdiff's built-in model types, for teacher pairs."""
     from fastdiff.models import EDMUNet, GaussianMixture
@@ -241,7 +273,7 @@ def learn_schedule(
     against the Karras and logSNR-uniform (LD3's starting point) schedules at the same NFE, on ``held_out`` new
     pairs. Saves the schedule to ``out`` (JSON with sigmas, eval_sigmas, solver, NFE, model and the log)."""
     shape, classes, dtype = model_spec(model)
-    steps = ld3.steps_for_nfe(solver, nfe)
+    steps = learnable_steps(solver, nfe)
     if pairs < 4:
         raise ValueError(f"LD3 needs at least 4 teacher pairs (half train, half validation), got {pairs}")
     out = Path(out)

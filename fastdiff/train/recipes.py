@@ -31,7 +31,7 @@ from fastdiff.models.unet import EDMUNet, UNetConfig, count_parameters, save_une
 from fastdiff.train.cascade import CascadeConfig, CascadeLoss, build_cascade, save_cascade
 from fastdiff.train.codi import CoDiConfig, CoDiLoss, CoDiStudent, get_condition, save_student
 from fastdiff.train.edm import EDMLoss
-from fastdiff.train.runtime import TrainConfig, distributed_context, train
+from fastdiff.train.runtime import TrainConfig, distributed_context, keep_run_locks, train
 from fastdiff.train.sadm import SADMConfig, SADMLoss, build_encoder
 
 SIZES = {"tiny": UNetConfig.tiny, "small": UNetConfig.small}
@@ -143,7 +143,8 @@ def train_edm(
     model = _initial_unet(cfg, config.seed, init, ds)
     _report(f"EDM UNet {init or size}: {_millions(model)}", dataset_spec, ds, config)
     loss = EDMLoss(sigma_data=model.sigma_data, label_dropout=label_dropout if ds.num_classes else 0.0)
-    return _export_unet(train(model, loss, ds, config), config, export)
+    with keep_run_locks():  # the export and the plot of log.csv are still this run's
+        return _export_unet(train(model, loss, ds, config), config, export)
 
 
 def train_sadm(
@@ -177,10 +178,11 @@ def train_sadm(
     _report(f"SADM: EDM UNet {init or size} ({_millions(model)}), structure discriminator ({_millions(encoder)})",
             dataset_spec, ds, config)  # fmt: skip
     loss = SADMLoss(sadm, encoder, sigma_data=model.sigma_data)
-    state = train(model, loss, ds, config, adversary=loss.adversary)
-    out = _export_unet(state, config, export)
-    if state.context.is_main:
-        plot_players(Path(config.out_dir) / "log.csv", Path(config.out_dir) / "players.png")
+    with keep_run_locks():
+        state = train(model, loss, ds, config, adversary=loss.adversary)
+        out = _export_unet(state, config, export)
+        if state.context.is_main:
+            plot_players(Path(config.out_dir) / "log.csv", Path(config.out_dir) / "players.png")
     return out
 
 
@@ -218,22 +220,23 @@ def train_cascade(
         loss = CascadeLoss(cascade, ds.shape)
         print(f"Cas-DM {cascade.variant} ({nets} parameters), metric {loss.metric_name}, lam {cascade.lam}; data "
               f"{dataset_spec}: {len(ds)} images {tuple(ds.shape)}", file=sys.stderr)  # fmt: skip
-    if staged is None:
-        state = train(model, CascadeLoss(cascade, ds.shape), ds, config)
-    else:
-        out = Path(config.out_dir)
-        first = dataclasses.replace(config, steps=staged, out_dir=str(out / "theta"))
-        state = train(model, CascadeLoss(cascade, ds.shape, terms="theta"), ds, first)
-        model.load_state_dict(state.ema_model().state_dict())
-        model.theta.requires_grad_(False)
-        second = dataclasses.replace(config, steps=config.steps - staged, out_dir=str(out / "phi"))
-        state = train(model, CascadeLoss(cascade, ds.shape, terms="phi"), ds, second)
-    path = Path(export) if export is not None else Path(config.out_dir) / "model.safetensors"
-    if ctx.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ema = state.ema_model().cpu()
-        ema.unet_config = unet
-        save_cascade(path, ema, provenance=_command())
+    with keep_run_locks():  # staged: both stages' directories stay locked until the export is written
+        if staged is None:
+            state = train(model, CascadeLoss(cascade, ds.shape), ds, config)
+        else:
+            out = Path(config.out_dir)
+            first = dataclasses.replace(config, steps=staged, out_dir=str(out / "theta"))
+            state = train(model, CascadeLoss(cascade, ds.shape, terms="theta"), ds, first)
+            model.load_state_dict(state.ema_model().state_dict())
+            model.theta.requires_grad_(False)
+            second = dataclasses.replace(config, steps=config.steps - staged, out_dir=str(out / "phi"))
+            state = train(model, CascadeLoss(cascade, ds.shape, terms="phi"), ds, second)
+        path = Path(export) if export is not None else Path(config.out_dir) / "model.safetensors"
+        if ctx.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ema = state.ema_model().cpu()
+            ema.unet_config = unet
+            save_cascade(path, ema, provenance=_command())
     return path
 
 
@@ -285,13 +288,14 @@ def train_codi(
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     _report(f"CoDi {codi.trainable}: student {_millions(student)} ({trainable / 1e6:.2f}M trained), condition "
             f"{condition.name}, teacher {teacher}", dataset_spec, ds, config)  # fmt: skip
-    state = train(
-        student, CoDiLoss(codi, teacher_model, condition), ds, config, extra_modules={"teacher": teacher_model}
-    )
-    path = Path(export) if export is not None else Path(config.out_dir) / "model.safetensors"
-    if state.context.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_student(path, state.ema_model().cpu(), codi, provenance=_command())
+    with keep_run_locks():
+        state = train(
+            student, CoDiLoss(codi, teacher_model, condition), ds, config, extra_modules={"teacher": teacher_model}
+        )
+        path = Path(export) if export is not None else Path(config.out_dir) / "model.safetensors"
+        if state.context.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_student(path, state.ema_model().cpu(), codi, provenance=_command())
     return path
 
 

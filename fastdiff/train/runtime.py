@@ -24,6 +24,12 @@ A trainer supplies a model, a loss and a dataset; :func:`train` does everything 
 - **A second player.** An :class:`Adversary` (SADM's structure discriminator) has its own AdamW and loss. Before
   a model step it makes its updates on the same batch, with the model frozen; during the model step its own
   parameters are frozen. Both players, both optimizers and every RNG go into the checkpoint.
+- **One run per directory.** Rank 0 holds an OS lock (``flock``) on ``out_dir/.fastdiff-run.lock`` for the whole
+  run, so a second run on the same directory is refused with the first one's pid, host, start time and command,
+  instead of deleting its files in flight and resuming from its checkpoints. The kernel drops the lock when its
+  holder dies, even by SIGKILL, so a killed run never blocks the next; the other ranks of a DDP run do not lock,
+  they learn rank 0's verdict. :func:`keep_run_locks` keeps the lock past :func:`train` while the caller writes
+  its exports.
 - **Output** in ``out_dir``: checkpoints (see :mod:`fastdiff.checkpoint`), ``log.csv`` (one row every
   ``log_every`` steps; on resume the rows after the resumed step are cut, so no step appears twice) and, with
   ``tensorboard=True``, TensorBoard event files in ``out_dir/tensorboard``.
@@ -31,16 +37,23 @@ A trainer supplies a model, a loss and a dataset; :func:`train` does everything 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import datetime
+import errno
 import hashlib
 import io
+import json
 import math
 import os
+import shlex
+import socket
+import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +63,12 @@ from torch import nn
 from torch.utils.data import TensorDataset, default_collate
 
 from fastdiff import checkpoint as ckpt
+from fastdiff.arguments import number
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there are not locked
+    fcntl = None
 
 LossFn = Callable[[nn.Module, Any, torch.Generator], tuple[torch.Tensor, Mapping[str, Any]]]
 AdversaryLossFn = Callable[[nn.Module, nn.Module, Any, torch.Generator], tuple[torch.Tensor, Mapping[str, Any]]]
@@ -163,7 +182,14 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad setting."""
+        """Raise ``ValueError`` naming the first bad setting. NumPy scalars and 0-d tensors are taken as the Python
+        numbers they hold (the checkpoint stores the config as JSON, which knows only those)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "betas" and isinstance(value, (tuple, list)):
+                setattr(self, f.name, tuple(number(b) for b in value))
+            else:
+                setattr(self, f.name, number(value))
 
         def positive_int(name: str, minimum: int = 1) -> None:
             v = getattr(self, name)
@@ -423,7 +449,11 @@ def _restore_optimizer(
 
 
 class _CsvLog:
-    """``log.csv``, cut back to the rows at or before the resumed step (including a half-written last line)."""
+    """``log.csv``, cut back to the rows at or before the resumed step (including a half-written last line).
+
+    The one file fastdiff appends to rather than writing through :func:`fastdiff.checkpoint.atomic_write`: a
+    rewrite per row would cost time quadratic in the run's length, and the cut-back above already repairs the torn
+    last row a kill leaves. Its rewrites (the cut-back, a new column) are atomic."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
@@ -455,8 +485,11 @@ class _CsvLog:
             self._writer.writerow(self.columns)
         elif row.keys() - set(self.columns):
             self._widen(sorted(row.keys() - set(self.columns)))
-        self._writer.writerow(["" if row.get(c) is None else row[c] for c in self.columns])
-        self._file.flush()
+        try:
+            self._writer.writerow(["" if row.get(c) is None else row[c] for c in self.columns])
+            self._file.flush()
+        except OSError as exc:  # a full disk: name the file, which a buffered write's error does not
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def _widen(self, new: list[str]) -> None:
         # A key that first appears later (an adversary after its warm-up) becomes a new column, blank before.
@@ -501,6 +534,168 @@ def _check_finite(
     last = f"; the last checkpoint is {state.checkpoint_path}" if state.checkpoint_path else ""
     shown = "" if loss is None else f"{whose}loss={float(loss)}, "
     raise FloatingPointError(f"training diverged at step {step}: {shown}{whose}grad_norm={float(grad_norm)}{last}")
+
+
+# --------------------------------------------------------------------------------------------- the run lock
+
+
+
+class RunDirectoryInUse(RuntimeError):
+    """Another live process is training (or sampling) into the run directory."""
+
+
+@dataclass
+class _RunLock:
+    path: Path
+    fd: int
+    users: int = 1  # train() calls of this process inside it; it is released when the last one ends
+
+
+_held: dict[str, _RunLock] = {}  # by the directory's real path
+_keeping = 0  # depth of keep_run_locks() blocks
+
+
+def _owner_text(fd: int) -> str:
+    """Who holds a lock file, from the record its owner wrote into it."""
+    try:
+        info = json.loads(os.pread(fd, 65536, 0) or b"{}")
+        parts = [f"pid {info['pid']} on host {info['host']}", f"started {info['started']}"]
+        return ", ".join(parts) + f", command: {info['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its owner record is still being written or unreadable"
+
+
+def _acquire_run_lock(out_dir: Path) -> _RunLock:
+    """Take ``out_dir``'s run lock, or raise :class:`RunDirectoryInUse` naming its holder. Re-entrant within a
+    process (the staged Cas-DM recipe, a caller that resumes in the same process)."""
+    key = os.path.realpath(out_dir)
+    held = _held.get(key)
+    if held is not None:
+        held.users += 1
+        return held
+    path = out_dir / ckpt.RUN_LOCK
+    if fcntl is None:
+        return _RunLock(path, -1)
+    for _ in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner_text(fd)
+            os.close(fd)
+            raise RunDirectoryInUse(
+                f"run directory {out_dir} is in use by another training run ({owner}); wait for it to end, or "
+                "use another directory"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            # Refusing every run on such a file system would be worse than the risk it guards against.
+            warnings.warn(f"cannot lock {path} ({exc.strerror}): this file system has no file locks, so nothing "
+                          f"stops a second run from using {out_dir} at the same time", stacklevel=3)  # fmt: skip
+            return _RunLock(path, -1)
+        # A releasing owner unlinks the file before it lets go: a lock won on an unlinked file guards nothing.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise RunDirectoryInUse(f"could not lock run directory {out_dir}: its lock file keeps being replaced")
+    record = {
+        "pid": os.getpid(), "host": socket.gethostname(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+    }  # fmt: skip
+    # Written in place: replacing the file (atomic_write) would move the name off the locked inode.
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    lock = _held[key] = _RunLock(path, fd)
+    return lock
+
+
+def _release_run_lock(lock: _RunLock) -> None:
+    lock.users -= 1
+    if lock.users > 0 or _keeping:
+        return
+    for key, held in list(_held.items()):
+        if held is lock:
+            del _held[key]
+    if lock.fd < 0:
+        return
+    # Unlink while still holding it, so that no later run can win a lock on a name that is about to vanish.
+    with contextlib.suppress(OSError):
+        os.unlink(lock.path)
+    os.close(lock.fd)
+
+
+@contextlib.contextmanager
+def keep_run_locks() -> Iterator[None]:
+    """Run locks that :func:`train` takes inside this block stay held until it ends, so that what the caller writes
+    into the run directory after training (the exported model, plots of log.csv) cannot mix with another run's."""
+    global _keeping
+    _keeping += 1
+    try:
+        yield
+    finally:
+        _keeping -= 1
+        if not _keeping:
+            for lock in [h for h in _held.values() if h.users == 0]:
+                lock.users = 1
+                _release_run_lock(lock)
+
+
+def _broadcast_text(text: str, ctx: DistContext, size: int = 4096) -> str:
+    """Rank 0's ``text`` on every rank (one collective; cut to ``size`` bytes)."""
+    device = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    buf = torch.zeros(size, dtype=torch.uint8)
+    data = text.encode()[:size]
+    if ctx.is_main and data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = buf.to(device)
+    dist.broadcast(buf, src=0)
+    return bytes(buf.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
+
+
+@contextlib.contextmanager
+def hold_run_directory(out_dir: str | os.PathLike, ctx: DistContext | None = None) -> Iterator[None]:
+    """Hold ``out_dir`` for one run (see :func:`_open_run_dir`) while the block runs: ``fastdiff sample --out-dir``
+    takes it as :func:`train` does, so that two runs never merge each other's files."""
+    lock = _open_run_dir(Path(out_dir), ctx if ctx is not None else distributed_context())
+    try:
+        yield
+    finally:
+        if lock is not None:
+            _release_run_lock(lock)
+
+
+def _open_run_dir(out_dir: Path, ctx: DistContext) -> _RunLock | None:
+    """Rank 0 makes ``out_dir``, takes its run lock and clears what killed writers left there; every rank learns
+    whether that worked, so that a refused DDP run ends on all ranks instead of hanging at the next collective.
+    Returns rank 0's lock (None on the other ranks)."""
+    lock, error = None, None
+    if ctx.is_main:
+        try:
+            if out_dir.exists() and not out_dir.is_dir():
+                raise NotADirectoryError(f"run directory {out_dir} exists and is not a directory")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock = _acquire_run_lock(out_dir)
+            ckpt.remove_stale_temp_files(out_dir)
+        except (OSError, RunDirectoryInUse) as exc:
+            if lock is not None:
+                _release_run_lock(lock)
+            error = exc
+    if ctx.distributed:
+        # Also the barrier: no rank looks into the directory before rank 0 has it, tidy.
+        why = _broadcast_text(str(error) if error is not None else "", ctx)
+        if why and not ctx.is_main:
+            raise RunDirectoryInUse(f"rank 0 could not take the run directory: {why}")
+    if error is not None:
+        raise error
+    return lock
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -681,6 +876,7 @@ def train(
             first dimension indexes the items.
         config: the run settings; ``config.out_dir`` holds the checkpoints and logs. If it already holds a
             checkpoint the run continues from it, exactly; a run that already reached ``steps`` returns at once.
+            If another live process trains there, :class:`RunDirectoryInUse` names it and nothing is touched.
         extra_modules: other modules ``loss_fn`` uses (through a closure), moved to the device. Those with
             trainable parameters (a discriminator) are optimised by the same AdamW, kept in sync across ranks
             and saved in checkpoints; frozen ones (a distillation teacher) are only moved.
@@ -707,7 +903,8 @@ def train(
 
     ctx, created_group = init_distributed(config.device)
     try:
-        return _run(model, loss_fn, dataset, n_data, config, extras, adversary, ctx)
+        with hold_run_directory(config.out_dir, ctx):
+            return _run(model, loss_fn, dataset, n_data, config, extras, adversary, ctx)
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -747,11 +944,6 @@ def _run(
         adversary.module.requires_grad_(False)  # trainable only inside its own updates
 
     out_dir = Path(cfg.out_dir)
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temp_files(out_dir)
-    if ctx.distributed:
-        dist.barrier()  # the directory exists and is tidy before any rank looks into it
     # Seeded first so that a rank the checkpoint has no RNG state for (the world grew) still starts seeded.
     torch.manual_seed(_derive_seed("torch", cfg.seed, ctx.rank))
     latest = ckpt.latest_checkpoint(out_dir)
