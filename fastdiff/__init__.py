@@ -6,13 +6,14 @@ Models follow the k-diffusion/EDM convention ``model(x, sigma, **cond) -> D(x; s
 from fastdiff import denoisers, guidance, metrics, models, ode, ops, schedules, solvers
 from fastdiff.guidance import Guidance
 from fastdiff.sampler import CaptureError, Sampler, SampleStats, count_nfe, sample
-from fastdiff.solvers import SOLVERS
+from fastdiff.solvers import ODE_SOLVERS, SOLVERS
 
 __version__ = "0.1.0"
 __all__ = [
     "CaptureError",
     "Guidance",
     "SOLVERS",
+    "ODE_SOLVERS",
     "SampleStats",
     "Sampler",
     "count_nfe",

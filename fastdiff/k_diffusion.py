@@ -57,6 +57,7 @@ from fastdiff import ops, schedules, solvers
 from fastdiff.brownian import BrownianTreeNoiseSampler
 from fastdiff.sampler import _check_inputs, _check_output, _sigma_batch, sample
 from fastdiff.solvers import Denoised
+from fastdiff.solvers.base import _expm1, _is_zero, _lam
 
 __all__ = [
     "BrownianTreeNoiseSampler",
@@ -391,13 +392,13 @@ class KDiffusionDPMSolverPP3M(solvers.DPMSolverPP3M):
     name = "dpmpp_3m_kdiffusion"
 
     def coefficients(self, sigmas, i):
-        if i != 1 or solvers._is_zero(sigmas[2]):
+        if i != 1 or _is_zero(sigmas[2]):
             return super().coefficients(sigmas, i)
         # Floats or 0-d tensors (fastdiff.Sampler's device-resident, differentiable coefficient table).
-        lam0, lam1, lam2 = (solvers._lam(s) for s in sigmas[:3])
+        lam0, lam1, lam2 = (_lam(s) for s in sigmas[:3])
         h = lam2 - lam1
-        k = (solvers._expm1(-h) / h + 1) * h / (lam1 - lam0)  # phi_2(h) / r
-        return sigmas[2] / sigmas[1], [-solvers._expm1(-h) + k, -k]
+        k = (_expm1(-h) / h + 1) * h / (lam1 - lam0)  # phi_2(h) / r
+        return sigmas[2] / sigmas[1], [-_expm1(-h) + k, -k]
 
 
 # -------------------------------------------------------------------------------------- stochastic samplers

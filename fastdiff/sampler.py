@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from fastdiff import denoisers, ops, schedules, solvers
 from fastdiff.arguments import as_int
 from fastdiff.guidance import Guidance
-from fastdiff.solvers import Denoised, Row, Solver
+from fastdiff.solvers import Denoised, Interval, Noise, Scalar, Solver, StageRow, schedule_values
 
 Model = Callable[..., torch.Tensor]
 log = logging.getLogger("fastdiff")
@@ -141,11 +141,11 @@ class _Levels:
     :class:`~fastdiff.denoisers.Preconditioned` denoiser, evaluated for the whole schedule in a few vectorised ops
     on the device. A loop passes a level's index where a solver passes ``sigmas[i]`` (:meth:`Solver.step`)."""
 
-    def __init__(self, sigmas: torch.Tensor, count: int, host: Sequence[float] | None = None):
-        """``sigmas`` ``[M]`` on the run's device in ``promote(x.dtype, float32)``; models are called at the first
-        ``count`` of them (never at a final 0). ``host``: their values, for messages, where they are known."""
-        self.sigmas, self.count, self.host = sigmas, count, host
-        self._values = sigmas[:count].unbind()
+    def __init__(self, sigmas: torch.Tensor, host: Sequence[float] | None = None):
+        """``sigmas`` ``[L]``: the run's evaluation levels (:func:`level_values`) on its device in
+        ``promote(x.dtype, float32)``. ``host``: their values, for messages, where they are known."""
+        self.sigmas, self.host = sigmas, host
+        self._values = sigmas.unbind()
         self._scalings: dict[int, list] = {}  # id(model) -> its scalings, each [count] or a constant
         self._args: dict[tuple, tuple] = {}
 
@@ -165,7 +165,7 @@ class _Levels:
             return (self._values[j].expand(x.shape[0]),)
         scalings = self._scalings.get(id(model))
         if scalings is None:
-            scalings = self._scalings[id(model)] = list(model.scalings(self.sigmas[: self.count]))
+            scalings = self._scalings[id(model)] = list(model.scalings(self.sigmas))
         shape = (1,) * x.ndim  # a [1, ...] tensor broadcasts and promotes like the [B, 1, ...] of a plain call
         c_skip, c_out, c_in = (v[j].reshape(shape) if isinstance(v, torch.Tensor) else v for v in scalings[:3])
         return c_skip, c_out, c_in, scalings[3][j].expand(x.shape[0])
@@ -177,7 +177,7 @@ class _Levels:
             for model in models:
                 old = self._scalings.get(id(model))
                 if old is not None:
-                    for kept, new in zip(old, model.scalings(self.sigmas[: self.count])):
+                    for kept, new in zip(old, model.scalings(self.sigmas)):
                         if isinstance(kept, torch.Tensor):
                             kept.copy_(new)
 
@@ -232,12 +232,17 @@ class Plan:
     ``guided[i]``: step ``i`` runs the unconditional pass. ``starts[i]``: the step at which step ``i``'s solver
     history began (0, or where guidance switched on or off under ``Guidance(restart=True)``).
     ``evaluations[i]``: model evaluations of step ``i`` per branch. ``final_zero``: the schedule ends in 0.
+    ``points[i]``: the evaluation levels of step ``i`` (see :func:`level_values`): schedule entry ``k`` is level
+    ``k``, and the solver's points between entries (DPM-Solver-2's midpoints) are the levels after the schedule's.
+    ``draws[i][j]``: stage ``j`` of step ``i`` draws noise.
     """
 
     guided: tuple[bool, ...]
     starts: tuple[int, ...]
     evaluations: tuple[int, ...]
     final_zero: bool
+    points: tuple[tuple[int, ...], ...] = ()
+    draws: tuple[tuple[bool, ...], ...] = ()
 
     @property
     def steps(self) -> int:
@@ -247,6 +252,16 @@ class Plan:
     def nfe(self) -> tuple[int, int]:
         """``(nfe_cond, nfe_uncond)`` of one run."""
         return sum(self.evaluations), sum(n for n, g in zip(self.evaluations, self.guided) if g)
+
+    @property
+    def scheduled(self) -> int:
+        """How many of the schedule's entries are evaluation levels: all but a final 0."""
+        return self.steps + (0 if self.final_zero else 1)
+
+    @property
+    def noisy(self) -> bool:
+        """Whether any stage draws noise."""
+        return any(any(d) for d in self.draws)
 
 
 def make_plan(solver: str | Solver, sigmas: Sequence[float], guidance: Guidance | None = None) -> Plan:
@@ -259,7 +274,41 @@ def make_plan(solver: str | Solver, sigmas: Sequence[float], guidance: Guidance 
         if restart and i > 0 and guided[i] != guided[i - 1]:
             first = i  # see Guidance(restart=...)
         starts.append(first)
-    return Plan(tuple(guided), tuple(starts), tuple(solver.evaluations(sig)), sig[-1] == 0)
+    scheduled = len(guided) + (0 if sig[-1] == 0 else 1)
+    points, draws, extra = [], [], 0
+    for i, first in enumerate(starts):
+        ids = []
+        for p in solver.points(sig[first:], i - first):
+            if isinstance(p, int):
+                ids.append(p + first)
+            else:
+                ids.append(scheduled + extra)
+                extra += 1
+        points.append(tuple(ids))
+        draws.append(tuple(st.noise is not None for st in solver.stages(sig[first:], i - first)))
+    evaluations = tuple(len(p) for p in points)
+    return Plan(tuple(guided), tuple(starts), evaluations, sig[-1] == 0, tuple(points), tuple(draws))
+
+
+def level_values(solver: Solver, plan: Plan, model_sigmas: Sequence[Scalar]) -> list[Scalar]:
+    """The run's evaluation levels in :class:`Plan` order: the schedule's model sigmas but a final 0, then the
+    solver's points between them, computed from the model sigmas (host floats, or 0-d tensors of a device schedule
+    with its final 0 as ``0.0``, :func:`fastdiff.solvers.schedule_values`)."""
+    levels = list(model_sigmas[: plan.scheduled])
+    for i, first in enumerate(plan.starts):
+        levels += [p for p in solver.points(model_sigmas[first:], i - first) if not isinstance(p, int)]
+    return levels
+
+
+def _level_tensor(solver: Solver, plan: Plan, model_sigmas: torch.Tensor) -> torch.Tensor:
+    """:func:`level_values` of a schedule tensor, as one tensor on its device (differentiable with respect to it)."""
+    values = level_values(solver, plan, schedule_values(model_sigmas, plan.final_zero))
+    return torch.stack([v if isinstance(v, torch.Tensor) else model_sigmas.new_full((), v) for v in values])
+
+
+def noise_intervals(solver: Solver, plan: Plan, sigmas: Sequence[float]) -> list[list[Interval | None]]:
+    """Per step and stage, the interval a drawing stage asks the noise source for (host values)."""
+    return [[st.noise for st in solver.stages(sigmas[first:], i - first)] for i, first in enumerate(plan.starts)]
 
 
 def count_nfe(solver: str | Solver, sigmas, guidance: Guidance | None = None) -> tuple[int, int]:
@@ -292,14 +341,14 @@ def _solve(
     x: torch.Tensor,
     stages_of: Callable[[int], Sequence],
     evaluate: _Evaluator,
+    noise: Noise | None,
     progress: bool = False,
     on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """The loop both sampling paths share: host :class:`Stage` s, or coefficient rows of a device table. The solver
-    sees the levels' indices as its sigmas (the evaluator maps them to noise levels). Its only branches are on
-    ``plan``."""
+    """The loop both sampling paths share: host :class:`Stage` s, or :class:`StageRow` s of a device table. The
+    solver evaluates at the plan's level indices (the evaluator maps them to noise levels) and draws its noise from
+    ``noise``. Its only branches are on ``plan``."""
     state: dict = {}
-    levels = range(evaluate.levels.sigmas.shape[0])
     steps = range(plan.steps)
     for i in tqdm(steps, disable=not progress, desc=f"fastdiff {solver.name}", leave=False) if progress else steps:
         first = plan.starts[i]
@@ -308,7 +357,7 @@ def _solve(
         evaluate.step = i
         guided = plan.guided[i]
         x_next, d = solver.step(
-            i - first, x, levels[first:], lambda xi, j, g=guided: evaluate(xi, j, g), state, stages_of(i)
+            i - first, x, None, lambda xi, j, g=guided: evaluate(xi, j, g), state, stages_of(i), plan.points[i], noise
         )
         if on_step is not None:
             on_step(i, x, x_next, d)
@@ -316,19 +365,46 @@ def _solve(
     return x
 
 
-def _level_count(plan: Plan) -> int:
-    """How many of a schedule's levels a run evaluates the model at: all but a final 0."""
-    return plan.steps + (0 if plan.final_zero else 1)
-
-
-def _rows(table: torch.Tensor, n_history: list[list[int]]) -> list[list[Row]]:
-    """Every stage's coefficients ``table[i, j, : 6 + K]`` (:func:`plan_coefficients`), made once per table: views
-    on a device (the kernel reads them there; a captured graph replays values written in place), host values for a
-    CPU table that needs no gradient (the CPU kernel takes them as they are)."""
+def _rows(
+    table: torch.Tensor, n_history: list[list[int]], intervals: list[list[Interval | None]]
+) -> list[list[StageRow]]:
+    """Every stage's coefficients ``table[i, j, : 6 + K]`` (:func:`plan_coefficients`) with its noise interval, made
+    once per table: views on a device (the kernel reads them there; a captured graph replays values written in
+    place), host values for a CPU table that needs no gradient (the CPU kernel takes them as they are)."""
     if table.device.type == "cpu" and not table.requires_grad:
         host = table.tolist()
-        return [[host[i][j][: 6 + k] for j, k in enumerate(nh)] for i, nh in enumerate(n_history)]
-    return [[table[i, j, : 6 + k] for j, k in enumerate(nh)] for i, nh in enumerate(n_history)]
+        coef = lambda i, j, k: host[i][j][: 6 + k]  # noqa: E731
+    else:
+        coef = lambda i, j, k: table[i, j, : 6 + k]  # noqa: E731
+    return [[StageRow(coef(i, j, k), intervals[i][j]) for j, k in enumerate(nh)] for i, nh in enumerate(n_history)]
+
+
+def _noise_source(x: torch.Tensor, noise_sampler: Callable | None, generator: torch.Generator | None) -> Noise:
+    """What the drawing stages of a run take their noise from: ``noise_sampler(sigma, sigma_next)`` (k-diffusion's
+    convention; a tensor like x), or standard normals drawn on x's device from ``generator`` (torch's global
+    generator when None: the draws of ``torch.randn_like(x)``, as k-diffusion makes them)."""
+    if noise_sampler is not None and generator is not None:
+        raise ValueError("give either noise_sampler or generator, not both")
+    if noise_sampler is not None:
+        if not callable(noise_sampler):
+            raise TypeError("noise_sampler must be callable as noise_sampler(sigma, sigma_next) -> noise like x")
+
+        def sampled(interval: Interval) -> torch.Tensor:
+            z = noise_sampler(*interval)
+            if not isinstance(z, torch.Tensor) or z.shape != x.shape or not z.is_floating_point():
+                got = f"shape {tuple(z.shape)} {z.dtype}" if isinstance(z, torch.Tensor) else type(z).__name__
+                raise ValueError(f"noise_sampler returned {got}; expected a floating tensor of x's shape "
+                                 f"{tuple(x.shape)}")  # fmt: skip
+            return z.to(device=x.device, dtype=x.dtype)
+
+        return sampled
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != x.device.type:
+            raise ValueError(f"generator is on {generator.device} but x is on {x.device}; draw on x's device")
+    shape, dtype, device = x.shape, x.dtype, x.device
+    return lambda interval: torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
 
 def _check_schedule_for(model: Model, sigmas: Sequence[float]) -> None:
@@ -355,8 +431,10 @@ def sample(
     cuda_graph: bool = False,
     compile: bool | dict = False,
     eval_sigmas: torch.Tensor | None = None,
+    noise_sampler: Callable[[Any, Any], torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleStats]:
-    """Solve the probability-flow ODE from noise ``x`` along ``sigmas``.
+    """Solve the probability-flow ODE, or its stochastic counterpart, from noise ``x`` along ``sigmas``.
 
     Args:
         model: ``model(x, sigma, **cond) -> D(x; sigma)``, with ``sigma`` a ``[B]`` tensor.
@@ -376,6 +454,12 @@ def sample(
         compile: ``torch.compile`` the model (a dict gives ``torch.compile``'s options); see :class:`Sampler`.
         eval_sigmas: ``[N + 1]`` noise levels at which the model is called, when they differ from the ones the
             solver's coefficients use (LD3's decoupled evaluation times; :func:`fastdiff.ld3.load_schedule`).
+        noise_sampler: for a stochastic solver, ``noise_sampler(sigma, sigma_next)`` returns the standard normal
+            noise of a step, a tensor like ``x`` (k-diffusion's convention; the sigmas arrive as host floats), e.g.
+            a Brownian tree's increments.
+        generator: for a stochastic solver without ``noise_sampler``, the ``torch.Generator`` (on x's device) the
+            noise is drawn from; by default torch's global generator, whose draws are ``torch.randn_like(x)``'s,
+            so a run seeded with ``torch.manual_seed`` draws what k-diffusion draws.
 
     Returns:
         The sample at ``sigmas[-1]``, shape and dtype of ``x``; with ``return_stats``, ``(sample, stats)``.
@@ -391,7 +475,7 @@ def sample(
             model, solver=solver, sigmas=sigmas, guidance=guidance, cuda_graph=cuda_graph, compile=compile,
             eval_sigmas=eval_sigmas,
         )  # fmt: skip
-        out = sampler.sample(x, cond, uncond)
+        out = sampler.sample(x, cond, uncond, noise_sampler=noise_sampler, generator=generator)
         return (out, sampler.stats()) if return_stats else out
 
     sig_t = _check_inputs(model, x, sigmas)
@@ -402,10 +486,12 @@ def sample(
     _check_schedule_for(model, sig_model)
     plan = make_plan(solver, sig, guidance)
     uncond_model = guidance.unconditional_model(model) if guidance is not None else model
-    level_sigmas = torch.tensor(sig_model, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    levels = _Levels(level_sigmas, _level_count(plan), sig_model)
+    host_levels = [float(v) for v in level_values(solver, plan, sig_model)]
+    level_sigmas = torch.tensor(host_levels, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    levels = _Levels(level_sigmas, host_levels)
     evaluate = _Evaluator(model, uncond_model, guidance, plan, *_cond_kwargs(plan, cond, uncond, x), x.shape[0], levels)
     evaluate.check_finite = check_finite
+    noise = _noise_source(x, noise_sampler, generator)
 
     def on_step(i, x, x_next, d):
         callback({"i": i, "sigma": sig[i], "sigma_next": sig[i + 1], "x": x, "x_next": x_next, "denoised": d})
@@ -413,7 +499,7 @@ def sample(
     def stages_of(i):
         return solver.stages(sig[plan.starts[i] :], i - plan.starts[i])
 
-    x = _solve(solver, plan, x, stages_of, evaluate, progress, on_step if callback is not None else None)
+    x = _solve(solver, plan, x, stages_of, evaluate, noise, progress, on_step if callback is not None else None)
     if not return_stats:
         return x
     stats = SampleStats(plan.steps, evaluate.nfe_cond, evaluate.nfe_uncond, evaluate.calls)
@@ -430,11 +516,15 @@ class CaptureError(RuntimeError):
     """The sampling loop could not be captured in a CUDA graph (the eager loop still works)."""
 
 
-def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 1) -> tuple[Any, Any]:
+def capture_graph(
+    fn: Callable[[], Any], device: torch.device, warmup: int = 1, generator: torch.Generator | None = None
+) -> tuple[Any, Any]:
     """Run ``fn()`` ``warmup`` times on a side stream (lazy initialisation such as cuBLAS handles, cuDNN autotuning
     or compilation must not happen under capture), then capture one call in a CUDA graph. Returns ``(graph,
-    output of the captured call)``; ``graph.replay()`` reruns it. Raises :class:`CaptureError` when the capture
-    fails; errors of the warm-up propagate as they are."""
+    output of the captured call)``; ``graph.replay()`` reruns it. ``generator``: a CUDA generator ``fn`` draws
+    from (the device's default generator needs nothing), registered with the graph so that each replay advances it
+    and draws anew. Raises :class:`CaptureError` when the capture fails; errors of the warm-up propagate as they
+    are."""
     side = torch.cuda.Stream(device=device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -442,6 +532,13 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 1) 
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        register = getattr(graph, "register_generator_state", None)
+        if register is None:
+            raise CaptureError(f"this torch ({torch.__version__}) cannot capture draws from a torch.Generator of "
+                               "your own in a CUDA graph; leave generator=None to draw from the device's default "
+                               "generator (seed it with torch.cuda.manual_seed)")  # fmt: skip
+        register(generator)
     try:
         with torch.cuda.graph(graph):
             out = fn()
@@ -464,7 +561,7 @@ class _Buffer:
     sigmas: torch.Tensor
     table: torch.Tensor
     levels: _Levels
-    rows: list[list[Row]]
+    rows: list[list[StageRow]]
 
 
 @dataclass
@@ -478,9 +575,9 @@ class _Graph:
     trajectory: torch.Tensor | None
 
 
-def _signature(x: torch.Tensor, cond: Mapping, uncond: Mapping, trajectory: bool) -> tuple:
-    """What a captured graph is valid for: tensor shapes, dtypes and devices, non-tensor values, and whether it
-    records the trajectory."""
+def _signature(x: torch.Tensor, cond: Mapping, uncond: Mapping, trajectory: bool, generator=None) -> tuple:
+    """What a captured graph is valid for: tensor shapes, dtypes and devices, non-tensor values, whether it
+    records the trajectory, and which generator it draws from."""
 
     def of(kwargs):
         return tuple(
@@ -488,7 +585,7 @@ def _signature(x: torch.Tensor, cond: Mapping, uncond: Mapping, trajectory: bool
             for k, v in sorted(kwargs.items())
         )
 
-    return tuple(x.shape), x.dtype, x.device, of(cond), of(uncond), trajectory
+    return tuple(x.shape), x.dtype, x.device, of(cond), of(uncond), trajectory, id(generator)
 
 
 class Sampler:
@@ -583,13 +680,15 @@ class Sampler:
         same = plan == self.plan and n_history == self.n_history
         self.plan, self.n_history = plan, n_history
         self._sigmas, self._model_sigmas, self._table = sig.clone(), model_sig.clone(), table
-        self._host_model_sigmas = host_model_sig
+        self._host_levels = [float(v) for v in level_values(self.solver, plan, host_model_sig)]
+        self._intervals = noise_intervals(self.solver, plan, host)
         if same:
             for buf in self._buffers.values():
                 buf.sigmas.copy_(model_sig)
                 buf.table.copy_(table)
+                buf.levels.sigmas.copy_(_level_tensor(self.solver, plan, buf.sigmas))
                 buf.levels.refresh([self.model, self.uncond_model])
-                buf.rows = _rows(buf.table, n_history)  # host values are copies; device views need nothing
+                buf.rows = _rows(buf.table, n_history, self._intervals)  # host rows are copies
         else:
             self._buffers.clear()
             self._graph = None
@@ -617,8 +716,8 @@ class Sampler:
         if buf is None:
             # copy=True: a buffer must never alias the caller's tensor or the float64 master.
             sig, table = (t.to(x.device, key[1], copy=True) for t in (self._model_sigmas, self._table))
-            levels = _Levels(sig, _level_count(self.plan), self._host_model_sigmas)
-            buf = self._buffers[key] = _Buffer(sig, table, levels, _rows(table, self.n_history))
+            levels = _Levels(_level_tensor(self.solver, self.plan, sig), self._host_levels)
+            buf = self._buffers[key] = _Buffer(sig, table, levels, _rows(table, self.n_history, self._intervals))
         return buf
 
     def _device_buffers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -644,17 +743,21 @@ class Sampler:
         sigmas: torch.Tensor,
         table: torch.Tensor,
         trajectory: torch.Tensor | None = None,
+        *,
+        noise_sampler: Callable[[Any, Any], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """The eager loop over explicit device tensors: ``sigmas [N + 1]``, where the model is evaluated, and
         ``table``, the coefficients (as :func:`plan_coefficients` makes them for this sampler's plan; LD3 passes a
         differentiable one). Differentiable with respect to x, sigmas and table: unlike :meth:`sample`, it records
         autograd where grad mode is on. With ``trajectory`` ``[N + 1, B, ...]``, every step's state is written into
-        it (row 0 is ``x``)."""
-        levels = _Levels(sigmas, _level_count(self.plan))
-        return self._run(x, cond, uncond, levels, _rows(table, self.n_history), trajectory)
+        it (row 0 is ``x``). A stochastic solver's noise as in :meth:`sample`."""
+        levels = _Levels(_level_tensor(self.solver, self.plan, sigmas))
+        rows = _rows(table, self.n_history, self._intervals)
+        return self._run(x, cond, uncond, levels, rows, _noise_source(x, noise_sampler, generator), trajectory)
 
     def _run(
-        self, x: torch.Tensor, cond: dict, uncond: dict, levels: _Levels, rows: list[list[Row]],
+        self, x: torch.Tensor, cond: dict, uncond: dict, levels: _Levels, rows: list[list[StageRow]], noise: Noise,
         trajectory: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         evaluate = _Evaluator(self.model, self.uncond_model, self.guidance, self.plan, cond, uncond, x.shape[0], levels)
@@ -666,8 +769,9 @@ class Sampler:
         if trajectory is not None:
             trajectory[0].copy_(x)
         return _solve(
-            self.solver, self.plan, x, rows.__getitem__, evaluate, on_step=record if trajectory is not None else None
-        )
+            self.solver, self.plan, x, rows.__getitem__, evaluate, noise,
+            on_step=record if trajectory is not None else None,
+        )  # fmt: skip
 
     @torch.no_grad()
     def sample(
@@ -677,18 +781,31 @@ class Sampler:
         uncond: Mapping[str, Any] | None = None,
         *,
         trajectory: bool = False,
+        noise_sampler: Callable[[Any, Any], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Sample from noise ``x`` ``[B, ...]`` (scaled by ``sigmas[0]``); returns ``[B, ...]`` in x's dtype,
         a new tensor (a replayed graph's output is copied out, so later replays do not overwrite it). With
         ``trajectory=True`` also the state after every step, ``[N + 1, B, ...]`` (row 0 is ``x``). Records nothing
-        for autograd (:meth:`run` is the differentiable loop)."""
+        for autograd (:meth:`run` is the differentiable loop).
+
+        A stochastic solver draws its noise from ``noise_sampler(sigma, sigma_next)`` (k-diffusion's convention;
+        host floats in, a tensor like ``x`` out), or from ``generator`` on x's device (torch's global generator
+        by default). In a captured CUDA graph the noise is drawn inside the graph, from ``generator`` (or the
+        device's default generator): every replay draws fresh noise, and reseeding the generator before a call
+        reproduces it. A ``noise_sampler`` runs on the host, so it cannot be captured and is refused there."""
         self._check_x(x)
         cond, uncond = _cond_kwargs(self.plan, cond, uncond, x)
         if self.cuda_graph:
-            return self._replay(x, cond, uncond, trajectory)
+            if noise_sampler is not None and self.plan.noisy:
+                raise ValueError("a noise_sampler runs on the host between steps, so it cannot be captured in a "
+                                 "CUDA graph: pass a torch.Generator (generator=) on x's device, or use "
+                                 "cuda_graph=False")  # fmt: skip
+            return self._replay(x, cond, uncond, trajectory, generator)
+        noise = _noise_source(x, noise_sampler, generator)
         traj = x.new_empty((self.plan.steps + 1, *x.shape)) if trajectory else None
         buf = self._buffer(x)
-        out = self._run(x, cond, uncond, buf.levels, buf.rows, traj)
+        out = self._run(x, cond, uncond, buf.levels, buf.rows, noise, traj)
         return (out, traj) if trajectory else out
 
     # ------------------------------------------------------------------------------------------ CUDA graph
@@ -712,23 +829,31 @@ class Sampler:
         cond, uncond = _cond_kwargs(self.plan, cond, uncond, x)
         self._capture(x, cond, uncond)
 
-    def _capture(self, x: torch.Tensor, cond: dict, uncond: dict, trajectory: bool = False) -> None:
+    def _capture(
+        self, x: torch.Tensor, cond: dict, uncond: dict, trajectory: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:  # fmt: skip
         self._graph = None  # release the old graph's memory first
         static = lambda kw: {k: v.to(x.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}  # noqa: E731
         sx, sc, su = x.clone(), static(cond), static(uncond)
         traj = x.new_empty((self.plan.steps + 1, *x.shape)) if trajectory else None
         buf = self._buffer(x)
-        graph, out = capture_graph(lambda: self._run(sx, sc, su, buf.levels, buf.rows, traj), x.device, self.warmup)
-        self._graph = _Graph(_signature(x, cond, uncond, trajectory), graph, sx, sc, su, out, traj)
+        noise = _noise_source(sx, None, generator)  # drawn inside the graph: every replay draws anew
 
-    def _replay(self, x: torch.Tensor, cond: dict, uncond: dict, trajectory: bool):
-        key = _signature(x, cond, uncond, trajectory)
+        def run():
+            return self._run(sx, sc, su, buf.levels, buf.rows, noise, traj)
+
+        graph, out = capture_graph(run, x.device, self.warmup, generator if self.plan.noisy else None)
+        self._graph = _Graph(_signature(x, cond, uncond, trajectory, generator), graph, sx, sc, su, out, traj)
+
+    def _replay(self, x: torch.Tensor, cond: dict, uncond: dict, trajectory: bool, generator=None):
+        key = _signature(x, cond, uncond, trajectory, generator)
         if self._graph is None or self._graph.key != key:
             if self._graph is not None:
                 log.info(
                     "fastdiff.Sampler: inputs changed (%s -> %s); capturing a new CUDA graph", self._graph.key, key
                 )
-            self._capture(x, cond, uncond, trajectory)
+            self._capture(x, cond, uncond, trajectory, generator)
         g = self._graph
         g.x.copy_(x)
         for given, static in ((cond, g.cond), (uncond, g.uncond)):

@@ -61,7 +61,7 @@ def test_gpu_kernels_match_reference(backend, shape, tx, td, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("solver", sorted(fastdiff.SOLVERS))
+@pytest.mark.parametrize("solver", sorted(fastdiff.ODE_SOLVERS))
 def test_gpu_sampling_matches_the_cpu(gmm, solver, backend, monkeypatch):
     x = 80.0 * torch.randn(256, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     s = schedules.karras(8, 0.002, 80.0)

@@ -48,7 +48,7 @@ def _cuda_kernels(monkeypatch):
     monkeypatch.setenv("FASTDIFF_BACKEND", "cuda")
 
 
-@pytest.mark.parametrize("solver", sorted(fastdiff.SOLVERS))
+@pytest.mark.parametrize("solver", sorted(fastdiff.ODE_SOLVERS))
 def test_replay_equals_eager_at_every_step(solver):
     net = _unet()
     eager = fastdiff.Sampler(net, solver=solver, sigmas=SIGMAS, guidance=INTERVAL)
@@ -76,7 +76,7 @@ def test_builtin_digits_model_replays_its_eager_result():
 def _assert_no_host_sync(model, x, cond, uncond, backend, monkeypatch):
     """Every solver's eager loop on ``model``, on ``backend``, under torch's sync debug mode: a host sync raises."""
     monkeypatch.setenv("FASTDIFF_BACKEND", backend)
-    for solver in sorted(fastdiff.SOLVERS):
+    for solver in sorted(fastdiff.ODE_SOLVERS):
         sampler = fastdiff.Sampler(model, solver=solver, sigmas=schedules.karras(8, 0.03, 14.0), guidance=INTERVAL)
         sampler.sample(x, cond, uncond)  # first call: buffers are copied to the GPU, outside the check
         torch.cuda.synchronize()

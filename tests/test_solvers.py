@@ -11,7 +11,7 @@ from fastdiff import ops, schedules, solvers
 from fastdiff.ode import reference_sample, solve_pf_ode
 from fastdiff.solvers import Denoised
 
-ALL = sorted(solvers.SOLVERS)
+ALL = sorted(solvers.ODE_SOLVERS)  # the deterministic ODE solvers: orders and exactness
 
 
 def _slope(ns, errs) -> float:

@@ -82,11 +82,15 @@ def _evaluation_sigmas(solver: solvers.Solver, sigmas: list[float], model_sigmas
     for i in range(len(sigmas) - 1):
 
         def evaluate(xi, s, i=i):
-            m = next(m for m in range(i, len(model_sigmas)) if model_sigmas[m] == s)
+            m = next((m for m in range(i, len(model_sigmas)) if model_sigmas[m] == s), None)
+            if m is None:
+                raise ValueError(f"solver {solver.name!r} evaluates the model between the schedule's noise levels, "
+                                 "which FastDiffScheduler cannot yet ask a pipeline for; use sample_pipeline or "
+                                 "fastdiff.sample with it")  # fmt: skip
             evals.append((i, m))
             return Denoised(torch.zeros_like(xi))
 
-        solver.step(i, x, model_sigmas, evaluate, state, solver.stages(sigmas, i))
+        solver.step(i, x, model_sigmas, evaluate, state, solver.stages(sigmas, i), noise=lambda interval: x)
     return evals
 
 
@@ -382,7 +386,7 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
                 ``sample``.
             timestep: the current entry of :attr:`timesteps` (used only to find the first evaluation).
             sample: the current state, in the model's space.
-            generator: unused; the solvers are deterministic.
+            generator: where a stochastic solver draws its noise (torch's global generator by default).
 
         The solver step is replayed from the step's start state with the evaluations made so far; a step that
         needs another evaluation (Heun's corrector) returns the point to evaluate as ``prev_sample``. Like every
@@ -404,9 +408,9 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
                 self._start, self._state = i, self.solver.start()
             if m != i:
                 raise ValueError(f"evaluation {k} is not the first of its step; begin_index must start a step")
-            self._x_start, self._recorded = x, []
+            self._x_start, self._recorded, self._draws = x, [], []
         self._recorded.append(Denoised(d))
-        recorded = self._recorded
+        recorded, draws = self._recorded, self._draws
 
         def replay(xi, s):
             j = replay.calls
@@ -415,12 +419,22 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
                 return recorded[j]
             raise _NeedEvaluation(xi)
 
+        taken = 0
+
+        def noise(interval):
+            # A replayed step draws the same noise for the stages it already took.
+            nonlocal taken
+            taken += 1
+            if taken > len(draws):
+                draws.append(torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device))
+            return draws[taken - 1]
+
         replay.calls = 0
         first, trial = self._start, dict(self._state)
         try:
             x_next, _ = self.solver.step(
                 i - first, self._x_start, sched.model_sigmas[first:], replay, trial,
-                self.solver.stages(sched.sigmas[first:], i - first),
+                self.solver.stages(sched.sigmas[first:], i - first), noise=noise,
             )  # fmt: skip
             prev = x_next / self._scale(sched.sigmas[i + 1])
             self._state = trial
