@@ -200,6 +200,12 @@ class Student:
     call, where one exists) and a changed plan rebuilds the run."""
 
     def __init__(self, model: Model, solver: str | solvers.Solver, schedule: LD3Schedule, guidance: Guidance | None):
+        solver = solvers.get(solver)
+        if solver.stochastic:
+            raise ValueError(
+                f"LD3 learns the schedule of a deterministic map from noise to image, and {solver!r} "
+                "draws noise at its steps: choose an ODE solver, or eta=0 (er_sde: s_noise=0)"
+            )
         self.schedule = schedule
         self.guidance = guidance
         self.sampler = Sampler(model, solver=solver, sigmas=schedule.sigmas().detach(), guidance=guidance)

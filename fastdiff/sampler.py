@@ -379,10 +379,37 @@ def _rows(
     return [[StageRow(coef(i, j, k), intervals[i][j]) for j, k in enumerate(nh)] for i, nh in enumerate(n_history)]
 
 
+class BrownianDraws:
+    """Standard normal noise for a run's noise intervals, k-diffusion's ``noise_sampler(sigma, sigma_next)``, from
+    fresh draws ``fresh() -> tensor``: where an interval extends the one drawn just before from the same start
+    (DPM-Solver++ SDE asks for ``(sigma, sigma_s)``, then ``(sigma, sigma_next)``), its noise is the normalised
+    increment of the same Brownian path in sigma, as a Brownian tree gives it::
+
+        z = (sqrt(|s - a|) z_prev + sqrt(|b - s|) z_fresh) / sqrt(|b - a|)   for (a, s) then (a, b)
+
+    Every other interval gets a fresh draw, so one draw per call, in call order, as ``torch.randn_like`` would
+    give them. The intervals are host values, so the arithmetic is a fixed sequence of device ops (capturable)."""
+
+    def __init__(self, fresh: Callable[[], torch.Tensor]):
+        self.fresh = fresh
+        self.last: tuple[float, float, torch.Tensor] | None = None
+
+    def __call__(self, sigma, sigma_next) -> torch.Tensor:
+        a, b = float(sigma), float(sigma_next)
+        z = self.fresh()
+        if self.last is not None:
+            start, s, prev = self.last
+            if start == a and (b - s) * (s - a) > 0:  # s lies strictly between a and b
+                z = (abs(s - a) ** 0.5 * prev + abs(b - s) ** 0.5 * z) / abs(b - a) ** 0.5
+        self.last = (a, b, z)
+        return z
+
+
 def _noise_source(x: torch.Tensor, noise_sampler: Callable | None, generator: torch.Generator | None) -> Noise:
     """What the drawing stages of a run take their noise from: ``noise_sampler(sigma, sigma_next)`` (k-diffusion's
     convention; a tensor like x), or standard normals drawn on x's device from ``generator`` (torch's global
-    generator when None: the draws of ``torch.randn_like(x)``, as k-diffusion makes them)."""
+    generator when None: the draws of ``torch.randn_like(x)``, as k-diffusion makes them), made increments of one
+    Brownian path where a step's intervals nest (:class:`BrownianDraws`)."""
     if noise_sampler is not None and generator is not None:
         raise ValueError("give either noise_sampler or generator, not both")
     if noise_sampler is not None:
@@ -404,7 +431,8 @@ def _noise_source(x: torch.Tensor, noise_sampler: Callable | None, generator: to
         if generator.device.type != x.device.type:
             raise ValueError(f"generator is on {generator.device} but x is on {x.device}; draw on x's device")
     shape, dtype, device = x.shape, x.dtype, x.device
-    return lambda interval: torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    draws = BrownianDraws(lambda: torch.randn(shape, generator=generator, dtype=dtype, device=device))
+    return lambda interval: draws(*interval)
 
 
 def _check_schedule_for(model: Model, sigmas: Sequence[float]) -> None:
@@ -573,6 +601,10 @@ class _Graph:
     uncond: dict
     out: torch.Tensor
     trajectory: torch.Tensor | None
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _signature(x: torch.Tensor, cond: Mapping, uncond: Mapping, trajectory: bool, generator=None) -> tuple:
@@ -843,7 +875,13 @@ class Sampler:
         def run():
             return self._run(sx, sc, su, buf.levels, buf.rows, noise, traj)
 
+        if self.plan.noisy:  # warm-up draws advance the generator: rewind it, so that the first replay draws what
+            # an eager run from the same seed draws
+            source = generator if generator is not None else torch.cuda.default_generators[_cuda_index(x.device)]
+            state = source.get_state()
         graph, out = capture_graph(run, x.device, self.warmup, generator if self.plan.noisy else None)
+        if self.plan.noisy:
+            source.set_state(state)
         self._graph = _Graph(_signature(x, cond, uncond, trajectory, generator), graph, sx, sc, su, out, traj)
 
     def _replay(self, x: torch.Tensor, cond: dict, uncond: dict, trajectory: bool, generator=None):

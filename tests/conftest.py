@@ -7,6 +7,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from fastdiff.bench import peers  # noqa: E402
 from fastdiff.models import builtin_gmm  # noqa: E402
 
 
@@ -28,3 +29,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def k_diffusion():
+    """The installed k-diffusion's ``k_diffusion.sampling``, the peer the samplers are compared with; skipped with
+    the install line where it is missing (.ci/run installs it and checks that it imports, so CI never skips)."""
+    try:
+        return peers.k_diffusion_sampling()
+    except peers.PeerMissing as exc:
+        pytest.skip(str(exc))

@@ -18,22 +18,12 @@ import torch
 
 import fastdiff
 from fastdiff import denoisers, schedules
-from fastdiff.bench import baselines, loops, peers
+from fastdiff.bench import baselines, loops
 from fastdiff.cli import main
 
 diffusers = pytest.importorskip("diffusers")
 
 SOLVERS = ["euler", "heun", "dpmpp_2m"]
-
-
-@pytest.fixture(scope="module")
-def k_diffusion():
-    """k-diffusion's samplers; skipped with the install line where the package is missing (.ci/run installs it and
-    checks that it imports, so CI never skips these)."""
-    try:
-        return peers.k_diffusion_sampling()
-    except peers.PeerMissing as exc:
-        pytest.skip(str(exc))
 
 
 def _class_cond(labels, null):

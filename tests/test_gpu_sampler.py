@@ -177,3 +177,54 @@ def test_compile_composes_with_capture():
     ref = fastdiff.sample(net, x, SIGMAS, solver="dpmpp_2m", guidance=INTERVAL, cond=cond, uncond=uncond)
     sampler = fastdiff.Sampler(net, solver="dpmpp_2m", sigmas=SIGMAS, guidance=INTERVAL, compile=True, cuda_graph=True)
     torch.testing.assert_close(sampler.sample(x, cond, uncond), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
+STOCHASTIC = sorted(name for name, cls in fastdiff.SOLVERS.items() if not cls.ode)
+
+
+@pytest.mark.parametrize("solver", STOCHASTIC)
+@pytest.mark.parametrize("own_generator", [True, False])
+def test_captured_stochastic_loop_equals_eager_with_the_same_seed(solver, own_generator):
+    """The noise is drawn inside the graph: a replay from a generator seeded s equals the eager loop from s (the
+    first call, which captures, too), and replays from different seeds differ."""
+    net = _unet()
+    x, cond, uncond = _inputs()
+    eager = fastdiff.Sampler(net, solver=solver, sigmas=SIGMAS, guidance=INTERVAL)
+    graph = fastdiff.Sampler(net, solver=solver, sigmas=SIGMAS, guidance=INTERVAL, cuda_graph=True)
+    assert graph.plan.noisy
+
+    def seeded(sampler, seed):
+        if own_generator:
+            return sampler.sample(x, cond, uncond, generator=gen.manual_seed(seed))
+        torch.cuda.manual_seed(seed)
+        return sampler.sample(x, cond, uncond)
+
+    gen = torch.Generator(device="cuda")
+    with ran_on("cuda", at_least=12):
+        ref5 = seeded(eager, 5)
+    ref6 = seeded(eager, 6)
+    first = seeded(graph, 5)  # captures, then replays
+    _close(first, ref5)
+    _close(seeded(graph, 6), ref6)
+    _close(seeded(graph, 5), ref5)
+    assert (ref5 - ref6).abs().max() > 1e-2 * ref5.abs().max()
+    again = seeded(graph, 6) if own_generator else graph.sample(x, cond, uncond)  # the generator moved on
+    assert own_generator == torch.allclose(again, ref6)
+
+
+def test_host_noise_sampler_is_refused_under_capture_but_not_eagerly():
+    net = _unet()
+    x, cond, uncond = _inputs()
+    drawn = []
+
+    def host(sigma, sigma_next):
+        drawn.append((sigma, sigma_next))
+        return torch.randn_like(x)
+
+    graph = fastdiff.Sampler(net, solver="euler_ancestral", sigmas=SIGMAS, guidance=INTERVAL, cuda_graph=True)
+    with pytest.raises(ValueError, match="noise_sampler runs on the host"):
+        graph.sample(x, cond, uncond, noise_sampler=host)
+    fastdiff.Sampler(net, solver="euler_ancestral", sigmas=SIGMAS, guidance=INTERVAL).sample(
+        x, cond, uncond, noise_sampler=host
+    )
+    assert len(drawn) == len(SIGMAS) - 2  # every step but the one to 0

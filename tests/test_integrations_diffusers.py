@@ -338,7 +338,7 @@ def test_public_interface(gmm):
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_dict.prev_sample)
     assert as_dict.prev_sample.shape == x.shape and as_dict.pred_original_sample.shape == x.shape
     with pytest.raises(ValueError, match="unknown solver"):
-        FastDiffScheduler(solver="lms")
+        FastDiffScheduler(solver="plms")
     with pytest.raises(ValueError, match="prediction_type"):
         FastDiffScheduler(prediction_type="noise")
     with pytest.raises(ValueError, match="schedule must be"):

@@ -68,6 +68,36 @@ def test_gradients_through_the_fused_ops_match_the_torch_reference(gmm, pairs, m
     assert ref[0].abs().max() > 0 and ref[1].abs().max() > 0
 
 
+@pytest.mark.parametrize(
+    "solver, options",
+    [("dpm_2", {}), ("lms", {}), ("deis", {}), ("res_multistep", {}), ("gradient_estimation", {}),
+     ("euler_ancestral", {"eta": 0.0}), ("dpmpp_sde", {"eta": 0.0}), ("dpm_2_ancestral", {"eta": 0.0})],
+)  # fmt: skip
+def test_student_runs_every_deterministic_solver(gmm, pairs, solver, options):
+    """The student of a solver with points between the schedule's entries (DPM-2's midpoint, DPM++ SDE's s) or
+    derivative history (LMS, DEIS) equals fastdiff.sample on its schedule and back-propagates to both parameters;
+    the ancestral and SDE solvers take part with eta = 0, where they draw nothing."""
+    train, _ = pairs
+    sched = ld3.LD3Schedule(4, SMIN, SMAX)
+    with torch.no_grad():
+        sched.xi.copy_(torch.tensor([0.3, -0.2, 1.1, 0.4], dtype=torch.float64))
+        sched.xi_c.copy_(torch.tensor([0.0, 0.05, -0.03, 0.0], dtype=torch.float64))
+    s = fastdiff.solvers.get(solver, **options)
+    out = ld3.Student(gmm, s, sched, None)(train.noise[:4], train.labels[:4])
+    cond = {"class_labels": train.labels[:4]}
+    ref = fastdiff.sample(gmm, train.noise[:4], sched.sigmas().detach(), solver=s, cond=cond,
+                          eval_sigmas=sched.eval_sigmas().detach())  # fmt: skip
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-9, atol=1e-9)
+    grads = torch.autograd.grad((out - train.target[:4]).square().sum(), [sched.xi, sched.xi_c])
+    assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("solver", ["euler_ancestral", "dpmpp_2m_sde", "lcm", "er_sde"])
+def test_student_refuses_a_solver_that_draws_noise(gmm, solver):
+    with pytest.raises(ValueError, match="draws noise at its steps"):
+        ld3.Student(gmm, solver, ld3.LD3Schedule(4, SMIN, SMAX), None)
+
+
 def test_gradcheck_of_the_student_in_float64(gmm, pairs, monkeypatch):
     monkeypatch.setenv("FASTDIFF_BACKEND", "cpu")  # the C++ kernel's forward and fused backward
     train, _ = pairs

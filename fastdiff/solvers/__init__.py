@@ -16,7 +16,11 @@ Final step to sigma = 0, as each method's authors do it:
   there (diffusers' ``final_sigmas_type="zero"``, k-diffusion's ``sigma_next == 0`` branch).
 * heun: EDM's Algorithm 1 skips the corrector on the step to 0, so that step is one Euler step.
 * ipndm: the Adams-Bashforth step is applied unchanged, as in k-diffusion's ``sample_ipndm`` and DEIS.
+* dpm_2: one Euler step, ``x_N = D`` (k-diffusion's ``sample_dpm_2``).
+* lms: the linear multistep rule unchanged, as k-diffusion 0.1.1's ``sample_lms`` (ComfyUI returns ``D``).
+* deis, res_multistep, gradient_estimation: the step to 0 returns ``D``, as ComfyUI's samplers do.
 * the stochastic solvers: the step to 0 returns ``D`` and draws no noise, as in k-diffusion.
+* lcm: the step to 0 returns the consistency output ``f`` and draws no noise.
 """
 
 from __future__ import annotations

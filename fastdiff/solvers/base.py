@@ -231,6 +231,22 @@ class OneStage(Solver):
         return x_next, d
 
 
+class TwoStage(Solver):
+    """Shared driver of the two-stage single-step methods: the first evaluation feeds a predictor stage, whose
+    history entry is that evaluation's ``D``; the second, at the predicted state, feeds a corrector stage that
+    starts again from ``x`` and combines both evaluations. A step with one stage (into sigma = 0) is the
+    predictor alone."""
+
+    def step(self, i, x, sigmas, evaluate, state, stages=None, points=None, noise=None):
+        stages = stages or self.stages(sigmas, i)
+        points = self._points(sigmas, i, points)
+        x_pred, d = _apply(x, evaluate(x, points[0]), [], stages[0], noise)
+        if len(stages) == 1:
+            return x_pred, d
+        x_next, _ = _apply(x, evaluate(x_pred, points[1]), [d], stages[1], noise)
+        return x_next, d
+
+
 def schedule_values(sigmas: Sequence[Scalar] | torch.Tensor, final_zero: bool | None = None) -> list[Scalar]:
     """A schedule as the coefficient functions take it: Python floats, or the 0-d tensors of a tensor with its final
     0 as the float ``0.0`` (so that :func:`_is_zero` never reads a device value); ``final_zero`` None reads it."""

@@ -3,10 +3,14 @@ the run's history, newest first. The history restarts where a loop says so (inte
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from fastdiff.arguments import as_int, as_real
 from fastdiff.solvers.base import (
     Coefficients,
     Denoised,
@@ -21,6 +25,7 @@ from fastdiff.solvers.base import (
     _lam,
 )
 from fastdiff.solvers.single import euler_coefficients
+from fastdiff.solvers.stochastic import dpmpp_2m_sde_coefficients
 
 
 def dpmpp_2m_coefficients(sigmas: Sequence[float], i: int) -> Coefficients:
@@ -106,6 +111,76 @@ class DPMSolverPP3M(_Multistep):
         return dpmpp_3m_coefficients(sigmas, i, self.corrected)
 
 
+def res_multistep_coefficients(sigmas: Sequence[Scalar], i: int) -> Coefficients:
+    """RES's second-order multistep step (Zhang et al. 2023, "Improved order analysis and design of exponential
+    integrator for diffusion models"; ComfyUI's ``sample_res_multistep``) over ``[D_i, D_{i-1}]``: with
+    ``h = lambda_{i+1} - lambda_i``, ``r = h_{i-1}/h`` and ``phi_1(-h) = (1 - e^{-h})/h``,
+    ``phi_2(-h) = (1 - phi_1(-h))/h``, the node ``c2 = -r`` of ``D_{i-1}`` gives::
+
+        x' = e^{-h} x + h phi_1 D_i + (h phi_2 / r) (D_i - D_{i-1})
+
+    which is DPM-Solver++(2M) SDE with ``eta = 0`` and its ``heun`` solver type, so the one implementation is
+    :func:`~fastdiff.solvers.stochastic.dpmpp_2m_sde_coefficients`. The first step is Euler and the step to sigma = 0
+    returns ``D``. Floats, or 0-d tensors.
+    """
+    a, b, _ = dpmpp_2m_sde_coefficients(sigmas, i, eta=0.0, solver_type="heun")
+    return a, b
+
+
+class ResMultistep(_Multistep):
+    """ComfyUI's ``sample_res_multistep`` (RES 2M, deterministic: ``eta = 0``, without CFG++), see
+    :func:`res_multistep_coefficients`. ComfyUI draws noise on every step above 0 and multiplies it by
+    ``sigma_up = 0``; fastdiff draws none, so its result is the same but a shared noise sampler is not advanced.
+    The ancestral variants and CFG++ are left out."""
+
+    name = "res_multistep"
+    keep = 1
+
+    def coefficients(self, sigmas, i):
+        return res_multistep_coefficients(sigmas, i)
+
+
+def _order(name: str, value) -> int:
+    """An order option in 1..4: the op takes at most three earlier history terms."""
+    v = as_int(value, name)
+    if not 1 <= v <= 4:
+        raise ValueError(f"{name} must be 1, 2, 3 or 4, got {value!r}")
+    return v
+
+
+def _derivative_step(s0: Scalar, weights: Sequence[Scalar]) -> Coefficients:
+    """A linear multistep step in x, ``x' = x + sum_j w_j d_{i-j}`` with derivatives ``d_j = (x_j - D_j) /
+    sigma_j``, as coefficients over ``[D_i, d_{i-1}, d_{i-2}, ...]`` (the new D, then the stored derivatives)."""
+    return 1 + weights[0] / s0, [-weights[0] / s0, *weights[1:]]
+
+
+class _DerivativeMultistep(Solver):
+    """Shared driver of the linear multistep methods in x (iPNDM, LMS, DEIS, gradient estimation), whose history
+    holds the last ``keep`` derivatives ``d_j = (x_j - D_j) / sigma_j``, newest first: each step's op pass
+    produces its ``d_i`` as the history entry (``hx = 1/sigma_i``, ``hd = -1/sigma_i``). An order-``n`` method
+    keeps ``n - 1``."""
+
+    max_order: int = 2
+
+    @property
+    def keep(self) -> int:
+        return max(self.max_order - 1, 1)
+
+    def coefficients(self, sigmas: Sequence[Scalar], i: int) -> Coefficients:
+        raise NotImplementedError
+
+    def stages(self, sigmas, i):
+        return [Stage(*self.coefficients(sigmas, i), 1 / sigmas[i], -1 / sigmas[i])]
+
+    def step(self, i, x, sigmas, evaluate, state, stages=None, points=None, noise=None):
+        hist = state["history"]
+        stages = stages or self.stages(sigmas, i)
+        (p,) = self._points(sigmas, i, points)
+        x_next, d_i = _apply(x, evaluate(x, p), hist, stages[0], noise)
+        state["history"] = [d_i, *hist][: self.keep]
+        return x_next, x - d_i / _hx(stages[0])  # D = x - sigma_i d_i, with sigma_i = 1 / hx of the coefficients
+
+
 # Adams-Bashforth weights by order, newest derivative first.
 IPNDM_WEIGHTS = {
     1: [1.0],
@@ -115,41 +190,188 @@ IPNDM_WEIGHTS = {
 }
 
 
-def ipndm_coefficients(sigmas: Sequence[float], i: int, max_order: int = 4) -> Coefficients:
-    """iPNDM (Zhang & Chen 2023): Adams-Bashforth in x with derivatives ``d_j = (x_j - D_j)/sigma_j``::
+def ipndm_coefficients(sigmas: Sequence[Scalar], i: int, max_order: int = 4) -> Coefficients:
+    """iPNDM (Zhang & Chen 2023): Adams-Bashforth in x with the equal-step weights, whatever the steps::
 
         x' = x + (s1 - s0) * sum_j c_j d_{i-j}
 
-    Coefficients over ``[D_i, d_{i-1}, d_{i-2}, ...]`` (the new D, then the stored derivatives); the order
-    warms up from 1 and is ``min(max_order, i + 1)``.
+    Coefficients over ``[D_i, d_{i-1}, d_{i-2}, ...]``; the order warms up from 1 and is ``min(max_order, i + 1)``.
     """
-    s0, s1 = sigmas[i], sigmas[i + 1]
-    c = IPNDM_WEIGHTS[min(max_order, i + 1)]
-    dt = s1 - s0
-    return 1 + dt * c[0] / s0, [-dt * c[0] / s0] + [dt * cj for cj in c[1:]]
+    dt = sigmas[i + 1] - sigmas[i]
+    return _derivative_step(sigmas[i], [dt * c for c in IPNDM_WEIGHTS[min(max_order, i + 1)]])
 
 
-class IPNDM(Solver):
+class IPNDM(_DerivativeMultistep):
     """Improved PNDM with lower-order warm start (k-diffusion ``sample_ipndm``)."""
 
     name = "ipndm"
 
     def __init__(self, max_order: int = 4):
-        if max_order not in IPNDM_WEIGHTS:
-            raise ValueError(f"ipndm max_order must be 1, 2, 3 or 4, got {max_order}")
-        self.max_order = max_order
+        self.max_order = _order("ipndm max_order", max_order)
 
-    def stages(self, sigmas, i):
-        # The history entry is the derivative d_i = (x - D) / s0, produced by the same pass.
-        return [Stage(*ipndm_coefficients(sigmas, i, self.max_order), 1 / sigmas[i], -1 / sigmas[i])]
+    def coefficients(self, sigmas, i):
+        return ipndm_coefficients(sigmas, i, self.max_order)
 
-    def step(self, i, x, sigmas, evaluate, state, stages=None, points=None, noise=None):
-        hist = state["history"]
-        stages = stages or self.stages(sigmas, i)
-        (p,) = self._points(sigmas, i, points)
-        x_next, d_i = _apply(x, evaluate(x, p), hist, stages[0], noise)
-        state["history"] = [d_i] + hist[: max(self.max_order - 2, 0)]
-        return x_next, x - d_i / _hx(stages[0])  # D = x - sigma_i d_i, with sigma_i = 1 / hx of the coefficients
+
+def lagrange_integrals(nodes: Sequence[Scalar], h: Scalar) -> list[Scalar]:
+    """``int_0^h l_j(u) du`` for each Lagrange basis polynomial ``l_j`` on ``nodes``, exactly: the product
+    ``prod_{k != j} (u - u_k)`` is multiplied out into monomial coefficients and integrated term by term.
+    Floats, or 0-d tensors (differentiable)."""
+    out = []
+    for j, uj in enumerate(nodes):
+        poly: list[Scalar] = [1.0]  # coefficients, lowest degree first
+        scale: Scalar = 1.0
+        for k, uk in enumerate(nodes):
+            if k != j:  # poly *= (u - u_k)
+                poly = [p - uk * q for p, q in zip([0.0, *poly], [*poly, 0.0])]
+                scale = scale * (uj - uk)
+        out.append(sum(c * h ** (m + 1) / (m + 1) for m, c in enumerate(poly)) / scale)
+    return out
+
+
+def lms_coefficients(sigmas: Sequence[Scalar], i: int, order: int = 4) -> Coefficients:
+    """k-diffusion's ``sample_lms`` step ``i``: the linear multistep method in sigma whose weights integrate the
+    Lagrange interpolant of the derivatives over the step::
+
+        x' = x + sum_j w_j d_{i-j},  w_j = int_{sigma_i}^{sigma_{i+1}} l_j(s) ds
+
+    with ``l_j`` the Lagrange basis on ``sigma_i, ..., sigma_{i-n+1}``, ``n = min(order, i + 1)``. k-diffusion
+    integrates with ``scipy.integrate.quad``; the weights are integrals of polynomials, taken here exactly (in
+    ``u = s - sigma_i``, which keeps the terms small). The step to sigma = 0 is the same rule. Coefficients over
+    ``[D_i, d_{i-1}, ...]``; floats, or 0-d tensors.
+    """
+    s0 = sigmas[i]
+    nodes = [sigmas[i - k] - s0 for k in range(min(order, i + 1))]
+    return _derivative_step(s0, lagrange_integrals(nodes, sigmas[i + 1] - s0))
+
+
+class LMS(_DerivativeMultistep):
+    """k-diffusion's linear multistep sampler ``sample_lms`` ("LMS"), ``order`` 1 to 4 (k-diffusion takes any;
+    fastdiff's op keeps at most three earlier derivatives), warming up from first order.
+
+    ComfyUI's ``sample_lms`` returns ``D`` on the step to sigma = 0; k-diffusion 0.1.1, which fastdiff follows,
+    applies the multistep rule there too (:func:`lms_coefficients`).
+    """
+
+    name = "lms"
+
+    def __init__(self, order: int = 4):
+        self.order = _order("lms order", order)
+
+    @property
+    def max_order(self) -> int:
+        return self.order
+
+    def coefficients(self, sigmas, i):
+        return lms_coefficients(sigmas, i, self.order)
+
+
+# DEIS's "tab" mode (ComfyUI's deis.py, from zju-pi/diff-sampler) takes its time variable from one fixed VP-SDE,
+# sigma(t)^2 = exp(beta_d t^2 / 2 + beta_min t) - 1, fitted to sigma(1e-3) = 0.002 and sigma(1) = 80 whatever the
+# schedule.
+_DEIS_EPS, _DEIS_SIGMA_MIN, _DEIS_SIGMA_MAX = 1e-3, 0.002, 80.0
+_DEIS_BETA_D = 2 * (math.log1p(_DEIS_SIGMA_MIN**2) / _DEIS_EPS - math.log1p(_DEIS_SIGMA_MAX**2)) / (_DEIS_EPS - 1)
+_DEIS_BETA_MIN = math.log1p(_DEIS_SIGMA_MAX**2) - _DEIS_BETA_D / 2
+# Gauss-Legendre nodes and weights on [0, 1]. The DEIS weights have no closed form; their integrands are analytic
+# on every step between positive sigmas, where 64 nodes reach rounding (tests/test_solvers_ode.py checks them
+# against adaptive quadrature, down to steps that end at 1e-8).
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(64)
+_GL_NODES, _GL_WEIGHTS = (_GL_NODES + 1) / 2, _GL_WEIGHTS / 2
+
+
+@functools.cache
+def _gauss_legendre_on(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gauss-Legendre nodes and weights on a device, copied there once: a copy from the host is a sync on a
+    GPU, and LD3 rebuilds its coefficients every iteration."""
+    nodes, weights = (torch.as_tensor(v, dtype=dtype, device=device) for v in (_GL_NODES, _GL_WEIGHTS))
+    return nodes, weights
+
+
+def deis_time(sigma: Scalar | np.ndarray) -> Scalar | np.ndarray:
+    """DEIS's time ``t`` of a noise level: the inverse of ``sigma(t)^2 = exp(beta_d t^2 / 2 + beta_min t) - 1``.
+    A float, a NumPy array, or a tensor."""
+    lib = torch if isinstance(sigma, torch.Tensor) else np
+    return (lib.sqrt(_DEIS_BETA_MIN**2 + 2 * _DEIS_BETA_D * lib.log1p(sigma**2)) - _DEIS_BETA_MIN) / _DEIS_BETA_D
+
+
+def deis_coefficients(sigmas: Sequence[Scalar], i: int, max_order: int = 3) -> Coefficients:
+    """DEIS with its "tab" (time Adams-Bashforth) weights (Zhang & Chen 2023; ComfyUI's ``sample_deis``): the
+    derivatives ``d = (x - D)/sigma`` (the model's epsilon) interpolated by a polynomial in DEIS's time ``t``
+    (:func:`deis_time`) through the last ``n = min(max_order, i + 1)`` steps, and integrated over sigma::
+
+        x' = x + sum_j w_j d_{i-j},  w_j = int_{sigma_i}^{sigma_{i+1}} l_j(t(s)) ds
+
+    (``l_j`` the Lagrange basis on ``t_i, ..., t_{i-n+1}``). ComfyUI writes ``w_j`` as ``int l_j(t) sigma'(t) dt``
+    and sums it over 10,000 points in t, a Riemann sum good to O(1e-4) (2e-5 relative on a 12-step Karras
+    schedule); the integral has no closed form, and fastdiff takes it in sigma by 64-point Gauss-Legendre, to
+    rounding. The first step and the step to sigma = 0 are Euler steps. Coefficients over ``[D_i, d_{i-1}, ...]``;
+    floats, or 0-d tensors (differentiable).
+    """
+    s0, s1 = sigmas[i], sigmas[i + 1]
+    n = 1 if _is_zero(s1) else min(max_order, i + 1)
+    if n == 1:
+        return _derivative_step(s0, [s1 - s0])
+    nodes, weights = (
+        _gauss_legendre_on(s0.dtype, s0.device) if isinstance(s0, torch.Tensor) else (_GL_NODES, _GL_WEIGHTS)
+    )
+    ts = [deis_time(sigmas[i - k]) for k in range(n)]
+    t = deis_time(s0 + (s1 - s0) * nodes)
+    w = []
+    for j in range(n):
+        integrand = (s1 - s0) * weights
+        for k in range(n):
+            if k != j:
+                integrand = integrand * (t - ts[k]) / (ts[j] - ts[k])
+        w.append(integrand.sum() if isinstance(integrand, torch.Tensor) else float(integrand.sum()))
+    return _derivative_step(s0, w)
+
+
+class DEIS(_DerivativeMultistep):
+    """DEIS (Zhang & Chen 2023) as ComfyUI's ``sample_deis``: ``max_order`` 1 to 4, warming up from first order,
+    with the "tab" weights of :func:`deis_coefficients` (computed to rounding where ComfyUI sums them to O(1e-4)).
+    ComfyUI's other mode, ``"rhoab"`` (Adams-Bashforth in sigma with exact integrals, which is the method of
+    ``lms``), is refused: for ``max_order >= 2`` its coefficient lists stop matching the step's order once the
+    warm-up is over, so it fails there or reuses stale weights.
+    """
+
+    name = "deis"
+
+    def __init__(self, max_order: int = 3, deis_mode: str = "tab"):
+        self.max_order = _order("deis max_order", max_order)
+        if deis_mode != "tab":
+            raise ValueError(
+                f"deis_mode must be 'tab' (for 'rhoab', Adams-Bashforth in sigma, use 'lms'), got {deis_mode!r}"
+            )
+        self.deis_mode = deis_mode
+
+    def coefficients(self, sigmas, i):
+        return deis_coefficients(sigmas, i, self.max_order)
+
+
+def gradient_estimation_coefficients(sigmas: Sequence[Scalar], i: int, ge_gamma: float = 2.0) -> Coefficients:
+    """Gradient estimation (Permenter & Yuan 2024; ComfyUI's ``sample_gradient_estimation``): an Euler step
+    along ``d_i + (ge_gamma - 1)(d_i - d_{i-1})``, the denoiser's gradient extrapolated from the last two steps::
+
+        x' = x + (s1 - s0) (ge_gamma d_i - (ge_gamma - 1) d_{i-1})
+
+    The first step is Euler and the step to sigma = 0 returns ``D``. Coefficients over ``[D_i, d_{i-1}]``.
+    """
+    dt = sigmas[i + 1] - sigmas[i]
+    weights = [dt] if i == 0 or _is_zero(sigmas[i + 1]) else [ge_gamma * dt, (1 - ge_gamma) * dt]
+    return _derivative_step(sigmas[i], weights)
+
+
+class GradientEstimation(_DerivativeMultistep):
+    """The gradient-estimation sampler of Permenter & Yuan (2024) as ComfyUI's ``sample_gradient_estimation``
+    (without CFG++), ``ge_gamma`` the extrapolation factor (1: Euler)."""
+
+    name = "gradient_estimation"
+
+    def __init__(self, ge_gamma: float = 2.0):
+        self.ge_gamma = as_real(ge_gamma, "ge_gamma")
+
+    def coefficients(self, sigmas, i):
+        return gradient_estimation_coefficients(sigmas, i, self.ge_gamma)
 
 
 def _unipc_terms(lams: Sequence[float], s0: int, t: int, order: int, variant: str):
@@ -259,8 +481,10 @@ class UniPC(Solver):
         return x_next, d
 
 
-SOLVERS = (DPMSolverPP2M, DPMSolverPP3M, IPNDM, UniPC)
+SOLVERS = (DPMSolverPP2M, DPMSolverPP3M, IPNDM, UniPC, LMS, DEIS, ResMultistep, GradientEstimation)
 __all__ = [
-    "DPMSolverPP2M", "DPMSolverPP3M", "IPNDM", "UniPC", "IPNDM_WEIGHTS", "dpmpp_2m_coefficients",
-    "dpmpp_3m_coefficients", "ipndm_coefficients", "unipc_predictor_coefficients", "unipc_corrector_coefficients",
+    "DPMSolverPP2M", "DPMSolverPP3M", "IPNDM", "UniPC", "LMS", "DEIS", "ResMultistep", "GradientEstimation",
+    "IPNDM_WEIGHTS", "dpmpp_2m_coefficients", "dpmpp_3m_coefficients", "ipndm_coefficients",
+    "unipc_predictor_coefficients", "unipc_corrector_coefficients", "lms_coefficients", "deis_time",
+    "deis_coefficients", "res_multistep_coefficients", "gradient_estimation_coefficients", "lagrange_integrals",
 ]  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastdiff.solvers.base import Coefficients, Solver, Stage, _apply, _is_zero
+from fastdiff.solvers.base import Coefficients, Scalar, Solver, Stage, TwoStage, _apply, _exp, _is_zero, _lam
 
 
 def euler_coefficients(s0: float, s1: float) -> Coefficients:
@@ -44,7 +44,7 @@ def heun_coefficients(s0: float, s1: float) -> tuple[Coefficients, Coefficients]
     return predictor, corrector
 
 
-class Heun(Solver):
+class Heun(TwoStage):
     """EDM's second-order Heun method (Karras et al. 2022, Algorithm 1): two evaluations a step, one on the
     step to sigma = 0. Both evaluations of a step use the guidance decision of its start sigma."""
 
@@ -57,15 +57,52 @@ class Heun(Solver):
         s0, s1 = sigmas[i], sigmas[i + 1]
         return [Stage(*euler_coefficients(s0, s1))] if _is_zero(s1) else [Stage(*c) for c in heun_coefficients(s0, s1)]
 
-    def step(self, i, x, sigmas, evaluate, state, stages=None, points=None, noise=None):
-        stages = stages or self.stages(sigmas, i)
-        points = self._points(sigmas, i, points)
-        x_pred, d = _apply(x, evaluate(x, points[0]), [], stages[0], noise)
-        if len(stages) == 1:
-            return x_pred, d
-        x_next, _ = _apply(x, evaluate(x_pred, points[1]), [d], stages[1], noise)
-        return x_next, d
+
+def dpm_2_midpoint(s0: Scalar, s1: Scalar) -> Scalar:
+    """DPM-Solver-2's intermediate level, the midpoint in log sigma: ``exp((log s0 + log s1) / 2)``, i.e.
+    ``sqrt(s0 s1)``. Floats, or 0-d tensors."""
+    return _exp(-(_lam(s0) + _lam(s1)) / 2)
 
 
-SOLVERS = (Euler, Heun, DDIM)
-__all__ = ["Euler", "Heun", "DDIM", "euler_coefficients", "heun_coefficients"]
+def dpm_2_coefficients(s0: Scalar, s1: Scalar) -> tuple[Coefficients, Coefficients]:
+    """k-diffusion's ``sample_dpm_2`` step from ``s0`` to ``s1 > 0`` (Lu et al. 2022's DPM-Solver-2 in the
+    sigma form of Karras et al. 2022), with ``m = dpm_2_midpoint(s0, s1)``: an Euler step to ``m`` gives
+    ``x~ = (m/s0) x + (1 - m/s0) D``; the step to ``s1`` takes the derivative at ``x~``
+    (``D~ = D(x~; m)``)::
+
+        x' = x + (s1 - s0) (x~ - D~) / m
+           = (s1/s0) x - c D~ + c (1 - m/s0) D,  c = (s1 - s0) / m
+
+    Returns ``(predictor, corrector)``, the corrector over ``[D~, D]``. Floats, or 0-d tensors.
+    """
+    m = dpm_2_midpoint(s0, s1)
+    c = (s1 - s0) / m
+    return euler_coefficients(s0, m), (s1 / s0, [-c, c * (1 - m / s0)])
+
+
+class DPM2(TwoStage):
+    """k-diffusion's ``sample_dpm_2`` without churn ("DPM2"): a second-order step evaluating the model at ``x``
+    and at the log-sigma midpoint (:func:`dpm_2_coefficients`); the step to sigma = 0 is one Euler step, which
+    returns ``D``. Both evaluations of a step use the guidance decision of its start sigma.
+
+    k-diffusion 0.1.1's ``sample_dpm_2`` draws ``randn_like(x)`` every step even without churn and discards it
+    (as its ``sample_euler`` and ``sample_heun`` do, and ComfyUI's no longer does); fastdiff draws nothing, so
+    the result is the same but a global generator shared with later draws advances differently.
+    """
+
+    name = "dpm_2"
+
+    def points(self, sigmas, i):
+        s0, s1 = sigmas[i], sigmas[i + 1]
+        return [i] if _is_zero(s1) else [i, dpm_2_midpoint(s0, s1)]
+
+    def stages(self, sigmas, i):
+        s0, s1 = sigmas[i], sigmas[i + 1]
+        return [Stage(*euler_coefficients(s0, s1))] if _is_zero(s1) else [Stage(*c) for c in dpm_2_coefficients(s0, s1)]
+
+
+SOLVERS = (Euler, Heun, DDIM, DPM2)
+__all__ = [
+    "Euler", "Heun", "DDIM", "DPM2", "euler_coefficients", "heun_coefficients", "dpm_2_midpoint",
+    "dpm_2_coefficients",
+]  # fmt: skip
