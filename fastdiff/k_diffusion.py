@@ -1,67 +1,98 @@
-"""k-diffusion-compatible samplers: code written for ``k_diffusion.sampling`` switches by changing the import.
+"""k-diffusion-compatible samplers: code written for ``k_diffusion.sampling`` (k-diffusion 0.1.1) switches by
+changing the import, and ComfyUI-style lookups ``getattr(module, "sample_" + name)`` find every sampler.
 
-Every sampler has k-diffusion's signature::
+Every fixed-schedule sampler has k-diffusion's signature::
 
     sample_X(model, x, sigmas, extra_args=None, callback=None, disable=None, ...) -> x
 
 * ``model(x, sigma, **extra_args) -> D(x; sigma)``, with ``x`` ``[B, ...]`` and ``sigma`` a ``[B]`` tensor;
 * ``x`` ``[B, ...]``: the initial noise, already scaled by ``sigmas[0]``;
-* ``sigmas`` ``[N + 1]``: decreasing, usually ending in 0 (the helpers below make such schedules);
+* ``sigmas`` ``[N + 1]``: decreasing, usually ending in 0 (the ``get_sigmas_*`` helpers make such schedules);
 * ``callback`` receives per step ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}``: the state at the step's start
   (after any churn noise), the step index, ``sigmas[i]``, the noise level the model was evaluated at, and ``D``
   there;
 * ``disable``: tqdm's ``disable`` for the progress bar (None: shown only on a terminal).
 
-The deterministic samplers (``sample_euler``, ``sample_heun``, ``sample_dpmpp_2m``, ``sample_ipndm``, and
-``sample_dpmpp_3m_sde`` with ``eta=0``) run :func:`fastdiff.sample` with the matching fastdiff solver, so every
-step is one fused :func:`fastdiff.ops.guided_step`. With churn (``s_churn > 0``) Euler and Heun inject noise before
-each step and then take the fastdiff solver's step from the raised noise level.
+How each maps onto fastdiff: the sampler checks its k-diffusion arguments and runs :func:`fastdiff.sample` with the
+fastdiff solver of the same name (``sample_lms(order=4)`` is ``solvers.get("lms", order=4)``), so each stage of a
+step is one fused :func:`fastdiff.ops.guided_step` and any noise is that op's noise input:
 
-The stochastic samplers (``sample_euler_ancestral``, ``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``) take
-exactly one :func:`fastdiff.ops.guided_step` per step, with the noise as the op's noise input::
+* ``sample_euler_ancestral``, ``sample_dpm_2_ancestral``, ``sample_dpmpp_2s_ancestral``, ``sample_dpmpp_sde``,
+  ``sample_dpmpp_2m``, ``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``, ``sample_lms`` and fastdiff's extra
+  ``sample_ipndm``: the solvers ``euler_ancestral``, ``dpm_2_ancestral``, ``dpmpp_2s_ancestral``, ``dpmpp_sde``,
+  ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde``, ``lms``, ``ipndm``. ``sample_dpmpp_3m_sde`` with ``eta = 0``
+  runs :class:`KDiffusionDPMSolverPP3M`, fastdiff's ``dpmpp_3m`` with k-diffusion's second step.
+* ``sample_euler``, ``sample_heun``, ``sample_dpm_2`` take EDM's churn (Karras et al. 2022, Algorithm 2): per step,
+  noise raises the level from ``sigma`` to ``sigma_hat``, then the solver ``euler``, ``heun`` or ``dpm_2`` takes
+  its step from ``sigma_hat``. That pre-step lives here, the step in the solver.
+* ``sample_dpm_fast`` and ``sample_dpm_adaptive`` (DPM-Solver with its own steps, fixed or adaptive in
+  ``log sigma``) run :class:`~fastdiff.solvers.adaptive.DPMSolver`, since they have no schedule.
 
-    x' = a x + b_0 D + sum_k b_k D_{i-k} + c z
+Noise, as k-diffusion draws it, so that the same ``torch.manual_seed`` gives the same samples:
 
-The coefficients ``(a, [b_0, ...], c)`` come from pure functions of the schedule (floats in, floats out):
-:func:`euler_ancestral_coefficients`, :func:`dpmpp_2m_sde_coefficients`, :func:`dpmpp_3m_sde_coefficients`.
+* ``torch.randn_like(x)`` from the global generator in the ancestral samplers, DPM-Solver-fast/adaptive and churn,
+  including the draws k-diffusion multiplies by 0 (``eta = 0``; churn draws at every step whether or not the step
+  is churned, as k-diffusion 0.1.1's ``sample_euler``, ``sample_heun`` and ``sample_dpm_2`` do);
+* in the SDE samplers (``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``), torchsde's
+  Brownian tree (:class:`BrownianTreeNoiseSampler`) over ``[smallest positive sigma, largest sigma]``, built as
+  k-diffusion builds it (its seed drawn from the global generator, even at ``eta = 0``), so one seed gives one
+  Brownian path whatever the step count;
+* a ``noise_sampler`` is called with the arguments k-diffusion passes: ``(sigmas[i], sigmas[i + 1])`` as the
+  schedule's own 0-d tensors, ``sample_dpmpp_sde``'s levels computed as k-diffusion computes them.
 
-``sample_dpmpp_3m_sde`` with ``eta=0`` is k-diffusion's 3M, which is not quite fastdiff's ``dpmpp_3m``: on its
-second step (one earlier ``D``) k-diffusion weights ``(D_i - D_{i-1}) / r`` with the exponential-integrator
-``phi_2(h)``, where fastdiff's ``dpmpp_3m`` (like diffusers) warms up with the 2M midpoint step; every other step
-is the same. It runs through fastdiff's 3M solver with that one step changed (:class:`KDiffusionDPMSolverPP3M`).
+fastdiff's extensions: ``generator=`` (a ``torch.Generator`` for the normal draws) on the samplers whose default
+noise is ``randn_like``; ``seed=`` (an int, or ``B`` ints for one path per batch element) on the SDE samplers;
+``noise_sampler=`` for the churn noise (called only for churned steps, with ``(sigma, sigma_hat)``); ``cpu=`` on
+the Brownian tree (built on the CPU, so the path is the same on every device); ``sample_ipndm``.
 
 Differences from k-diffusion, all deliberate:
 
-* the SDE samplers' default noise is fastdiff's :class:`~fastdiff.brownian.BrownianTreeNoiseSampler`, seeded by
-  the ``seed`` keyword: the same distribution and the same consistency across step counts as k-diffusion's
-  torchsde tree, not the same numbers for the same seed (Euler ancestral and churn draw ``torch.randn_like(x)``
-  from the global generator as k-diffusion does, so a seeded run draws the same normals);
-* the model is called with ``sigma`` in ``x``'s dtype promoted to at least float32, and the linear update runs in
-  at least float32 (k-diffusion computes in ``x``'s dtype); the schedule helpers compute in float64 and return
-  torch's default dtype, as k-diffusion's;
-* bad input raises a ``ValueError``/``TypeError`` that names the problem (fastdiff's checks).
+* the model is called with ``sigma`` in ``x``'s dtype promoted to at least float32, and the linear updates run in
+  at least float32 with coefficients computed in float64 (k-diffusion computes in the schedule's and ``x``'s
+  dtype), so float32 results agree to float32 rounding (a few 1e-6 relative), float64 ones to about 1e-14;
+  DPM-Solver-fast/adaptive compute their times in float64, k-diffusion in torch's default dtype;
+* the schedule helpers compute in float64 and return torch's default dtype;
+* ``sample_lms`` takes ``order`` 1 to 4 (the op keeps three earlier derivatives), and integrates its weights
+  exactly rather than with ``scipy.integrate.quad``;
+* ``log_likelihood`` (an ODE likelihood estimate with torchdiffeq, not a sampler) is not provided;
+* bad input raises a ``ValueError``/``TypeError`` that names the problem (fastdiff's checks), where k-diffusion
+  may fail later or return NaN.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import repeat
 from typing import Any
 
+import numpy as np
 import torch
-from tqdm.auto import trange
+import torchsde
+from tqdm.auto import tqdm, trange
 
-from fastdiff import ops, schedules, solvers
-from fastdiff.brownian import BrownianTreeNoiseSampler
-from fastdiff.sampler import _check_inputs, _check_output, _sigma_batch, sample
+from fastdiff import schedules, solvers
+from fastdiff.arguments import as_int, as_real
+from fastdiff.sampler import _check_inputs, _check_output, _check_state, _noise_source, _sigma_batch, sample
 from fastdiff.solvers import Denoised
-from fastdiff.solvers.base import _expm1, _is_zero, _lam
+from fastdiff.solvers.adaptive import DPMSolver, PIDStepSizeController
+from fastdiff.solvers.base import _is_zero
+from fastdiff.solvers.multistep import lagrange_integrals
+from fastdiff.solvers.stochastic import (
+    _factor,
+    dpmpp_2m_sde_coefficients,
+    dpmpp_3m_sde_coefficients,
+    euler_ancestral_coefficients,
+    get_ancestral_step,
+)
 
 __all__ = [
+    "BatchedBrownianTree",
     "BrownianTreeNoiseSampler",
+    "DPMSolver",
     "KDiffusionDPMSolverPP3M",
+    "PIDStepSizeController",
     "append_zero",
     "churn_gamma",
     "default_noise_sampler",
@@ -73,20 +104,27 @@ __all__ = [
     "get_sigmas_karras",
     "get_sigmas_polyexponential",
     "get_sigmas_vp",
+    "linear_multistep_coeff",
+    "sample_dpm_2",
+    "sample_dpm_2_ancestral",
+    "sample_dpm_adaptive",
+    "sample_dpm_fast",
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",
+    "sample_dpmpp_2s_ancestral",
     "sample_dpmpp_3m_sde",
+    "sample_dpmpp_sde",
     "sample_euler",
     "sample_euler_ancestral",
     "sample_heun",
     "sample_ipndm",
+    "sample_lms",
     "to_d",
 ]
 
 Model = Callable[..., torch.Tensor]
 NoiseSampler = Callable[[Any, Any], torch.Tensor]  # (sigma, sigma_next) -> unit normal noise shaped like x
 Callback = Callable[[dict], Any]
-StepCoefficients = tuple[float, list[float], float]  # (a, [b_0, b_1, ...], c): x' = a x + sum_k b_k D_k + c z
 
 
 # ------------------------------------------------------------------------------------------------- schedules
@@ -119,7 +157,8 @@ def get_sigmas_polyexponential(
     """``log(sigma)`` polynomial in the step: ``log sigma_j = log sigma_min + u_j^rho (log sigma_max - log
     sigma_min)`` with ``u`` running uniformly from 1 to 0, then 0. ``rho = 1`` is :func:`get_sigmas_exponential`.
     ``[n + 1]``."""
-    schedules._check_range(n, sigma_min, sigma_max)
+    n, sigma_min, sigma_max = schedules._check_range(n, sigma_min, sigma_max)
+    rho = as_real(rho, "rho")
     if not rho > 0:
         raise ValueError(f"rho must be positive, got {rho}")
     lo, hi = math.log(sigma_min), math.log(sigma_max)
@@ -132,8 +171,8 @@ def get_sigmas_vp(
 ) -> torch.Tensor:
     """The continuous VP-SDE (Song et al. 2021) with ``beta(t) = beta_min + beta_d t`` at ``n`` times uniform from 1
     to ``eps_s``: ``sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)``, then 0. ``[n + 1]``."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"the number of steps n must be a positive integer, got {n!r}")
+    n = as_int(n, "the number of steps n", 1)
+    beta_d, beta_min, eps_s = as_real(beta_d, "beta_d"), as_real(beta_min, "beta_min"), as_real(eps_s, "eps_s")
     if not 0 < eps_s < 1:
         raise ValueError(f"eps_s must lie in (0, 1), got {eps_s}")
     if not (beta_d > 0 and beta_min >= 0):
@@ -153,72 +192,112 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor | float, denoised: torch.Tensor) -
     return (x - denoised) / sigma
 
 
-def _sqrt(v):
-    return v.clamp(min=0).sqrt() if isinstance(v, torch.Tensor) else math.sqrt(max(v, 0.0))
-
-
-def get_ancestral_step(sigma_from, sigma_to, eta: float = 1.0):
-    """Split an ancestral step from ``sigma_from`` to ``sigma_to`` into a deterministic step to ``sigma_down`` and
-    fresh noise of standard deviation ``sigma_up``, with ``sigma_down^2 + sigma_up^2 = sigma_to^2``::
-
-        sigma_up = min(sigma_to, eta * sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2))
-
-    ``eta = 1`` is DDPM's ancestral step, ``eta = 0`` the ODE step. Floats, or 0-d tensors as k-diffusion passes
-    them. Returns ``(sigma_down, sigma_up)``.
-    """
-    if not eta:
-        return sigma_to, 0.0
-    up = eta * _sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2)
-    tensors = isinstance(up, torch.Tensor) or isinstance(sigma_to, torch.Tensor)
-    up = torch.where(up < sigma_to, up, sigma_to) if tensors else min(sigma_to, up)
-    return _sqrt(sigma_to**2 - up**2), up
-
-
-def churn_gamma(sigma: float, n_steps: int, s_churn: float, s_tmin: float = 0.0, s_tmax: float = math.inf) -> float:
+def churn_gamma(sigma, n_steps: int, s_churn: float, s_tmin: float = 0.0, s_tmax: float = math.inf) -> float:
     """EDM's churn (Karras et al. 2022, Algorithm 2): the step at ``sigma`` first raises the noise level to
     ``sigma (1 + gamma)`` with ``gamma = min(s_churn / n_steps, sqrt(2) - 1)`` when ``s_tmin <= sigma <= s_tmax``,
-    else ``gamma = 0``."""
+    else ``gamma = 0``. ``sigma`` a float or a 0-d tensor (compared in its dtype, as k-diffusion compares)."""
     return min(s_churn / n_steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+
+
+def linear_multistep_coeff(order: int, t: Sequence[float], i: int, j: int) -> float:
+    """The weight of the derivative at ``t[i - j]`` in the linear multistep step from ``t[i]`` to ``t[i + 1]``
+    that integrates the Lagrange interpolant through ``t[i], ..., t[i - order + 1]`` (what ``sample_lms`` uses;
+    ``t`` a sequence, array or 1-D tensor of sigmas). Exact, where k-diffusion integrates numerically."""
+    order, i, j = as_int(order, "order", 1), as_int(i, "i", 0), as_int(j, "j", 0)
+    if order - 1 > i:
+        raise ValueError(f"order {order} too high for step {i}")
+    if j >= order:
+        raise ValueError(f"j must be below the order {order}, got {j}")
+    s0 = float(t[i])
+    return float(lagrange_integrals([float(t[i - k]) - s0 for k in range(order)], float(t[i + 1]) - s0)[j])
 
 
 def default_noise_sampler(x: torch.Tensor, seed: int | None = None) -> NoiseSampler:
     """Fresh standard normal noise shaped like ``x`` at every call: from torch's global generator (as k-diffusion,
     so a run seeded with ``torch.manual_seed`` draws the same numbers), or with ``seed`` from a generator of its own
     on ``x``'s device."""
-    if seed is None:
-        return lambda sigma, sigma_next: torch.randn_like(x)
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    return _generator_noise(x, generator)
+    _check_state(x)
+    generator = None if seed is None else torch.Generator(device=x.device).manual_seed(as_int(seed, "seed", 0))
+    draw = _noise_source(x, None, generator)
+    return lambda sigma, sigma_next: draw((sigma, sigma_next))
 
 
-def _generator_noise(x: torch.Tensor, generator: torch.Generator) -> NoiseSampler:
-    def draw(sigma, sigma_next):
-        z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
-        return z.to(x.device)
-
-    return draw
-
-
-def _noise_source(x: torch.Tensor, noise_sampler: NoiseSampler | None, generator: torch.Generator | None):
-    if noise_sampler is not None and generator is not None:
-        raise ValueError("give either noise_sampler or generator, not both")
-    if noise_sampler is not None:
-        if not callable(noise_sampler):
-            raise TypeError("noise_sampler must be callable as noise_sampler(sigma, sigma_next) -> noise like x")
-        return noise_sampler
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        return _generator_noise(x, generator)
-    return default_noise_sampler(x)
+def _seeds(seed, batch: int) -> tuple[list[int], bool]:
+    """``seed`` as a list of tree seeds and whether it is one per batch element."""
+    if seed is None:  # one draw from the global generator, as k-diffusion makes it
+        seed = torch.randint(0, 2**63 - 1, []).item()
+    if (seed.ndim if isinstance(seed, torch.Tensor) else np.ndim(seed)) == 1:
+        seeds = [as_int(s, "seed", 0) for s in seed]
+        if len(seeds) != batch:
+            raise ValueError(f"a list of seeds needs one per batch element ({batch}), got {len(seeds)}")
+        return seeds, True
+    return [as_int(seed, "seed", 0)], False
 
 
-def _draw(noise: NoiseSampler, sigma, sigma_next, x: torch.Tensor) -> torch.Tensor:
-    z = noise(sigma, sigma_next)
-    if not isinstance(z, torch.Tensor) or z.shape != x.shape or not z.is_floating_point():
-        got = f"shape {tuple(z.shape)} {z.dtype}" if isinstance(z, torch.Tensor) else type(z).__name__
-        raise ValueError(f"noise_sampler returned {got}; expected a floating tensor of x's shape {tuple(x.shape)}")
-    return z.to(device=x.device, dtype=x.dtype)
+class BatchedBrownianTree:
+    """torchsde Brownian trees over ``[t0, t1]`` (either order) for a batch ``x`` ``[B, ...]``: one tree of ``x``'s
+    shape, or with ``B`` seeds one tree per batch element (element ``b``'s path depends only on ``seed[b]``).
+
+    ``seed`` None draws one from torch's global generator (``torch.randint(0, 2**63 - 1, [])``, as k-diffusion).
+    ``cpu=True`` builds the trees on the CPU and moves their increments to ``x``'s device, so that the path does
+    not depend on the device. ``kwargs`` (``w0``, ``tol``, ``pool_size``...) go to ``torchsde.BrownianTree``.
+    Calling it with ``(t0, t1)`` gives the increment ``W(t1) - W(t0)`` ``[B, ...]`` in ``x``'s dtype.
+    """
+
+    def __init__(self, x: torch.Tensor, t0, t1, seed: int | Sequence[int] | None = None, cpu: bool = False, **kwargs):
+        _check_state(x)
+        t0, t1, self.sign = self.sort(t0, t1)
+        seeds, self.batched = _seeds(seed, x.shape[0])
+        self.device, self.cpu = x.device, cpu
+        w0 = kwargs.pop("w0", None)
+        if w0 is None:
+            w0 = torch.zeros_like(x, device="cpu" if cpu else x.device)
+        if self.batched:
+            w0 = w0[0]
+        self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=s, **kwargs) for s in seeds]
+
+    @staticmethod
+    def sort(a, b):
+        """``(low, high, sign)``: the two times in increasing order, and -1 when they were swapped."""
+        return (a, b, 1) if a < b else (b, a, -1)
+
+    def __call__(self, t0, t1) -> torch.Tensor:
+        t0, t1, sign = self.sort(t0, t1)
+        w = torch.stack([tree(t0, t1) for tree in self.trees]) * (self.sign * sign)
+        w = w if self.batched else w[0]
+        return w.to(self.device) if self.cpu else w
+
+
+def _identity(t):
+    return t
+
+
+class BrownianTreeNoiseSampler:
+    """Brownian-tree noise for the SDE samplers: ``noise(sigma, sigma_next) = (W(t') - W(t)) / sqrt(|t' - t|)``
+    with ``t = transform(sigma)``, unit normal like ``x`` ``[B, ...]``, and every step's noise an increment of one
+    Brownian path (:class:`BatchedBrownianTree` over ``[transform(sigma_min), transform(sigma_max)]``), so runs with
+    different step counts follow the same path. ``seed``: an int, ``B`` ints (one path per batch element), or None
+    for one drawn from torch's global generator. The same seed gives k-diffusion's numbers."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        sigma_min,
+        sigma_max,
+        seed: int | Sequence[int] | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] = _identity,
+        cpu: bool = False,
+    ):
+        self.transform = transform
+        t0, t1 = self.transform(torch.as_tensor(sigma_min)), self.transform(torch.as_tensor(sigma_max))
+        self.tree = BatchedBrownianTree(x, t0, t1, seed, cpu=cpu)
+
+    def __call__(self, sigma, sigma_next) -> torch.Tensor:
+        t0, t1 = self.transform(torch.as_tensor(sigma)), self.transform(torch.as_tensor(sigma_next))
+        return self.tree(t0, t1) / (t1 - t0).abs().sqrt()
+
+
+# ------------------------------------------------------------------------------------- shared sampler plumbing
 
 
 def _progress(disable: bool | None) -> bool:
@@ -227,7 +306,8 @@ def _progress(disable: bool | None) -> bool:
 
 
 def _user_sigmas(sigmas) -> torch.Tensor:
-    """The schedule as the caller gave it, for the callback's ``sigma`` (k-diffusion passes ``sigmas[i]``)."""
+    """The schedule as the caller gave it, for the callback's and the noise sampler's sigmas (k-diffusion passes
+    ``sigmas[i]``)."""
     return sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas, dtype=torch.float64)
 
 
@@ -239,67 +319,102 @@ def _check_common(extra_args, callback) -> dict:
     return dict(extra_args or {})
 
 
-def _check_factor(name: str, value: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = math.nan
-    if isinstance(value, bool) or not (math.isfinite(v) and v >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return v
+def _steps(user: torch.Tensor) -> Callable[[int], Iterable[tuple]]:
+    """The arguments k-diffusion passes to a noise sampler at step ``i``: ``(sigmas[i], sigmas[i + 1])``."""
+    return lambda i: repeat((user[i], user[i + 1]))
 
 
-def _denoise(model: Model, x: torch.Tensor, sigma: float, extra_args: Mapping) -> torch.Tensor:
-    return _check_output(model(x, _sigma_batch(sigma, x), **extra_args), x, "model")
+def _relay_noise(noise_sampler: NoiseSampler, solver: solvers.Solver, sig: list[float], kd_args) -> NoiseSampler:
+    """``noise_sampler`` as :func:`fastdiff.sample` calls it (with a stage's noise interval, host floats), calling
+    it with k-diffusion's arguments for that draw: ``kd_args(i)`` lists them for step ``i``'s drawing stages."""
+    table = {}
+    for i in range(len(sig) - 1):
+        table.update(zip([st.noise for st in solver.stages(sig, i) if st.noise is not None], kd_args(i)))
+    return lambda sigma, sigma_next: noise_sampler(*table.get((sigma, sigma_next), (sigma, sigma_next)))
 
 
-# ----------------------------------------------------------------------------------------- deterministic path
-
-
-def _run_solver(solver, model, x, sigmas, extra_args, callback, disable) -> torch.Tensor:
-    """:func:`fastdiff.sample` with k-diffusion's callback dict."""
+def _run(
+    solver: solvers.Solver,
+    model: Model,
+    x: torch.Tensor,
+    sigmas,
+    extra_args,
+    callback,
+    disable,
+    noise_sampler: NoiseSampler | None = None,
+    generator: torch.Generator | None = None,
+    kd_args: Callable[[int], Iterable[tuple]] | None = None,
+) -> torch.Tensor:
+    """:func:`fastdiff.sample` with ``solver``, k-diffusion's callback dict and noise sampler arguments
+    (``kd_args``, default ``(sigmas[i], sigmas[i + 1])``)."""
     extra = _check_common(extra_args, callback)
+    sig = _check_inputs(model, x, sigmas).tolist()
     user = _user_sigmas(sigmas)
 
     def relay(info: dict) -> None:
         i = info["i"]
         callback({"x": info["x"], "i": i, "sigma": user[i], "sigma_hat": user[i], "denoised": info["denoised"]})
 
+    if noise_sampler is not None:
+        noise_sampler = _relay_noise(noise_sampler, solver, sig, kd_args or _steps(user))
     return sample(
         model, x, sigmas, solver=solver, cond=extra, callback=relay if callback is not None else None,
-        progress=_progress(disable),
+        progress=_progress(disable), noise_sampler=noise_sampler, generator=generator,
     )  # fmt: skip
+
+
+def _brownian_default(x, sigmas, noise_sampler, seed) -> NoiseSampler:
+    """The SDE samplers' noise: ``noise_sampler``, or k-diffusion's default, a :class:`BrownianTreeNoiseSampler`
+    over ``[smallest positive sigma, largest sigma]`` seeded with ``seed``, built before the first step (so that a
+    None seed is drawn from the global generator when k-diffusion draws it, also at ``eta = 0``)."""
+    if noise_sampler is not None:
+        if seed is not None:
+            raise ValueError("give either noise_sampler or seed, not both")
+        return noise_sampler
+    _check_state(x)
+    schedules.validate(sigmas)
+    user = _user_sigmas(sigmas)
+    return BrownianTreeNoiseSampler(x, user[user > 0].min(), user.max(), seed=seed)
+
+
+def _denoise(model: Model, x: torch.Tensor, sigma: float, extra_args: Mapping) -> torch.Tensor:
+    return _check_output(model(x, _sigma_batch(sigma, x), **extra_args), x, "model")
 
 
 def _churn_run(
     solver: solvers.Solver, model, x, sigmas, extra_args, callback, disable, churn, noise_sampler, generator
-):
-    """Euler or Heun with EDM's churn: per step, raise the noise level from ``sigma`` to ``sigma_hat`` with fresh
-    noise, then take the fastdiff solver's step from ``sigma_hat`` to the next sigma. Without any churn step this
-    is :func:`fastdiff.sample`."""
+) -> torch.Tensor:
+    """EDM's churn around a single-step solver (Euler, Heun, DPM-2): per step, with ``gamma`` of
+    :func:`churn_gamma`, raise the noise level from ``sigma`` to ``sigma_hat = sigma (1 + gamma)`` by adding
+    ``sqrt(sigma_hat^2 - sigma^2) s_noise z``, then take the solver's step from ``sigma_hat`` to the next sigma.
+
+    As k-diffusion, ``z`` is drawn at every step, churned or not (with the default noise or ``generator``), and
+    ``sigma_hat`` and the churn test are computed in the schedule's dtype; a ``noise_sampler`` is asked only for
+    churned steps, with ``(sigma, sigma_hat)``."""
     s_churn, s_tmin, s_tmax, s_noise = churn
-    s_churn, s_noise = _check_factor("s_churn", s_churn), _check_factor("s_noise", s_noise)
+    s_churn, s_noise = _factor("s_churn", s_churn), _factor("s_noise", s_noise)
+    s_tmin, s_tmax = as_real(s_tmin, "s_tmin", finite=False), as_real(s_tmax, "s_tmax", finite=False)
     if not s_tmin <= s_tmax:
         raise ValueError(f"need s_tmin <= s_tmax, got s_tmin={s_tmin}, s_tmax={s_tmax}")
     sig = _check_inputs(model, x, sigmas).tolist()
-    gammas = [churn_gamma(s, len(sig) - 1, s_churn, s_tmin, s_tmax) for s in sig[:-1]]
-    if not any(g > 0 for g in gammas):
-        return _run_solver(solver, model, x, sigmas, extra_args, callback, disable)
     extra = _check_common(extra_args, callback)
     user = _user_sigmas(sigmas)
     noise = _noise_source(x, noise_sampler, generator)
-    state = solver.start()
     evaluate = lambda xi, s: Denoised(_denoise(model, xi, s, extra))  # noqa: E731
     for i in trange(len(sig) - 1, disable=disable):
-        sigma_hat = sig[i] * (1 + gammas[i])
-        if gammas[i] > 0:
-            z = _draw(noise, user[i], sigma_hat, x)
-            x = x + z * (s_noise * math.sqrt(sigma_hat**2 - sig[i] ** 2))
-        x_next, d = solver.step(0, x, [sigma_hat, sig[i + 1]], evaluate, state)
+        gamma = churn_gamma(user[i], len(sig) - 1, s_churn, s_tmin, s_tmax)
+        sigma_hat = user[i] * (1 + gamma)
+        z = noise((user[i], sigma_hat)) if gamma > 0 or noise_sampler is None else None
+        if gamma > 0:
+            x = x + z * (s_noise * float((sigma_hat**2 - user[i] ** 2).sqrt()))
+        x_next, d = solver.step(0, x, [float(sigma_hat), sig[i + 1]], evaluate, solver.start())
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": user[i], "sigma_hat": user[i] * (1 + gammas[i]), "denoised": d})
+            callback({"x": x, "i": i, "sigma": user[i], "sigma_hat": sigma_hat, "denoised": d})
         x = x_next
     return x
+
+
+# -------------------------------------------------------------------------------------------------- samplers
 
 
 @torch.no_grad()
@@ -317,16 +432,43 @@ def sample_euler(
     noise_sampler: NoiseSampler | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 with churn).
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 with churn): the solver
+    ``euler`` from ``sigma_hat`` (:func:`_churn_run`).
 
-    ``x`` ``[B, ...]`` scaled by ``sigmas[0]``; ``sigmas`` ``[N + 1]``; returns the sample ``[B, ...]``. Without
-    churn it is fastdiff's ``euler`` solver. With ``s_churn > 0`` each step whose sigma lies in ``[s_tmin,
-    s_tmax]`` first adds noise ``sqrt(sigma_hat^2 - sigma^2) s_noise z`` to reach ``sigma_hat = sigma (1 + gamma)``
-    (:func:`churn_gamma`) and steps from there. The churn noise ``z`` is ``noise_sampler(sigma, sigma_hat)``, or
-    drawn with ``generator``, or by default ``torch.randn_like(x)`` from the global generator (as k-diffusion).
+    ``x`` ``[B, ...]`` scaled by ``sigmas[0]``; ``sigmas`` ``[N + 1]``; returns the sample ``[B, ...]``. With
+    ``s_churn > 0`` each step whose sigma lies in ``[s_tmin, s_tmax]`` first adds noise ``sqrt(sigma_hat^2 -
+    sigma^2) s_noise z`` to reach ``sigma_hat = sigma (1 + gamma)`` (:func:`churn_gamma`). ``z``: by default
+    ``torch.randn_like(x)`` from the global generator, drawn at every step as k-diffusion does; or drawn with
+    ``generator``; or ``noise_sampler(sigma, sigma_hat)`` on churned steps.
     """
     churn = (s_churn, s_tmin, s_tmax, s_noise)
-    return _churn_run(solvers.Euler(), model, x, sigmas, extra_args, callback, disable, churn, noise_sampler, generator)
+    return _churn_run(solvers.get("euler"), model, x, sigmas, extra_args, callback, disable, churn, noise_sampler,
+                      generator)  # fmt: skip
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable: bool | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling with Euler steps: the solver ``euler_ancestral``
+    (:func:`~fastdiff.solvers.stochastic.euler_ancestral_coefficients`).
+
+    ``x`` ``[B, ...]`` scaled by ``sigmas[0]``; ``sigmas`` ``[N + 1]``; returns ``[B, ...]``. The noise is
+    ``noise_sampler(sigma, sigma_next)``, or drawn with ``generator``, or by default ``torch.randn_like(x)`` from the
+    global generator, one draw per step that ends above 0 (as k-diffusion, ``eta = 0`` included). ``eta = 0`` is
+    Euler's method. The step to 0 returns ``D``.
+    """
+    solver = solvers.get("euler_ancestral", eta=eta, s_noise=s_noise)
+    return _run(solver, model, x, sigmas, extra_args, callback, disable, noise_sampler, generator)
 
 
 @torch.no_grad()
@@ -344,207 +486,40 @@ def sample_heun(
     noise_sampler: NoiseSampler | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Heun's second-order method (Karras et al. 2022, Algorithm 1; with churn, Algorithm 2).
-
-    Two model evaluations a step, one on the step to sigma = 0 (an Euler step there). Shapes and the churn
-    options as :func:`sample_euler`; the callback's ``denoised`` is the first evaluation of the step. Without churn
-    it is fastdiff's ``heun`` solver.
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1; with churn, Algorithm 2): the solver ``heun``
+    from ``sigma_hat``. Two model evaluations a step, one on the step to sigma = 0 (an Euler step there). Shapes,
+    churn and noise as :func:`sample_euler`; the callback's ``denoised`` is the step's first evaluation.
     """
     churn = (s_churn, s_tmin, s_tmax, s_noise)
-    return _churn_run(solvers.Heun(), model, x, sigmas, extra_args, callback, disable, churn, noise_sampler, generator)
+    return _churn_run(solvers.get("heun"), model, x, sigmas, extra_args, callback, disable, churn, noise_sampler,
+                      generator)  # fmt: skip
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(
+def sample_dpm_2(
     model: Model,
     x: torch.Tensor,
     sigmas: torch.Tensor,
     extra_args: Mapping[str, Any] | None = None,
     callback: Callback | None = None,
     disable: bool | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022), midpoint form: fastdiff's ``dpmpp_2m`` solver. First order on the first
-    step and on the step to 0. ``x`` ``[B, ...]``, ``sigmas`` ``[N + 1]``; returns ``[B, ...]``."""
-    return _run_solver(solvers.DPMSolverPP2M(), model, x, sigmas, extra_args, callback, disable)
+    """DPM-Solver-2 in the sigma form of Karras et al. (2022), with EDM's churn: the solver ``dpm_2``
+    (:func:`~fastdiff.solvers.single.dpm_2_coefficients`) from ``sigma_hat``, evaluating at ``x`` and at the
+    log-sigma midpoint; one Euler step on the step to 0. Shapes, churn and noise as :func:`sample_euler`."""
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    return _churn_run(solvers.get("dpm_2"), model, x, sigmas, extra_args, callback, disable, churn, noise_sampler,
+                      generator)  # fmt: skip
 
 
 @torch.no_grad()
-def sample_ipndm(
-    model: Model,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    extra_args: Mapping[str, Any] | None = None,
-    callback: Callback | None = None,
-    disable: bool | None = None,
-    max_order: int = 4,
-) -> torch.Tensor:
-    """Improved PNDM (Zhang & Chen 2023): Adams-Bashforth of order up to ``max_order`` (1-4) on ``(x - D) /
-    sigma``, warming up from first order: fastdiff's ``ipndm`` solver. Shapes as :func:`sample_dpmpp_2m`."""
-    return _run_solver(solvers.IPNDM(max_order), model, x, sigmas, extra_args, callback, disable)
-
-
-class KDiffusionDPMSolverPP3M(solvers.DPMSolverPP3M):
-    """DPM-Solver++(3M) as k-diffusion's ``sample_dpmpp_3m_sde`` computes it with ``eta = 0``: fastdiff's
-    ``dpmpp_3m`` except on the second step, which (with one earlier ``D``) uses the exponential-integrator
-    weight ``phi_2(h) = 1 + expm1(-h) / h`` on ``(D_i - D_{i-1}) / r`` instead of the 2M midpoint weight
-    ``(1 - e^{-h}) / 2`` (:func:`dpmpp_3m_sde_coefficients`). The two differ by ``O(h^3)`` on that step."""
-
-    name = "dpmpp_3m_kdiffusion"
-
-    def coefficients(self, sigmas, i):
-        if i != 1 or _is_zero(sigmas[2]):
-            return super().coefficients(sigmas, i)
-        # Floats or 0-d tensors (fastdiff.Sampler's device-resident, differentiable coefficient table).
-        lam0, lam1, lam2 = (_lam(s) for s in sigmas[:3])
-        h = lam2 - lam1
-        k = (_expm1(-h) / h + 1) * h / (lam1 - lam0)  # phi_2(h) / r
-        return sigmas[2] / sigmas[1], [-_expm1(-h) + k, -k]
-
-
-# -------------------------------------------------------------------------------------- stochastic samplers
-
-
-def euler_ancestral_coefficients(
-    sigmas: Sequence[float], i: int, eta: float = 1.0, s_noise: float = 1.0
-) -> StepCoefficients:
-    """Euler ancestral step ``i``: an Euler step to ``sigma_down``, then fresh noise of std ``sigma_up``
-    (:func:`get_ancestral_step`)::
-
-        x' = x + (x - D) / sigma (sigma_down - sigma) + sigma_up s_noise z
-           = (sigma_down / sigma) x + (1 - sigma_down / sigma) D + sigma_up s_noise z
-
-    Returns ``(a, [b_D], c)``; the step to sigma = 0 gives ``(0, [1], 0)``: ``x' = D``.
-    """
-    sigma, sigma_next = sigmas[i], sigmas[i + 1]
-    sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
-    a, b = solvers.euler_coefficients(sigma, sigma_down)
-    return a, b, sigma_up * s_noise
-
-
-def _sde_base(sigma: float, sigma_next: float, h_eta: float, noise_h: float, s_noise: float):
-    """The first-order part shared by the DPM-Solver++ SDE steps, with ``h_eta = h + eta h``::
-
-    x' = e^{-h_eta} x + (1 - e^{-h_eta}) D + sigma' sqrt(1 - e^{-2 eta h}) s_noise z
-
-    (``e^{-h_eta} = (sigma'/sigma) e^{-eta h}``). Returns ``(a, b_D, c)``."""
-    a = sigma_next / sigma * math.exp(-noise_h)
-    return a, -math.expm1(-h_eta), sigma_next * math.sqrt(-math.expm1(-2 * noise_h)) * s_noise
-
-
-def dpmpp_2m_sde_coefficients(
-    sigmas: Sequence[float], i: int, eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint"
-) -> StepCoefficients:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022) step ``i`` over ``[D_i, D_{i-1}]``, in ``lambda = -log sigma`` with
-    ``h = lambda_{i+1} - lambda_i`` and ``eta_h = eta h``::
-
-        x' = (sigma'/sigma) e^{-eta_h} x + (1 - e^{-h - eta_h}) D_i + k (D_i - D_{i-1})
-             + sigma' sqrt(1 - e^{-2 eta_h}) s_noise z
-
-    with ``r = h_{i-1} / h`` and ``k = (1 - e^{-h - eta_h}) / (2 r)`` (``midpoint``) or
-    ``k = (1 + expm1(-h - eta_h) / (h + eta_h)) / r`` (``heun``: the exact integral of a linear ``D(lambda)``
-    against the step's weight). The first step has no ``D_{i-1}`` term; the step to 0 returns ``D``
-    (``(0, [1], 0)``). ``eta = 0`` with ``midpoint`` is fastdiff's ``dpmpp_2m``. Returns ``(a, b, c)``.
-    """
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    sigma, sigma_next = sigmas[i], sigmas[i + 1]
-    if sigma_next == 0:
-        return 0.0, [1.0], 0.0
-    h = math.log(sigma) - math.log(sigma_next)
-    a, b0, c = _sde_base(sigma, sigma_next, h + eta * h, eta * h, s_noise)
-    if i == 0:
-        return a, [b0], c
-    r = (math.log(sigmas[i - 1]) - math.log(sigma)) / h
-    k = 0.5 * b0 / r if solver_type == "midpoint" else (1 + math.expm1(-h - eta * h) / (h + eta * h)) / r
-    return a, [b0 + k, -k], c
-
-
-def dpmpp_3m_sde_coefficients(
-    sigmas: Sequence[float], i: int, eta: float = 1.0, s_noise: float = 1.0
-) -> StepCoefficients:
-    """DPM-Solver++(3M) SDE step ``i`` (k-diffusion's ``sample_dpmpp_3m_sde``) over ``[D_i, D_{i-1}, D_{i-2}]``.
-
-    With ``h = lambda_{i+1} - lambda_i``, ``h_eta = (1 + eta) h``, ``phi_2 = 1 + expm1(-h_eta) / h_eta``,
-    ``phi_3 = phi_2 / h_eta - 1/2``::
-
-        x' = e^{-h_eta} x + (1 - e^{-h_eta}) D_i + [phi_2 d1 - phi_3 d2] + sigma' sqrt(1 - e^{-2 eta h}) s_noise z
-
-    where, with two earlier estimates, ``r0 = h_{i-1}/h``, ``r1 = h_{i-2}/h``, ``d1_0 = (D_i - D_{i-1}) / r0``,
-    ``d1_1 = (D_{i-1} - D_{i-2}) / r1``, ``d2 = (d1_0 - d1_1) / (r0 + r1)``, ``d1 = d1_0 + r0 d2``; with one,
-    the bracket is ``phi_2 (D_i - D_{i-1}) / r0``; on the first step it is empty. The step to 0 returns ``D``.
-    With ``eta = 0`` and two earlier estimates this is fastdiff's ``dpmpp_3m`` step. Returns ``(a, b, c)``.
-    """
-    sigma, sigma_next = sigmas[i], sigmas[i + 1]
-    if sigma_next == 0:
-        return 0.0, [1.0], 0.0
-    h = math.log(sigma) - math.log(sigma_next)
-    h_eta = h * (eta + 1)
-    a, b0, c = _sde_base(sigma, sigma_next, h_eta, eta * h, s_noise)
-    if i == 0:
-        return a, [b0], c
-    phi_2 = math.expm1(-h_eta) / h_eta + 1
-    r0 = (math.log(sigmas[i - 1]) - math.log(sigma)) / h
-    if i == 1:
-        return a, [b0 + phi_2 / r0, -phi_2 / r0], c
-    phi_3 = phi_2 / h_eta - 0.5
-    r1 = (math.log(sigmas[i - 2]) - math.log(sigmas[i - 1])) / h
-    # phi_2 d1 - phi_3 d2 = (phi_2 + q) d1_0 - q d1_1, q = (phi_2 r0 - phi_3) / (r0 + r1), as weights on the D's:
-    q = (phi_2 * r0 - phi_3) / (r0 + r1)
-    u, v = (phi_2 + q) / r0, q / r1
-    return a, [b0 + u, -u - v, v], c
-
-
-def _stochastic_run(
-    model: Model,
-    x: torch.Tensor,
-    sigmas,
-    sig: list[float],
-    extra_args,
-    callback,
-    disable,
-    coefficients: Callable[[list[float], int], StepCoefficients],
-    noise: Callable[[], NoiseSampler],
-    noisy: bool,
-) -> torch.Tensor:
-    """The loop of the stochastic samplers: per step one model call and one :func:`fastdiff.ops.guided_step` with
-    the noise as its noise input. ``sig`` is the checked schedule on the host. ``noise()`` makes the noise
-    sampler on first use; it is called for every step that ends above 0 when ``noisy``."""
-    extra = _check_common(extra_args, callback)
-    user = _user_sigmas(sigmas)
-    history: list[torch.Tensor] = []
-    sampler = None
-    for i in trange(len(sig) - 1, disable=disable):
-        d = _denoise(model, x, sig[i], extra)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": user[i], "sigma_hat": user[i], "denoised": d})
-        a, b, c = coefficients(sig, i)
-        z = None
-        if noisy and sig[i + 1] > 0:
-            sampler = sampler or noise()
-            z = _draw(sampler, user[i], user[i + 1], x)
-        x, e = ops.guided_step(x, d, None, history[: len(b) - 1], a=a, b=b, noise=z if c else None, c_noise=c)
-        history = [e, *history[:1]]
-    return x
-
-
-def _sde_run(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, coefficients):
-    """The DPM-Solver++ SDE samplers: ``coefficients(sigmas, i, eta, s_noise)``, and noise from ``noise_sampler``
-    or, by default, a Brownian tree over ``[smallest positive sigma, largest sigma]`` (made on first use: no noise
-    is drawn with ``eta = 0``)."""
-    eta, s_noise = _check_factor("eta", eta), _check_factor("s_noise", s_noise)
-    sig = _check_inputs(model, x, sigmas).tolist()
-    if noise_sampler is not None:
-        given = _noise_source(x, noise_sampler, None)
-        noise = lambda: given  # noqa: E731
-    else:
-        positive = [s for s in sig if s > 0]
-        noise = lambda: BrownianTreeNoiseSampler(x, min(positive), max(positive), seed=seed)  # noqa: E731
-    step = functools.partial(coefficients, eta=eta, s_noise=s_noise)
-    return _stochastic_run(model, x, sigmas, sig, extra_args, callback, disable, step, noise, eta > 0)
-
-
-@torch.no_grad()
-def sample_euler_ancestral(
+def sample_dpm_2_ancestral(
     model: Model,
     x: torch.Tensor,
     sigmas: torch.Tensor,
@@ -556,18 +531,186 @@ def sample_euler_ancestral(
     noise_sampler: NoiseSampler | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Ancestral sampling with Euler steps (:func:`euler_ancestral_coefficients`).
+    """Ancestral sampling with DPM-Solver-2 steps: the solver ``dpm_2_ancestral``
+    (:func:`~fastdiff.solvers.stochastic.dpm_2_ancestral_coefficients`). Shapes and noise as
+    :func:`sample_euler_ancestral`; a step whose ``sigma_down`` is 0 is one Euler step and draws nothing."""
+    solver = solvers.get("dpm_2_ancestral", eta=eta, s_noise=s_noise)
+    return _run(solver, model, x, sigmas, extra_args, callback, disable, noise_sampler, generator)
+
+
+@torch.no_grad()
+def sample_lms(
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable: bool | None = None,
+    order: int = 4,
+) -> torch.Tensor:
+    """The linear multistep method in sigma of order up to ``order`` (1-4), warming up from first order: the solver
+    ``lms`` (:func:`~fastdiff.solvers.multistep.lms_coefficients`, :func:`linear_multistep_coeff`). The step to 0
+    is the same rule. Shapes as :func:`sample_euler`."""
+    return _run(solvers.get("lms", order=order), model, x, sigmas, extra_args, callback, disable)
+
+
+def _dpm_solver(model, x, sigma_min, sigma_max, extra_args, callback, bar) -> tuple[DPMSolver, float, float]:
+    """The :class:`DPMSolver` of ``sample_dpm_fast``/``sample_dpm_adaptive``, counting evaluations on ``bar``, its
+    callback relaying k-diffusion's dict (with ``sigma`` and ``sigma_hat``), and the times of ``sigma_max`` and
+    ``sigma_min``."""
+    _check_state(x)
+    extra = _check_common(extra_args, callback)
+    lo, hi = as_real(sigma_min, "sigma_min"), as_real(sigma_max, "sigma_max")
+    if lo <= 0 or hi <= 0:
+        raise ValueError(f"sigma_min and sigma_max must be positive, got {lo} and {hi}")
+    solver = DPMSolver(model, extra, eps_callback=bar.update)
+    if callback is not None:
+        solver.info_callback = lambda info: callback(
+            {"sigma": solver.sigma(info["t"]), "sigma_hat": solver.sigma(info["t_up"]), **info}
+        )
+    return solver, solver.t(hi), solver.t(lo)
+
+
+@torch.no_grad()
+def sample_dpm_fast(
+    model: Model,
+    x: torch.Tensor,
+    sigma_min: float,
+    sigma_max: float,
+    n: int,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable: bool | None = None,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+) -> torch.Tensor:
+    """DPM-Solver-fast (Lu et al. 2022): ``n`` model evaluations in steps of order 3 (then 2 or 1) uniform in
+    ``log sigma`` from ``sigma_max`` to ``sigma_min`` (:meth:`~fastdiff.solvers.adaptive.DPMSolver.dpm_solver_fast`).
+
+    ``x`` ``[B, ...]`` scaled by ``sigma_max``; returns ``[B, ...]`` at ``sigma_min`` (no final denoising step).
+    ``eta > 0`` makes each step ancestral, with noise ``noise_sampler(sigma, sigma_next)`` (default
+    ``torch.randn_like(x)``, drawn every step as k-diffusion does). The callback gets ``{'x', 'i', 't', 't_up',
+    'sigma', 'sigma_hat', 'denoised'}``.
+    """
+    n = as_int(n, "n", 1)
+    with tqdm(total=n, disable=disable) as bar:
+        solver, t_start, t_end = _dpm_solver(model, x, sigma_min, sigma_max, extra_args, callback, bar)
+        return solver.dpm_solver_fast(x, t_start, t_end, n, eta, s_noise, noise_sampler)
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(
+    model: Model,
+    x: torch.Tensor,
+    sigma_min: float,
+    sigma_max: float,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable: bool | None = None,
+    order: int = 3,
+    rtol: float = 0.05,
+    atol: float = 0.0078,
+    h_init: float = 0.05,
+    pcoeff: float = 0.0,
+    icoeff: float = 1.0,
+    dcoeff: float = 0.0,
+    accept_safety: float = 0.81,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    return_info: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict]:
+    """DPM-Solver-12 (``order=2``) or -23 (``order=3``) with adaptive step size (Lu et al. 2022, Appendix C;
+    :meth:`~fastdiff.solvers.adaptive.DPMSolver.dpm_solver_adaptive`) from ``sigma_max`` to ``sigma_min``.
+
+    ``x`` ``[B, ...]`` scaled by ``sigma_max``; returns ``[B, ...]`` at ``sigma_min``, and with ``return_info``
+    also ``{'steps', 'nfe', 'n_accept', 'n_reject'}``. ``rtol``, ``atol`` set the error tolerance, ``h_init`` the
+    first step in ``log sigma``, ``pcoeff``, ``icoeff``, ``dcoeff``, ``accept_safety`` the
+    :class:`PIDStepSizeController`. Noise as :func:`sample_dpm_fast`, one draw per accepted step. The callback
+    also gets ``'error'``, ``'h'`` and the counts.
+    """
+    with tqdm(disable=disable) as bar:
+        solver, t_start, t_end = _dpm_solver(model, x, sigma_min, sigma_max, extra_args, callback, bar)
+        x, info = solver.dpm_solver_adaptive(x, t_start, t_end, order, rtol, atol, h_init, pcoeff, icoeff, dcoeff,
+                                             accept_safety, eta, s_noise, noise_sampler)  # fmt: skip
+    return (x, info) if return_info else x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable: bool | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling with DPM-Solver++(2S) steps: the solver ``dpmpp_2s_ancestral``
+    (:func:`~fastdiff.solvers.stochastic.dpmpp_2s_ancestral_coefficients`). Shapes and noise as
+    :func:`sample_euler_ancestral`."""
+    solver = solvers.get("dpmpp_2s_ancestral", eta=eta, s_noise=s_noise)
+    return _run(solver, model, x, sigmas, extra_args, callback, disable, noise_sampler, generator)
+
+
+def _dpmpp_sde_args(user: torch.Tensor, r: float) -> Callable[[int], list[tuple]]:
+    """The arguments ``sample_dpmpp_sde`` passes to its noise sampler at step ``i``, computed as k-diffusion
+    computes them, in the schedule's dtype (``sigma(t) = exp(-t)``, ``t = -log sigma``): ``(sigma(t), sigma(t + r
+    h))`` and ``(sigma(t), sigma(t_{i+1}))``. A Brownian tree queried at times one float32 rounding apart gives
+    other increments, so they must be these values, not the solver's float64 ones."""
+
+    def args(i: int) -> list[tuple]:
+        t, t_next = user[i].log().neg(), user[i + 1].log().neg()
+        return [(t.neg().exp(), (t + (t_next - t) * r).neg().exp()), (t.neg().exp(), t_next.neg().exp())]
+
+    return args
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable: bool | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    r: float = 1 / 2,
+    seed: int | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++ SDE ("DPM++ SDE"): the solver ``dpmpp_sde``
+    (:func:`~fastdiff.solvers.stochastic.dpmpp_sde_coefficients`), two evaluations and two draws a step, the
+    second evaluation a fraction ``r`` of the step along in ``log sigma``.
 
     ``x`` ``[B, ...]`` scaled by ``sigmas[0]``; ``sigmas`` ``[N + 1]``; returns ``[B, ...]``. The noise is
-    ``noise_sampler(sigma, sigma_next)``, or drawn with ``generator``, or by default ``torch.randn_like(x)`` from the
-    global generator, one draw per step that ends above 0 (as k-diffusion, so ``torch.manual_seed`` reproduces its
-    draws). ``eta = 0`` is Euler's method. The step to 0 returns ``D``.
+    ``noise_sampler(sigma, sigma_next)``, by default a :class:`BrownianTreeNoiseSampler` seeded with ``seed`` (an
+    int, ``B`` ints, or None for a seed from torch's global generator, as k-diffusion). Draws are made at
+    ``eta = 0`` too (multiplied by 0), as k-diffusion makes them.
     """
-    eta, s_noise = _check_factor("eta", eta), _check_factor("s_noise", s_noise)
-    sig = _check_inputs(model, x, sigmas).tolist()
-    noise = _noise_source(x, noise_sampler, generator)
-    step = functools.partial(euler_ancestral_coefficients, eta=eta, s_noise=s_noise)
-    return _stochastic_run(model, x, sigmas, sig, extra_args, callback, disable, step, lambda: noise, True)
+    solver = solvers.get("dpmpp_sde", eta=eta, s_noise=s_noise, r=r)
+    noise = _brownian_default(x, sigmas, noise_sampler, seed)
+    args = _dpmpp_sde_args(_user_sigmas(sigmas), solver.r)
+    return _run(solver, model, x, sigmas, extra_args, callback, disable, noise, kd_args=args)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable: bool | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), midpoint form: the solver ``dpmpp_2m``. First order on the first step and
+    on the step to 0. ``x`` ``[B, ...]``, ``sigmas`` ``[N + 1]``; returns ``[B, ...]``."""
+    return _run(solvers.get("dpmpp_2m"), model, x, sigmas, extra_args, callback, disable)
 
 
 @torch.no_grad()
@@ -584,19 +727,30 @@ def sample_dpmpp_2m_sde(
     solver_type: str = "midpoint",
     seed: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE (:func:`dpmpp_2m_sde_coefficients`), ``solver_type`` ``'midpoint'`` or ``'heun'``.
+    """DPM-Solver++(2M) SDE: the solver ``dpmpp_2m_sde`` (:func:`dpmpp_2m_sde_coefficients`), ``solver_type``
+    ``'midpoint'`` or ``'heun'``.
 
-    ``x`` ``[B, ...]`` scaled by ``sigmas[0]``; ``sigmas`` ``[N + 1]``; returns ``[B, ...]``. The noise is
-    ``noise_sampler(sigma, sigma_next)``, by default a :class:`~fastdiff.brownian.BrownianTreeNoiseSampler` over
-    ``[smallest positive sigma, largest sigma]`` seeded with ``seed`` (an int, ``B`` ints for one path per batch
-    element, or None for a seed from torch's global generator), so that runs with different step counts follow
-    one Brownian path. k-diffusion's torchsde tree has the same law but gives other numbers for the same seed.
-    No noise is drawn with ``eta = 0``; ``eta = 0`` with ``midpoint`` is :func:`sample_dpmpp_2m`.
+    ``x`` ``[B, ...]`` scaled by ``sigmas[0]``; ``sigmas`` ``[N + 1]``; returns ``[B, ...]``. Noise as
+    :func:`sample_dpmpp_sde`; none is drawn with ``eta = 0``, which with ``midpoint`` is :func:`sample_dpmpp_2m`.
     """
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    coefficients = functools.partial(dpmpp_2m_sde_coefficients, solver_type=solver_type)
-    return _sde_run(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, coefficients)
+    solver = solvers.get("dpmpp_2m_sde", eta=eta, s_noise=s_noise, solver_type=solver_type)
+    noise = _brownian_default(x, sigmas, noise_sampler, seed)
+    return _run(solver, model, x, sigmas, extra_args, callback, disable, noise)
+
+
+class KDiffusionDPMSolverPP3M(solvers.DPMSolverPP3M):
+    """DPM-Solver++(3M) as k-diffusion's ``sample_dpmpp_3m_sde`` computes it with ``eta = 0``: fastdiff's
+    ``dpmpp_3m`` except on the second step, which (with one earlier ``D``) uses the exponential-integrator
+    weight ``phi_2(h) = 1 + expm1(-h) / h`` on ``(D_i - D_{i-1}) / r`` (:func:`dpmpp_3m_sde_coefficients` at
+    ``eta = 0``) instead of the 2M midpoint weight ``(1 - e^{-h}) / 2``. The two differ by ``O(h^3)`` there."""
+
+    name = "dpmpp_3m_kdiffusion"
+
+    def coefficients(self, sigmas, i):
+        if i != 1 or _is_zero(sigmas[2]):
+            return super().coefficients(sigmas, i)
+        a, b, _ = dpmpp_3m_sde_coefficients(sigmas, i, eta=0.0)
+        return a, b
 
 
 @torch.no_grad()
@@ -612,13 +766,29 @@ def sample_dpmpp_3m_sde(
     noise_sampler: NoiseSampler | None = None,
     seed: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """DPM-Solver++(3M) SDE (:func:`dpmpp_3m_sde_coefficients`); noise as :func:`sample_dpmpp_2m_sde`.
-
-    With ``eta = 0`` it is deterministic and runs :func:`fastdiff.sample` with :class:`KDiffusionDPMSolverPP3M`
+    """DPM-Solver++(3M) SDE: the solver ``dpmpp_3m_sde`` (:func:`dpmpp_3m_sde_coefficients`); noise as
+    :func:`sample_dpmpp_sde`, none drawn with ``eta = 0``, where it runs :class:`KDiffusionDPMSolverPP3M`
     (fastdiff's ``dpmpp_3m`` with k-diffusion's second step). ``x`` ``[B, ...]``, ``sigmas`` ``[N + 1]``; returns
     ``[B, ...]``.
     """
-    if _check_factor("eta", eta) == 0:
-        return _run_solver(KDiffusionDPMSolverPP3M(), model, x, sigmas, extra_args, callback, disable)
-    coefficients = dpmpp_3m_sde_coefficients
-    return _sde_run(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, coefficients)
+    solver = solvers.get("dpmpp_3m_sde", eta=eta, s_noise=s_noise)
+    noise = _brownian_default(x, sigmas, noise_sampler, seed)
+    if not solver.stochastic:
+        solver = KDiffusionDPMSolverPP3M()
+    return _run(solver, model, x, sigmas, extra_args, callback, disable, noise)
+
+
+@torch.no_grad()
+def sample_ipndm(
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable: bool | None = None,
+    max_order: int = 4,
+) -> torch.Tensor:
+    """Improved PNDM (Zhang & Chen 2023): Adams-Bashforth of order up to ``max_order`` (1-4) on ``(x - D) /
+    sigma``, warming up from first order: fastdiff's ``ipndm`` solver (not in k-diffusion 0.1.1). Shapes as
+    :func:`sample_dpmpp_2m`."""
+    return _run(solvers.get("ipndm", max_order=max_order), model, x, sigmas, extra_args, callback, disable)

@@ -59,7 +59,9 @@ def test_vp_denoiser_and_separate_uncond_model(unet, inputs):
 def test_k_diffusion_samplers(unet, inputs, name):
     x, cond, _ = inputs
     sampler = getattr(k_diffusion, name)
-    _no_history(sampler(unet, x, SIGMAS, extra_args=cond, disable=True))
+    # DPM-Solver's samplers take the sigma range and choose their own steps.
+    args = {"sample_dpm_fast": (0.002, 80.0, 3), "sample_dpm_adaptive": (0.002, 80.0)}.get(name, (SIGMAS,))
+    _no_history(sampler(unet, x, *args, extra_args=cond, disable=True))
 
 
 def test_diffusers_scheduler_and_pipeline_paths():
@@ -89,11 +91,13 @@ def test_diffusers_scheduler_and_pipeline_paths():
 
 
 def test_codi_consistency_sampling(unet):
-    from fastdiff.train.codi import CoDiStudent, consistency_sample, get_condition
+    from fastdiff.train.codi import CoDiConfig, CoDiStudent, get_condition, student_solver
 
     student = CoDiStudent(unet, get_condition("class", 1))
     z = torch.randn(2, 1, 8, 8) * 80
-    _no_history(consistency_sample(student, z, torch.tensor([80.0, 1.0]), class_labels=torch.tensor([1, 2])))
+    solver = student_solver(student, CoDiConfig(condition="class"))
+    _no_history(fastdiff.sample(student, z, torch.tensor([80.0, 1.0, 0.0]), solver=solver,
+                                cond={"class_labels": torch.tensor([1, 2])}))  # fmt: skip
 
 
 def test_sampler_run_stays_differentiable(unet, inputs):
