@@ -30,7 +30,7 @@ from _training_runs import train_missing, write_csv
 import fastdiff
 from fastdiff import evaluate, models, schedules
 from fastdiff.data import DigitsDataset, image_grid
-from fastdiff.train.codi import LowResCondition, LowResReplacement, consistency_sample, load_student
+from fastdiff.train.codi import LowResCondition, LowResReplacement, load_student, student_solver
 
 STUDENTS = {"full": ["--trainable", "all"], "pe": ["--trainable", "adapter"]}  # run folder: options
 STUDENT_STEPS = [1, 2, 4]
@@ -39,10 +39,10 @@ FACTOR = 4
 
 
 def student_sigmas(student, steps: int) -> torch.Tensor:
-    """``steps`` noise levels from the student's training grid, evenly spaced in its index, from the top."""
+    """``steps`` noise levels from the student's training grid, evenly spaced in its index, from the top, then 0."""
     grid = student.codi_config.grid()
     n = len(grid) - 1
-    return torch.stack([grid[round(n * (1 - i / steps))] for i in range(steps)])
+    return torch.stack([grid[round(n * (1 - i / steps))] for i in range(steps)] + [grid.new_zeros(())])
 
 
 def timed(fn, *args, **kwargs) -> tuple[torch.Tensor, float]:
@@ -125,8 +125,8 @@ def main() -> None:
         for steps in STUDENT_STEPS:
             sig = student_sigmas(student, steps)
             gen = torch.Generator().manual_seed(args.seed + 1)
-            out, wall = timed(consistency_sample, student, noise * float(sig[0]), sig, generator=gen, cond=cond,
-                              class_labels=labels)  # fmt: skip
+            out, wall = timed(fastdiff.sample, student, noise * float(sig[0]), sig, solver=student_solver(student),
+                              cond={"cond": cond, "class_labels": labels}, generator=gen)  # fmt: skip
             rows.append(measure(f"codi_{name}", steps, out, wall, truth, lowres, labels, judge))
             grids[f"CoDi {name}, {steps} step{'s' if steps > 1 else ''}"] = out
     write_csv(rows, args.out / "codi_digits.csv")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import fastdiff
@@ -25,6 +26,7 @@ from fastdiff.bench import loops
 from fastdiff.checkpoint import atomic_write, check_regular_file
 from fastdiff.guidance import Guidance
 from fastdiff.ode import reference_sample
+from fastdiff.train.codi import CoDiStudent, LowResCondition, student_solver
 from fastdiff.train.runtime import RunDirectoryInUse
 
 SEED_MAX = 2**32 - 1  # every seed the commands derive (seed + 2, seed * 1_000_003 + index) stays in torch's range
@@ -255,12 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
             "teacher solve from the same noise, the Frechet distance to real digits in a digits classifier's "
             "features, and the class accuracy; --out writes the samples beside the teacher's as a PNG. The exact "
             "Gaussian mixture (gmm): the error against an exact ODE solve and the sliced W2 distance to the data. "
-            "Under torchrun, --out-dir shards the samples across processes and writes them to one samples.npz."
+            "A CoDi student (fastdiff train codi) samples its condition, --cond-image and/or --class, by multistep "
+            "consistency sampling (--solver lcm, its default) and reports how well the samples hold the low-res "
+            "input. Under torchrun, --out-dir shards the samples across processes and writes them to one samples.npz."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    s.add_argument("--model", default="digits", help=f"built-in model {sorted(models.MODELS)} or a .safetensors UNet")
-    s.add_argument("--solver", default="dpmpp_2m", choices=sorted(solvers.SOLVERS), help="ODE solver")
+    s.add_argument("--model", default="digits",
+                   help=f"built-in model {sorted(models.MODELS)}, or a .safetensors model file: a UNet, a Cas-DM "
+                   "model or a CoDi student")  # fmt: skip
+    s.add_argument("--solver", default=None, choices=sorted(solvers.SOLVERS),
+                   help="solver (default: lcm for a CoDi student, which passes the student's sigma_min, "
+                   "boundary_scale and sigma_data to it; dpmpp_2m otherwise)")  # fmt: skip
     s.add_argument(
         "--option",
         "-O",
@@ -270,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="solver option, repeatable, e.g. -O order=3 -O variant=bh1 for unipc, -O max_order=3 for ipndm",
     )
-    s.add_argument("--steps", type=_integer(1), default=None, help="solver steps N (default: 10 for images, 6 for gmm)")
+    s.add_argument("--steps", type=_integer(1), default=None,
+                   help="solver steps N (default: 4 with lcm, 10 for images, 6 for gmm). lcm evaluates at the first N "
+                   "levels of the N + 1 step schedule, leaving out its lowest, sigma_min, where a consistency model "
+                   "returns its input: --steps 1 is one jump from sigma_max to the data, --steps 2 re-noises once, "
+                   "to the schedule's middle level, and jumps again")  # fmt: skip
     s.add_argument(
         "--schedule",
         default="karras",
@@ -292,7 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --guidance: guide only steps whose start sigma lies in (LO, HI]; default: every step",
     )
     s.add_argument("--class", dest="class_label", type=_integer(0), default=None,
-                   help="images: sample only this class (default: all classes in turn)")  # fmt: skip
+                   help="images: sample only this class (default: all classes in turn); a class-conditional CoDi "
+                   "student's class")  # fmt: skip
+    s.add_argument("--cond-image", type=Path, default=None, metavar="PATH",
+                   help="CoDi students conditioned on a low-res image (lowres2|4|8): a PNG/JPEG file, or a .npy/.npz "
+                   "array [N, C, H, W] (uint8, or float in [-1, 1]), of low-res images (the model's resolution over "
+                   "the factor), or of images at the model's resolution, which are average-pooled by the factor; "
+                   "sample i takes image i mod N")  # fmt: skip
     s.add_argument("--n", "-n", "--num-samples", dest="n", type=_integer(2), default=None,
                    help="number of samples (default: 200 for images, 2000 for gmm); under torchrun write -n or "
                    "--num-samples, since torchrun rejects --n as an abbreviation of its own options")  # fmt: skip
@@ -323,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d.add_argument("--model", default="digits", help=f"built-in model {sorted(models.MODELS)} or a .safetensors UNet")
-    d.add_argument("--solver", default="ipndm", choices=sorted(solvers.SOLVERS), help="the solver to learn for")
+    d.add_argument("--solver", default="ipndm", choices=sorted(solvers.ODE_SOLVERS),
+                   help="the solver to learn for (deterministic: LD3 learns a map from noise to image)")  # fmt: skip
     d.add_argument("--nfe", type=_integer(1), default=4, help="model evaluations per sample")
     d.add_argument("--out", type=Path, required=True,
                    help="the learned schedule (.json); an existing file is replaced only if it is one")  # fmt: skip
@@ -331,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pairs", type=_integer(4), default=100,
                    help="teacher pairs, half for training, half for validation")  # fmt: skip
     d.add_argument("--held-out", type=_integer(1), default=200, help="new pairs for the final comparison")
-    d.add_argument("--teacher-solver", default="heun", choices=sorted(solvers.SOLVERS), help="teacher solver")
+    d.add_argument("--teacher-solver", default="heun", choices=sorted(solvers.ODE_SOLVERS), help="teacher solver")
     d.add_argument("--teacher-steps", type=_integer(1), default=32, help="teacher steps (Karras schedule)")
     d.add_argument("--teacher-cache", type=Path, default=None,
                    help="teacher pairs, reused when they match (default: OUT with .teacher.safetensors)")  # fmt: skip
@@ -410,8 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "CoDi (Mei et al. 2024): the frozen teacher plus a ControlNet-like adapter (zero-initialised, so the "
             "student starts as the teacher) trained with a conditional consistency loss and a data term, for "
-            "multistep consistency sampling in 1-4 steps (fastdiff.train.codi.consistency_sample). On the shared "
-            "runtime: EMA target, checkpoints, exact resume, bf16, DDP under torchrun."
+            "multistep consistency sampling in 1-4 steps: fastdiff sample --model OUT_DIR/model.safetensors "
+            "--solver lcm --cond-image PATH. On the shared runtime: EMA target, checkpoints, exact resume, bf16, DDP "
+            "under torchrun."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -780,11 +800,17 @@ def cmd_ld3(args: argparse.Namespace) -> int:
 
 
 def _sigma_range(args: argparse.Namespace, model) -> None:
-    """EDM's default range 0.002..80, narrowed to a model's own (a DDPM model's timestep grid) where it has one."""
+    """EDM's default range 0.002..80, narrowed to a model's own (a DDPM model's timestep grid) where it has one; a
+    CoDi student's is the range it was trained on."""
+    codi = getattr(model, "codi_config", None)
+    if codi is not None:
+        low, high = codi.sigma_min, codi.sigma_max
+    else:
+        low, high = max(0.002, getattr(model, "sigma_min", 0.002)), min(80.0, getattr(model, "sigma_max", 80.0))
     if args.sigma_min is None:
-        args.sigma_min = max(0.002, getattr(model, "sigma_min", 0.002))
+        args.sigma_min = low
     if args.sigma_max is None:
-        args.sigma_max = min(80.0, getattr(model, "sigma_max", 80.0))
+        args.sigma_max = high
 
 
 def _check_interval(args: argparse.Namespace) -> None:
@@ -792,19 +818,88 @@ def _check_interval(args: argparse.Namespace) -> None:
         raise CLIError("--interval limits guidance to a noise interval; it needs --guidance W")
 
 
-def _refuse_unused(args: argparse.Namespace, gmm: bool) -> None:
+def _refuse_unused(args: argparse.Namespace, model) -> None:
     """Options the chosen model would silently ignore."""
-    if gmm:
+    if isinstance(model, models.GaussianMixture):
         unused = [("--class", args.class_label is not None), ("--out-dir", args.out_dir is not None),
                   ("--cuda-graph", args.cuda_graph), ("--no-teacher", args.no_teacher),
-                  ("--device " + str(args.device), args.device not in (None, "cpu"))]  # fmt: skip
+                  ("--device " + str(args.device), args.device not in (None, "cpu")),
+                  ("--cond-image", args.cond_image is not None)]  # fmt: skip
         why = "the gmm model samples all its classes on the CPU and always compares with the exact solve"
     else:
         unused = [("--unconditional", args.unconditional)]
         why = "image models sample their classes in turn (or one, with --class)"
+        if not isinstance(model, CoDiStudent):
+            unused.append(("--cond-image", args.cond_image is not None))
+            why += "; --cond-image is the condition of a CoDi student (fastdiff train codi)"
     given = [name for name, on in unused if on]
     if given:
         raise CLIError(f"{', '.join(given)} does not apply to --model {args.model}: {why}")
+
+
+def _read_images(path: Path, channels: int) -> torch.Tensor:
+    """``[N, channels, H, W]`` float32 in [-1, 1] from a PNG/JPEG file (one image, converted to ``channels``) or a
+    ``.npy``/``.npz`` array (read without unpickling; see :class:`fastdiff.data.ArrayDataset`)."""
+    from fastdiff import data
+
+    suffix = path.suffix.lower()
+    if suffix in data.ARRAY_EXTENSIONS:
+        return data.ArrayDataset(path, labels_key=None).images
+    if suffix not in data.IMAGE_EXTENSIONS:
+        raise ValueError(f"{path}: expected a PNG/JPEG image or a .npy/.npz array")
+    if channels not in (1, 3):
+        raise ValueError(f"{path}: an image file gives 1 or 3 channels, the model takes {channels}; give a .npy array")
+    try:
+        pixels = torch.from_numpy(data._read_image(path, channels, None))
+    except OSError:
+        raise
+    except Exception as exc:  # PIL signals corrupt data with many exception types
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    image = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+    return image[None].float() / 127.5 - 1
+
+
+def _student_condition(args: argparse.Namespace, student: CoDiStudent) -> torch.Tensor | None:
+    """A CoDi student's condition tensors ``[N, C, R, R]`` from ``--cond-image`` (None for a class-only student),
+    checked against the student before any sampling; ``--class`` only for a student that takes labels."""
+    cond, cfg = student.condition, student.config
+    if args.class_label is not None and not cond.uses_labels:
+        raise CLIError(f"--class: --model {args.model} is a CoDi student conditioned on {cond.name}, without class "
+                       "labels; drop --class")  # fmt: skip
+    if not cond.channels:
+        if args.cond_image is not None:
+            raise CLIError(f"--cond-image: --model {args.model} is a CoDi student conditioned on {cond.name} alone; "
+                           "drop --cond-image")  # fmt: skip
+        return None
+    if not isinstance(cond, LowResCondition):
+        raise CLIError(f"--model {args.model} is a CoDi student conditioned on {cond.name}, which the command line "
+                       "does not build: sample it from Python, fastdiff.sample(student, x, sigmas, "
+                       "solver=student_solver(student), cond={'cond': tensor, ...}) (README, CoDi)")  # fmt: skip
+    if args.cond_image is None:
+        raise CLIError(f"--model {args.model} is a CoDi student conditioned on {cond.name}: give its low-resolution "
+                       "images with --cond-image PATH")  # fmt: skip
+    path = _input_file(args.cond_image, "--cond-image")
+    images = _load("--cond-image", path, _read_images, cfg.in_channels)
+    _, channels, height, width = images.shape
+    res, f = cfg.resolution, cond.factor
+    if channels != cfg.in_channels:
+        raise CLIError(f"--cond-image {path}: {channels}-channel images; the student takes {cfg.in_channels}")
+    if (height, width) == (res, res):
+        images = F.avg_pool2d(images, f)
+    elif (height, width) != (res // f, res // f):
+        low = res // f
+        raise CLIError(f"--cond-image {path}: {width}x{height} images; this student ({cond.name}, {res}x{res}) "
+                       f"takes {low}x{low} low-res images, or {res}x{res} ones to average-pool by {f}")  # fmt: skip
+    return cond.from_lowres(images)
+
+
+def _solver(args: argparse.Namespace, model) -> solvers.Solver:
+    """``--solver`` with its ``-O`` options; ``lcm`` on a CoDi student takes the student's scalings unless ``-O``
+    gives others."""
+    options = dict(args.option)
+    if args.solver == "lcm" and isinstance(model, CoDiStudent):
+        options = {**vars(student_solver(model)), **options}
+    return solvers.get(args.solver, **options)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -814,11 +909,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.out_dir is not None:
         _output_dir(args.out_dir, "--out-dir")
     model = _model(args.model, "--model")
-    _refuse_unused(args, isinstance(model, models.GaussianMixture))
+    gmm, student = isinstance(model, models.GaussianMixture), isinstance(model, CoDiStudent)
+    _refuse_unused(args, model)
+    args.condition = _student_condition(args, model) if student else None
     _sigma_range(args, model)
-    steps = args.steps if args.steps is not None else (6 if isinstance(model, models.GaussianMixture) else 10)
-    n = args.n if args.n is not None else (2000 if isinstance(model, models.GaussianMixture) else 200)
-    solver = solvers.get(args.solver, **dict(args.option))
+    args.solver = args.solver or ("lcm" if student else "dpmpp_2m")
+    steps = args.steps if args.steps is not None else 4 if args.solver == "lcm" else 6 if gmm else 10
+    n = args.n if args.n is not None else (2000 if gmm else 200)
+    solver = _solver(args, model)
     args.eval_sigmas = None
     if args.schedule.endswith(".json"):  # a learned schedule brings its own steps and evaluation sigmas
         _input_file(args.schedule, "--schedule")
@@ -828,14 +926,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise ValueError(f"--steps {args.steps} disagrees with {args.schedule} ({len(sigmas) - 1} steps); drop it")
     else:
         kwargs = {"rho": args.rho} if args.schedule == "karras" else {}
-        sigmas = schedules.get(args.schedule, steps, args.sigma_min, args.sigma_max, **kwargs)
+        if args.solver == "lcm":  # leave out sigma_min, where a consistency model returns its input (see --steps)
+            levels = schedules.get(args.schedule, steps + 1, args.sigma_min, args.sigma_max, **kwargs)
+            sigmas = torch.cat([levels[:-2], levels[-1:]])
+        else:
+            sigmas = schedules.get(args.schedule, steps, args.sigma_min, args.sigma_max, **kwargs)
     guidance = Guidance(args.guidance, args.interval) if args.guidance is not None else None
-    run = _sample_gmm if isinstance(model, models.GaussianMixture) else _sample_images
+    run = _sample_gmm if gmm else _sample_images
     return run(args, model, sigmas, solver, guidance, n)
 
 
 def _describe(args, solver, sigmas, guidance) -> str:
-    return f"solver {solver!r}  schedule {args.schedule} ({len(sigmas) - 1} steps)  guidance {guidance}"
+    levels = f" at sigma {' '.join(f'{v:.4g}' for v in sigmas[:-1].tolist())}" if solver.name == "lcm" else ""
+    return f"solver {solver!r}  schedule {args.schedule} ({len(sigmas) - 1} steps{levels})  guidance {guidance}"
 
 
 def _sample_images(args, model, sigmas, solver, guidance, n: int) -> int:
@@ -856,7 +959,7 @@ def _sample_images(args, model, sigmas, solver, guidance, n: int) -> int:
             model = model.to(ctx.device)
             kw = dict(shape=(cfg.in_channels, cfg.resolution, cfg.resolution), num_classes=cfg.num_classes,
                       guidance=guidance, class_label=args.class_label, seed=args.seed, batch_size=args.batch_size,
-                      device=ctx.device)  # fmt: skip
+                      device=ctx.device, condition=args.condition)  # fmt: skip
             indices = generate.shard(n, ctx.rank, ctx.world_size)
             t0 = time.perf_counter()
             gen = generate.generate(model, indices, sigmas, solver=solver, progress=args.progress and ctx.is_main,
@@ -887,9 +990,17 @@ def _report_images(args, model, sigmas, solver, guidance, gen, wall: float, kw: 
     print(f"NFE            {gen.nfe} per sample ({gen.nfe - gen.nfe_uncond} conditional + {gen.nfe_uncond} "
           "unconditional)")  # fmt: skip
     print(f"wall time      {wall * 1e3:.1f} ms for {n} samples ({kw['device']})")
-    if args.no_teacher:
-        teacher = None
-    else:
+    teacher = None
+    if isinstance(model, CoDiStudent):
+        if not args.no_teacher:
+            print("teacher        not applicable: a CoDi student samples its condition in a few consistency steps "
+                  "and has no high-NFE solve of its own to compare with (benchmarks/codi_digits.py compares it with "
+                  "its teacher)")  # fmt: skip
+        if args.condition is not None:
+            f = model.condition.factor
+            print(f"low-res input  RMSE of the samples' {f}x{f} block means to --cond-image "
+                  f"{_lowres_rmse(gen, args.condition, f):.4f} (images in [-1, 1])")  # fmt: skip
+    elif not args.no_teacher:
         teacher = evaluate.teacher_sample(model, gen.indices, args.sigma_min, args.sigma_max, **kw)
         lpips_model, why = _lpips_or_reason()
         err = metrics.teacher_error(gen.images, teacher.images, lpips_model=lpips_model)
@@ -909,6 +1020,13 @@ def _report_images(args, model, sigmas, solver, guidance, gen, wall: float, kw: 
     if args.out is not None:
         _image_figure(args, gen, teacher, sigmas, solver)
         print(f"wrote {args.out}")
+
+
+def _lowres_rmse(gen, condition: torch.Tensor, factor: int) -> float:
+    """How well samples hold their low-res input: the RMSE between their ``factor x factor`` block means and those
+    of their condition rows (the input, upsampled)."""
+    given = condition[gen.indices % len(condition)]
+    return float((F.avg_pool2d(gen.images, factor) - F.avg_pool2d(given, factor)).square().mean().sqrt())
 
 
 def _lpips_or_reason():
@@ -935,6 +1053,8 @@ def _image_figure(args, gen, teacher, sigmas, solver, rows: int = 10) -> None:
 
     k = min(len(gen.images), rows * 10)
     panels = [(gen.images[:k], f"{solver.name}, {len(sigmas) - 1} steps ({gen.nfe} NFE)")]
+    if args.condition is not None:  # a CoDi student's low-res input beside its samples
+        panels.insert(0, (args.condition[gen.indices[:k] % len(args.condition)], "--cond-image (upsampled)"))
     if teacher is not None:
         panels.append((teacher.images[:k], f"teacher: {TEACHER_LABEL} ({teacher.nfe} NFE)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)

@@ -1,8 +1,9 @@
 """Generating images from a model: per-sample seeded noise, batching, and sharding across processes.
 
-Sample ``i`` of a run with seed ``s`` always starts from the same noise (its own generator, seeded from
-``(s, i)``) and gets the same class label, whatever the batch size and however many processes share the work.
-So a run sharded with ``torchrun`` writes exactly the images a single process would, each once.
+Sample ``i`` of a run with seed ``s`` always starts from the same noise, draws the same noise at a stochastic
+solver's steps (both from its own generator, seeded from ``(s, i)``) and gets the same class label, whatever the
+batch size and however many processes share the work. So a run sharded with ``torchrun`` writes exactly the images
+a single process would, each once.
 """
 
 from __future__ import annotations
@@ -17,19 +18,36 @@ from tqdm.auto import tqdm
 import fastdiff
 from fastdiff.checkpoint import atomic_write
 from fastdiff.guidance import Guidance
-from fastdiff.sampler import Model
+from fastdiff.sampler import BrownianDraws, Model
 
 _SEED_STRIDE = 1_000_003  # a prime larger than any run's sample count: (seed, index) pairs never collide
 
 
+class SampleNoise:
+    """Every sample's own generator, seeded by ``(seed, indices[k])``: its first draw is the sample's initial noise
+    (:meth:`draw`), its later draws the noise a stochastic solver asks for (called as k-diffusion's
+    ``noise_sampler(sigma, sigma_next)``). So a stochastic run too gives sample ``i`` the same image whatever the
+    batch size and the number of processes."""
+
+    def __init__(self, indices: torch.Tensor, shape: tuple[int, ...], seed: int):
+        self.shape = shape
+        self.generators = [torch.Generator().manual_seed(seed * _SEED_STRIDE + int(i)) for i in indices.tolist()]
+
+    def draw(self) -> torch.Tensor:
+        """The next unit Gaussian draw of every sample, ``[len(indices), *shape]`` float64 on the CPU."""
+        rows = [torch.randn(self.shape, generator=g, dtype=torch.float64) for g in self.generators]
+        return torch.stack(rows) if rows else torch.empty(0, *self.shape, dtype=torch.float64)
+
+    def like(self, x: torch.Tensor) -> BrownianDraws:
+        """A noise sampler ``(sigma, sigma_next) -> [B, *shape]`` in ``x``'s dtype and device, Brownian where a
+        step's intervals nest, as the samplers' own default noise (:class:`~fastdiff.sampler.BrownianDraws`)."""
+        return BrownianDraws(lambda: self.draw().to(device=x.device, dtype=x.dtype))
+
+
 def sample_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Unit Gaussian noise ``[len(indices), *shape]`` float64, row ``k`` drawn from its own generator seeded by
-    ``(seed, indices[k])``."""
-    rows = [
-        torch.randn(shape, generator=torch.Generator().manual_seed(seed * _SEED_STRIDE + int(i)), dtype=torch.float64)
-        for i in indices.tolist()
-    ]
-    return torch.stack(rows) if rows else torch.empty(0, *shape, dtype=torch.float64)
+    ``(seed, indices[k])`` (the first draw of :class:`SampleNoise`)."""
+    return SampleNoise(indices, shape, seed).draw()
 
 
 def sample_labels(indices: torch.Tensor, num_classes: int, class_label: int | None) -> torch.Tensor | None:
@@ -46,12 +64,16 @@ def sample_labels(indices: torch.Tensor, num_classes: int, class_label: int | No
     return torch.full_like(indices, class_label)
 
 
-def label_kwargs(labels: torch.Tensor | None) -> tuple[dict | None, dict | None]:
-    """``(cond, uncond)`` keyword arguments for class labels ``[B]``: the labels, and the null label -1 for the
-    unconditional pass; ``(None, None)`` for an unconditional model."""
-    if labels is None:
-        return None, None
-    return {"class_labels": labels}, {"class_labels": torch.full_like(labels, -1)}
+def label_kwargs(labels: torch.Tensor | None, condition: torch.Tensor | None = None) -> tuple[dict | None, dict | None]:
+    """``(cond, uncond)`` keyword arguments for class labels ``[B]`` (int64) and a condition tensor ``[B, ...]``
+    (a CoDi student's ``cond=``): the labels and the tensor, and for the unconditional pass the null label -1 and
+    zeros (the null condition CoDi trains); ``(None, None)`` for an unconditional model."""
+    cond, uncond = {}, {}
+    if labels is not None:
+        cond["class_labels"], uncond["class_labels"] = labels, torch.full_like(labels, -1)
+    if condition is not None:
+        cond["cond"], uncond["cond"] = condition, torch.zeros_like(condition)
+    return (cond, uncond) if cond else (None, None)
 
 
 @dataclass
@@ -82,14 +104,21 @@ def generate(
     progress: bool = False,
     cuda_graph: bool = False,
     eval_sigmas: torch.Tensor | None = None,
+    condition: torch.Tensor | None = None,
 ) -> Generated:
     """Sample the images with the given ``indices [N]`` (int64), ``batch_size`` at a time, on ``device`` in float32,
     over ``sigmas`` (a schedule ending in 0); ``shape`` is one image's ``(C, H, W)``. Returns :class:`Generated`
     with images ``[N, C, H, W]`` on the CPU. With guidance the unconditional pass uses the null label -1 (batched
     with the conditional one). One :class:`~fastdiff.Sampler` serves every batch; with ``cuda_graph`` it replays
-    one captured graph per batch size. ``eval_sigmas``: a learned schedule's evaluation sigmas (LD3)."""
+    one captured graph per batch size. ``eval_sigmas``: a learned schedule's evaluation sigmas (LD3). A stochastic
+    solver draws each sample's step noise from that sample's generator (:class:`SampleNoise`); in a CUDA graph it
+    draws on the device from one generator seeded per batch, so there its images depend on the batching.
+    ``condition``: ``[M, ...]`` condition tensors the model takes as ``cond=`` (a CoDi student's), sample ``i``
+    taking row ``i % M``, so that a sample's condition, like its noise, depends on its index alone."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if condition is not None and len(condition) == 0:
+        raise ValueError("condition holds no rows")
     labels = sample_labels(indices, num_classes, class_label)
     images = []
     sampler = fastdiff.Sampler(model, solver=solver, sigmas=sigmas, guidance=guidance, cuda_graph=cuda_graph,
@@ -99,10 +128,16 @@ def generate(
     steps = tqdm(
         list(zip(batches, label_batches)), desc="sampling", unit="batch", disable=not progress or len(batches) < 2
     )
+    graph_noise = torch.Generator(device=device) if cuda_graph and sampler.plan.noisy else None
     for idx, lab in steps:
-        x = (sample_noise(idx, shape, seed) * sigmas[0]).to(device=device, dtype=torch.float32)
-        cond, uncond = label_kwargs(None if lab is None else lab.to(device))
-        out = sampler.sample(x, cond, uncond)
+        noise = SampleNoise(idx, shape, seed)
+        x = (noise.draw() * sigmas[0]).to(device=device, dtype=torch.float32)
+        rows = None if condition is None else condition[idx % len(condition)].to(device=device, dtype=torch.float32)
+        cond, uncond = label_kwargs(None if lab is None else lab.to(device), rows)
+        if graph_noise is not None:  # a captured graph draws its noise on the device, from one generator a batch
+            out = sampler.sample(x, cond, uncond, generator=graph_noise.manual_seed(seed * _SEED_STRIDE + int(idx[0])))
+        else:
+            out = sampler.sample(x, cond, uncond, noise_sampler=noise.like(x) if sampler.plan.noisy else None)
         images.append(out.clamp(-1, 1).float().cpu())
     if not images:
         return Generated(torch.empty(0, *shape), labels, indices, 0)

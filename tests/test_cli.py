@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from fastdiff import schedules
 from fastdiff.cli import main
 
 
@@ -57,6 +58,8 @@ def test_more_steps_give_smaller_error(capsys):
         (["sample", "--schedule", "cosine"], "unknown schedule 'cosine'"),
         (["sample", "--solver", "unipc", "-O", "order=7"], "unipc order must be 1, 2 or 3"),
         (["sample", "--solver", "euler", "-O", "order=2"], "solver 'euler' has no option order; its options: none"),
+        (["sample", "--solver", "lcm", "-O", "boundary_scale=0"], "boundary_scale must be > 0"),
+        (["sample", "--model", "gmm", "--cond-image", "low.npy"], "--cond-image does not apply to --model gmm"),
     ],
 )
 def test_errors_are_reported_not_raised(capsys, argv, message):
@@ -64,10 +67,21 @@ def test_errors_are_reported_not_raised(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_lcm_takes_the_schedule_without_its_lowest_level(capsys):
+    """A consistency model returns its input at sigma_min: N lcm steps are the first N levels of N + 1."""
+    assert main(["sample", "--model", "gmm", "--solver", "lcm", "--steps", "3", "--n", "20"]) == 0
+    out = capsys.readouterr().out
+    levels = re.search(r"schedule karras \(3 steps at sigma ([\d. ]+)\)", out)[1].split()
+    want = schedules.karras(4, 0.002, 80.0)[:3].tolist()
+    assert [float(v) for v in levels] == [float(f"{v:.4g}") for v in want]
+    assert re.search(r"NFE\s+3 per sample", out)
+
+
 def test_help_and_module_entry_point():
     res = subprocess.run([sys.executable, "-m", "fastdiff", "sample", "--help"], capture_output=True, text=True)
     assert res.returncode == 0
-    for flag in ("--model", "--solver", "--steps", "--schedule", "--guidance", "--interval", "--seed", "--out"):
+    for flag in ("--model", "--solver", "--steps", "--schedule", "--guidance", "--interval", "--seed", "--out",
+                 "--cond-image"):  # fmt: skip
         assert flag in res.stdout
 
 

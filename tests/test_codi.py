@@ -1,26 +1,32 @@
 """CoDi (fastdiff.train.codi): the zero-initialised adapter, the boundary condition, which parameters learn, the
-target, the CFG order, training, resume, bad input and multistep consistency sampling."""
+target, the CFG order, training, resume, bad input, multistep consistency sampling in the engine (``lcm``) and a
+student sampled from the command line with its condition."""
 
 import copy
+import re
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from fastdiff import solvers
+import fastdiff
+from fastdiff import generate, schedules, solvers
 from fastdiff.checkpoint import latest_checkpoint, load_checkpoint
+from fastdiff.cli import main
 from fastdiff.models.unet import EDMUNet, UNetConfig
 from fastdiff.train import TrainConfig, recipes
+from fastdiff.solvers import consistency_scalings
 from fastdiff.train.codi import (
     CoDiConfig,
     CoDiLoss,
     CoDiStudent,
     TensorCondition,
     consistency_output,
-    consistency_sample,
-    consistency_scalings,
     get_condition,
     load_student,
+    student_solver,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,13 +182,13 @@ def test_cfg_order_is_cond_then_uncond():
     assert not torch.allclose(d_cond, d_uncond)
 
 
-def _codi_run(tmp_path, name, steps, every=1000, ema=0.9, **options):
+def _codi_run(tmp_path, name, steps, every=1000, ema=0.9, lr=2e-3, **options):
     teacher = tmp_path / "teacher.safetensors"
     if not teacher.exists():
         from fastdiff.models.unet import save_unet
 
         save_unet(teacher, _teacher())
-    cfg = TrainConfig(steps=steps, batch_size=8, lr=2e-3, checkpoint_every=every, log_every=1, ema_decay=ema,
+    cfg = TrainConfig(steps=steps, batch_size=8, lr=lr, checkpoint_every=every, log_every=1, ema_decay=ema,
                       out_dir=str(tmp_path / name), progress=False)  # fmt: skip
     codi = CoDiConfig(**{"condition": "lowres4+class", **options})
     return recipes.train_codi(teacher, "digits", cfg, codi)
@@ -199,9 +205,15 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_a_tiny_cpu_run_lowers_both_terms(tmp_path):
-    path = _codi_run(tmp_path, "run", 40, ema=0.0, trainable="all")
-    trained, initial = load_student(path), CoDiStudent(_teacher(), get_condition("lowres4+class", 1))
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A student of the 8x8 digits trained for 40 steps (full CoDi, lr 1e-2, no EMA): long enough for its samples
+    to hold their low-res input clearly better than samples of the null condition."""
+    return _codi_run(tmp_path_factory.mktemp("codi"), "run", 40, ema=0.0, lr=1e-2, trainable="all")
+
+
+def test_a_tiny_cpu_run_lowers_both_terms(trained):
+    trained, initial = load_student(trained), CoDiStudent(_teacher(), get_condition("lowres4+class", 1))
     from fastdiff.data import DigitsDataset
 
     ds = DigitsDataset(8)
@@ -252,14 +264,19 @@ def test_a_user_tensor_condition(tmp_path):
         loaded.condition.make(x0, labels, torch.Generator())
 
 
-def test_multistep_consistency_sampling_matches_its_definition():
+def test_consistency_sampling_in_the_engine_matches_its_definition():
     cond = get_condition("lowres4+class", 1)
     student = CoDiStudent(_teacher(), cond)
+    with torch.no_grad():  # an adapter that reads the condition
+        for p in student.net.adapter.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
     x0, labels = _batch()
     kw = _kwargs(cond, x0, labels)
     sigmas = torch.tensor([80.0, 2.0, 0.5, 0.1, 0.0])
     z = 80.0 * torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0))
-    got = consistency_sample(student, z, sigmas, generator=torch.Generator().manual_seed(1), **kw)
+    solver = student_solver(student, CoDiConfig())
+    got = fastdiff.sample(student, z, sigmas, solver=solver, cond=kw, generator=torch.Generator().manual_seed(1))
+    # the algorithm written out: x = f(x, sigma_i), then re-noise to sigma_{i+1} where it is positive
     g = torch.Generator().manual_seed(1)
     x = z
     with torch.no_grad():
@@ -269,11 +286,15 @@ def test_multistep_consistency_sampling_matches_its_definition():
                 nxt = [2.0, 0.5, 0.1][i]
                 x = x + (nxt**2 - 0.002**2) ** 0.5 * torch.randn(x.shape, generator=g)
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
-    one = consistency_sample(student, z, torch.tensor([80.0]), **kw)
+    device_loop = fastdiff.Sampler(student, solver=solver, sigmas=sigmas)
+    torch.testing.assert_close(device_loop.sample(z, kw, generator=torch.Generator().manual_seed(1)), got)
+    one = fastdiff.sample(student, z, torch.tensor([80.0, 0.0]), solver=solver, cond=kw)
     with torch.no_grad():
         torch.testing.assert_close(one, consistency_output(student, z, torch.full((4,), 80.0), 0.002, **kw)[0])
-    with pytest.raises(ValueError, match="decreasing"):
-        consistency_sample(student, z, torch.tensor([1.0, 2.0]), **kw)
+    with pytest.raises(ValueError, match="below its sigma_min=0.002"):
+        fastdiff.sample(student, z, torch.tensor([1.0, 0.001, 0.0]), solver=solver, cond=kw)
+    with pytest.raises(ValueError, match="pass the student's CoDiConfig"):
+        student_solver(student)
 
 
 def test_the_replacement_baseline_keeps_the_low_resolution_image():
@@ -327,3 +348,142 @@ def test_a_diffusers_unet2d_student_starts_as_its_teacher_and_trains_its_adapter
         student(z, sigma, cond=torch.zeros(4, 1, 2, 2), class_labels=labels)
     with pytest.raises(ValueError, match="adapts an unconditional UNet2DModel"):
         codi_student(_unet2d(num_class_embeds=10), ab, "v", cond)
+
+
+# --------------------------------------------------------------------------------------------- the command line
+
+
+def _lowres_inputs(tmp_path, n=20):
+    """The first ``n`` held-out 8x8 digits average-pooled by 4 (the students' input), saved as ``[n, 1, 2, 2]``."""
+    from fastdiff.data import DigitsDataset
+
+    lowres = F.avg_pool2d(DigitsDataset(8, split="test").images[:n], 4)
+    path = tmp_path / "lowres.npy"
+    np.save(path, lowres.numpy())
+    return path, lowres
+
+
+def _images(npz) -> torch.Tensor:
+    return torch.from_numpy(npz["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def test_the_cli_samples_a_student_whose_samples_hold_their_input(trained, tmp_path, capsys):
+    path, lowres = _lowres_inputs(tmp_path)
+    out_dir, png = tmp_path / "samples", tmp_path / "grid.png"
+    rc = main(["sample", "--model", str(trained), "--solver", "lcm", "--steps", "2", "--cond-image", str(path),
+               "-n", "20", "--out", str(png), "--out-dir", str(out_dir)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "solver LCM(sigma_min=0.002, boundary_scale=10.0, sigma_data=0.5)" in out  # the student's own scalings
+    assert "schedule karras (2 steps at sigma 80 2.515)" in out
+    assert re.search(r"NFE\s+2 per sample \(2 conditional \+ 0 unconditional\)", out)
+    assert "teacher        not applicable" in out
+    printed = float(re.search(r"low-res input .* to --cond-image ([\d.]+)", out)[1])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = np.load(out_dir / "samples.npz", allow_pickle=False)
+    assert (saved["labels"] == np.arange(20) % 10).all()
+    images = _images(saved)
+    assert abs(float((F.avg_pool2d(images, 4) - lowres).square().mean().sqrt()) - printed) < 0.01  # uint8 rounding
+
+    # The same samples from Python, and from the same noise with the null condition (zeros, label -1).
+    student = fastdiff.models.get(trained)
+    assert isinstance(student, CoDiStudent) and (student.config.resolution, student.config.num_classes) == (8, 10)
+    sigmas = schedules.karras(3, 0.002, 80.0)[[0, 1, 3]]
+    kw = dict(shape=(1, 8, 8), num_classes=10, solver=student_solver(student),
+              condition=student.condition.from_lowres(lowres))  # fmt: skip
+    same = generate.generate(student, torch.arange(20), sigmas, **kw)
+    torch.testing.assert_close(same.images, images, rtol=0, atol=1.5 / 127.5)
+
+    def null(x, sigma, cond, class_labels):
+        return student(x, sigma, cond=torch.zeros_like(cond), class_labels=torch.full_like(class_labels, -1))
+
+    free = generate.generate(null, torch.arange(20), sigmas, **kw)
+    free_rmse = float((F.avg_pool2d(free.images, 4) - lowres).square().mean().sqrt())
+    assert printed < 0.75 * free_rmse, (printed, free_rmse)
+
+
+def test_the_cli_takes_an_image_file_and_a_class(trained, tmp_path, capsys):
+    from PIL import Image
+
+    from fastdiff.data import DigitsDataset
+
+    digit = ((DigitsDataset(8, split="test").images[0, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+    image = tmp_path / "digit.png"
+    Image.fromarray(digit).save(image)  # at the model's resolution: pooled to 2x2 by the command
+    runs = {}
+    for label in (3, 5):
+        out_dir = tmp_path / f"class{label}"
+        assert main(["sample", "--model", str(trained), "--cond-image", str(image), "--class", str(label), "-n", "4",
+                     "--out-dir", str(out_dir)]) == 0  # fmt: skip
+        saved = np.load(out_dir / "samples.npz", allow_pickle=False)
+        assert (saved["labels"] == label).all()
+        runs[label] = saved["images"]
+    out = capsys.readouterr().out
+    assert "solver LCM(sigma_min=0.002" in out and "(4 steps at sigma" in out  # lcm and 4 steps by default
+    assert not np.array_equal(runs[3], runs[5])  # the class reaches the student
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """Student files of other conditions (their weights do not matter here)."""
+    from fastdiff.train.codi import save_student
+
+    folder = tmp_path_factory.mktemp("students")
+    paths = {}
+    for spec in ("class", "lowres4", "inpaint"):
+        student = CoDiStudent(_teacher(), get_condition(spec, 1))
+        paths[spec] = save_student(folder / f"{spec}.safetensors", student, CoDiConfig(condition=spec))
+    return paths
+
+
+def test_a_class_student_samples_from_the_cli(untrained, capsys):
+    assert main(["sample", "--model", str(untrained["class"]), "--class", "2", "--steps", "1", "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "schedule karras (1 steps at sigma 80)" in out and "low-res input" not in out
+
+
+def _write(tmp_path, name, array, **kw):
+    path = tmp_path / name
+    np.save(path, array, **kw)
+    return path
+
+
+@pytest.mark.parametrize(
+    "student,args,message",
+    [
+        ("trained", [], "conditioned on lowres4+class: give its low-resolution images with --cond-image PATH"),
+        (
+            "trained",
+            ["--cond-image", "small"],
+            "3x3 images; this student (lowres4+class, 8x8) takes 2x2 low-res images, or 8x8 ones to average-pool by 4",
+        ),  # fmt: skip
+        ("trained", ["--cond-image", "rgb"], "3-channel images; the student takes 1"),
+        ("trained", ["--cond-image", "pickle"], "which would need unpickling"),
+        ("trained", ["--cond-image", "range"], "float images must lie in [-1, 1]"),
+        ("trained", ["--cond-image", "text"], "expected a PNG/JPEG image or a .npy/.npz array"),
+        ("trained", ["--cond-image", "folder"], "is a directory, not a --cond-image file"),
+        ("trained", ["--cond-image", "missing"], "--cond-image file not found"),
+        ("trained", ["--cond-image", "good", "--class", "12"], "class must lie in [0, 10), got 12"),
+        ("digits", ["--cond-image", "good"], "--cond-image does not apply to --model digits"),
+        ("class", ["--cond-image", "good"], "conditioned on class alone; drop --cond-image"),
+        ("lowres4", ["--cond-image", "good", "--class", "1"], "conditioned on lowres4, without class labels"),
+        ("inpaint", [], "conditioned on inpaint, which the command line does not build: sample it from Python"),
+    ],
+)
+def test_bad_condition_inputs_are_one_line_errors(trained, untrained, tmp_path, capsys, student, args, message):
+    files = {
+        "small": _write(tmp_path, "small.npy", np.zeros((2, 1, 3, 3), np.float32)),
+        "rgb": _write(tmp_path, "rgb.npy", np.zeros((2, 3, 2, 2), np.float32)),
+        "pickle": _write(tmp_path, "pickle.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
+        "range": _write(tmp_path, "range.npy", np.full((2, 1, 2, 2), 255.0, np.float32)),
+        "good": _write(tmp_path, "good.npy", np.zeros((2, 1, 2, 2), np.uint8)),
+        "folder": tmp_path,
+        "missing": tmp_path / "missing.npy",
+    }
+    (tmp_path / "notes.txt").write_text("not an image")
+    files["text"] = tmp_path / "notes.txt"
+    model = {"trained": trained, "digits": "digits", **untrained}[student]
+    argv = [str(files.get(a, a)) for a in args]
+    assert main(["sample", "--model", str(model), "-n", "2", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import fastdiff
+
 from fastdiff import generate, schedules
 from fastdiff.models.unet import EDMUNet, UNetConfig, save_unet
 
@@ -42,17 +44,27 @@ def test_labels_balanced_fixed_and_checked():
         generate.sample_labels(idx, 0, 3)
 
 
-def test_batching_does_not_change_the_images(tiny_unet_path):
+@pytest.mark.parametrize("solver", ["euler", "dpmpp_sde"])
+def test_batching_does_not_change_the_images(tiny_unet_path, solver):
+    """Sample i's image depends on (seed, i) only, its stochastic steps' noise included."""
     from fastdiff import models
 
     model = models.get(tiny_unet_path)
     sigmas = schedules.karras(3, 0.002, 80.0)
-    kw = dict(shape=(1, 8, 8), num_classes=10, solver="euler", seed=1)
+    kw = dict(shape=(1, 8, 8), num_classes=10, solver=solver, seed=1)
     whole = generate.generate(model, torch.arange(7), sigmas, batch_size=7, **kw)
     parts = generate.generate(model, torch.arange(7), sigmas, batch_size=3, **kw)
     torch.testing.assert_close(whole.images, parts.images, rtol=1e-5, atol=1e-5)
-    assert whole.images.shape == (7, 1, 8, 8) and whole.nfe == 3
+    assert whole.images.shape == (7, 1, 8, 8) and whole.nfe == (5 if solver == "dpmpp_sde" else 3)
     assert whole.images.min() >= -1 and whole.images.max() <= 1
+    if solver == "dpmpp_sde":  # the steps draw from the samples' generators; other noise gives other images
+        own = generate.SampleNoise(torch.arange(7), (1, 8, 8), 1)  # the samples' own generators, as generate()
+        x = (own.draw() * sigmas[0]).float()
+        cond = {"class_labels": whole.labels}
+        fresh = fastdiff.sample(model, x, sigmas, solver=solver, cond=cond, generator=torch.Generator().manual_seed(9))
+        assert not torch.allclose(fresh.clamp(-1, 1), whole.images, atol=1e-3)
+        again = fastdiff.sample(model, x, sigmas, solver=solver, cond=cond, noise_sampler=own.like(x))
+        torch.testing.assert_close(again.clamp(-1, 1), whole.images, rtol=1e-5, atol=1e-5)
 
 
 def test_shards_merge_into_each_index_once(tmp_path):
@@ -99,3 +111,23 @@ def test_torchrun_sharded_sampling_matches_one_process(tmp_path, tiny_unet_path)
     assert (two["indices"] == np.arange(13)).all()
     assert np.abs(two["images"].astype(int) - one["images"].astype(int)).max() <= 1  # uint8 rounding only
     assert (two["labels"] == one["labels"]).all()
+
+
+def test_a_condition_tensor_follows_the_sample_index():
+    """Sample i takes condition row i mod M, whatever the batching; the unconditional pass takes zeros."""
+    condition = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def denoiser(x, sigma, cond, class_labels):  # D = its condition: the last Euler step returns it
+        return cond.to(x.dtype)
+
+    sigmas = schedules.karras(2, 0.002, 80.0)
+    kw = dict(shape=(1, 4, 4), num_classes=10, solver="euler", condition=condition)
+    whole = generate.generate(denoiser, torch.arange(7), sigmas, batch_size=7, **kw)
+    parts = generate.generate(denoiser, torch.arange(7), sigmas, batch_size=2, **kw)
+    assert torch.equal(whole.images, condition[torch.arange(7) % 3]) and torch.equal(parts.images, whole.images)
+    cond, uncond = generate.label_kwargs(torch.tensor([4, 2]), condition[:2])
+    assert torch.equal(cond["cond"], condition[:2]) and torch.equal(cond["class_labels"], torch.tensor([4, 2]))
+    assert torch.equal(uncond["cond"], torch.zeros(2, 1, 4, 4)) and (uncond["class_labels"] == -1).all()
+    assert generate.label_kwargs(None, None) == (None, None)
+    with pytest.raises(ValueError, match="condition holds no rows"):
+        generate.generate(denoiser, torch.arange(2), sigmas, **{**kw, "condition": condition[:0]})

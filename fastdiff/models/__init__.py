@@ -5,8 +5,10 @@
 * ``gmm``: the exact Gaussian mixture (the test oracle of every solver);
 * ``digits``: the built-in class-conditional UNet trained on sklearn's UCI digits at 16x16
   (``fastdiff/models/weights/digits_unet.safetensors``; the command that made it is in its metadata and the README);
-* a path to a ``.safetensors`` file written by :func:`fastdiff.models.unet.save_unet` (e.g. by ``fastdiff train edm``)
-  or by :func:`fastdiff.train.cascade.save_cascade` (``fastdiff train cascade``; its blended denoiser).
+* a path to a ``.safetensors`` file written by :func:`fastdiff.models.unet.save_unet` (e.g. by ``fastdiff train edm``),
+  by :func:`fastdiff.train.cascade.save_cascade` (``fastdiff train cascade``; its blended denoiser) or by
+  :func:`fastdiff.train.codi.save_student` (``fastdiff train codi``; the conditional student, which takes its
+  condition as ``cond=`` and ``class_labels=``).
 """
 
 from __future__ import annotations
@@ -36,17 +38,23 @@ MODELS = {"gmm": builtin_gmm, "digits": builtin_digits}
 
 
 def get(name: str | os.PathLike):
-    """A built-in model by name (``gmm``, ``digits``) or a UNet from a ``.safetensors`` path."""
+    """A built-in model by name (``gmm``, ``digits``) or the model of a ``.safetensors`` path: an EDM UNet, a
+    Cas-DM model's blended denoiser or a CoDi student (see the module docstring)."""
     if str(name) in MODELS:
         return MODELS[str(name)]()
     path = Path(name)
     if path.suffix == ".safetensors":
         from fastdiff.checkpoint import load_model_weights
 
-        if load_model_weights(path)[1].get("type") == "cascade":
+        kind = load_model_weights(path)[1].get("type")
+        if kind == "cascade":
             from fastdiff.train.cascade import load_cascade
 
             return load_cascade(path).denoiser()
+        if kind == "codi_student":
+            from fastdiff.train.codi import load_student
+
+            return load_student(path)
         return load_unet(path)
     raise ValueError(f"unknown model {str(name)!r}; choose one of {sorted(MODELS)} or a .safetensors file path")
 

@@ -11,7 +11,8 @@ The pieces, in fastdiff's EDM convention (``z = x0 + sigma n``; a model returns 
   teacher exactly. The teacher's own path always runs unconditionally (label -1); class labels reach the student
   through the adapter's copy of the class embedding. ``trainable="adapter"`` is PE-CoDi, ``"all"`` full CoDi.
 * **Consistency output** :func:`consistency_output`: ``f(z, sigma, c) = c_skip z + c_out x_hat(z, sigma, c)``
-  with LCM's boundary scalings, ``u = scale (sigma - sigma_min)``, ``c_skip = sd^2 / (u^2 + sd^2)``,
+  with LCM's boundary scalings (:func:`fastdiff.solvers.consistency_scalings`, the one implementation that
+  training and sampling share), ``u = scale (sigma - sigma_min)``, ``c_skip = sd^2 / (u^2 + sd^2)``,
   ``c_out = u / sqrt(u^2 + sd^2)``: ``f(z, sigma_min) = z`` exactly.
 * **Loss** (:class:`CoDiLoss`): the noise levels ``sigma_0 < ... < sigma_N`` are Karras' (``rho`` 7) from
   ``sigma_min`` to ``sigma_max``; one interval ``n`` per batch, ``t = sigma_n``, ``s = sigma_{n-1}``. ``z_s`` is
@@ -26,15 +27,16 @@ The pieces, in fastdiff's EDM convention (``z = x0 + sigma n``; a model returns 
   upsampled back, nearest), ``inpaint`` (the image with a random rectangle removed, plus the keep-mask),
   ``class``, combinations such as ``lowres4+class``, or any user tensor (:class:`TensorCondition`). For CFG the
   null condition (zeros, label -1) is trained by dropping the condition with probability ``cond_dropout``.
-* **Sampling** (:func:`consistency_sample`): multistep consistency sampling, ``x = f(z, sigma_i)`` then re-noise
-  to ``sigma_{i+1}``, each step one fused :func:`fastdiff.ops.guided_step` with the noise as its noise input.
+* **Sampling**: the core solver ``lcm`` (:class:`fastdiff.solvers.LCM`), multistep consistency sampling,
+  ``x = f(x, sigma_i)`` then re-noise to ``sigma_{i+1}``, through :func:`fastdiff.sample`, :class:`fastdiff.Sampler`
+  and ``fastdiff sample``, with the student's scalings (:func:`student_solver`) and its condition as keyword
+  arguments: ``cond={"cond": tensor, "class_labels": labels}``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,12 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff import ops
 from fastdiff.arguments import as_int, as_real
 from fastdiff.checkpoint import check_keys
 from fastdiff.denoisers import EDMPrecond
-from fastdiff.models.unet import MAX_CLASSES, MAX_IMAGE_CHANNELS, EDMUNet, UNet, _zero
+from fastdiff.models.unet import MAX_CLASSES, MAX_IMAGE_CHANNELS, EDMUNet, UNet, UNetConfig, _zero
 from fastdiff.schedules import karras
+from fastdiff.solvers.consistency import LCM, consistency_scalings
 
 FUSIONS = ("zero_conv", "mu")
 TARGETS = ("teacher", "ema_cfg")
@@ -274,19 +276,18 @@ class CoDiStudent(EDMPrecond):
         super().__init__(AdaptedNetwork(copy.deepcopy(teacher.net), adapter), teacher.sigma_data)
         self.condition = condition
 
+    @property
+    def config(self) -> UNetConfig:
+        """The :class:`~fastdiff.models.unet.UNetConfig` as the student is called: the teacher's image shape and
+        the student's own classes (``num_classes`` 0 when its condition has no labels)."""
+        return self.net.adapter.enc.config
+
     def set_trainable(self, which: str) -> CoDiStudent:
         """See :func:`set_trainable`."""
         return set_trainable(self, which)
 
 
 # --------------------------------------------------------------------------------------------- consistency
-
-
-def consistency_scalings(sigma: torch.Tensor, sigma_min: float, sigma_data: float = 0.5, scale: float = 10.0):
-    """LCM's boundary scalings ``(c_skip, c_out)`` at ``sigma``: ``u = scale (sigma - sigma_min)``,
-    ``c_skip = sd^2 / (u^2 + sd^2)``, ``c_out = u / sqrt(u^2 + sd^2)``; ``(1, 0)`` at ``sigma_min``."""
-    u = scale * (sigma - sigma_min)
-    return sigma_data**2 / (u**2 + sigma_data**2), u / torch.sqrt(u**2 + sigma_data**2)
 
 
 def _sigma_data(model) -> float:
@@ -344,9 +345,10 @@ class CoDiConfig:
             raise ValueError(f"need 0 <= w_min <= w_max, got {self.w_min}, {self.w_max}")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
-        for name in ("data_weight", "boundary_scale"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if not self.data_weight >= 0:
+            raise ValueError(f"data_weight must be a finite number >= 0, got {self.data_weight!r}")
+        if not self.boundary_scale > 0:  # 0 would make f(z, sigma) = z at every sigma: nothing to learn or sample
+            raise ValueError(f"boundary_scale must be a finite number > 0, got {self.boundary_scale!r}")
 
     def grid(self) -> torch.Tensor:
         """``[intervals + 1]`` float64 noise levels ``sigma_0 = sigma_min < ... < sigma_N = sigma_max``."""
@@ -446,36 +448,15 @@ class CoDiLoss:
         return loss, logs
 
 
-@torch.no_grad()
-def consistency_sample(
-    model: Callable,
-    z: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    sigma_min: float = 0.002,
-    boundary_scale: float = 10.0,
-    generator: torch.Generator | None = None,
-    **cond,
-) -> torch.Tensor:
-    """Multistep consistency sampling: ``x = f(z, sigma_0)``; then for each further positive ``sigma_i``,
-    ``x = f(x + sqrt(sigma_i^2 - sigma_min^2) n, sigma_i)``. ``z [B, C, H, W]`` is the initial noise scaled by
-    ``sigmas[0]``; ``sigmas`` are the 1-4 (or more) noise levels, decreasing, optionally ending in 0. Each step is
-    one model call and one fused :func:`fastdiff.ops.guided_step` (``a = c_skip``, ``b = c_out``, the re-noising
-    as its noise input). ``cond``: the model's keyword arguments (``cond=``, ``class_labels=``)."""
-    sig = [float(v) for v in torch.as_tensor(sigmas).flatten() if float(v) > 0]
-    if not sig or any(b >= a for a, b in zip(sig, sig[1:])) or sig[-1] < sigma_min:
-        raise ValueError(f"sigmas must be positive, decreasing and >= sigma_min={sigma_min}, got {sig}")
-    sd = _sigma_data(model)
-    x = z
-    for i, s in enumerate(sig):
-        d = model(x, torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype), **cond)
-        c_skip, c_out = consistency_scalings(torch.tensor(s, dtype=torch.float64), sigma_min, sd, boundary_scale)
-        noise, c = None, 0.0
-        if i + 1 < len(sig):
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            c = math.sqrt(sig[i + 1] ** 2 - sigma_min**2)
-        x, _ = ops.guided_step(x, d, None, a=float(c_skip), b=[float(c_out)], noise=noise, c_noise=c)
-    return x
+def student_solver(student: nn.Module, config: CoDiConfig | None = None) -> LCM:
+    """The ``lcm`` solver with the scalings ``student`` was trained with: ``config``'s ``sigma_min`` and
+    ``boundary_scale`` (by default the student's own ``codi_config``, which :func:`load_student` sets) and the
+    student's ``sigma_data``. ``fastdiff.sample(student, x, sigmas, solver=student_solver(student), cond=...)``."""
+    config = config if config is not None else getattr(student, "codi_config", None)
+    if not isinstance(config, CoDiConfig):
+        raise ValueError("pass the student's CoDiConfig as config=: only a loaded student (load_student) carries "
+                         "its own")  # fmt: skip
+    return LCM(sigma_min=config.sigma_min, boundary_scale=config.boundary_scale, sigma_data=_sigma_data(student))
 
 
 class LowResReplacement(nn.Module):
@@ -517,7 +498,6 @@ def load_student(path, device: str | torch.device = "cpu") -> CoDiStudent:
     student trained on a :class:`TensorCondition` comes back with a condition of the same channels and no
     ``make`` (pass the tensor itself when sampling)."""
     from fastdiff.checkpoint import load_typed_model
-    from fastdiff.models.unet import UNetConfig
 
     def build(meta):
         check_keys(meta, "the CoDi model config", required=_FILE_KEYS, allowed=())
@@ -540,6 +520,5 @@ def load_student(path, device: str | torch.device = "cpu") -> CoDiStudent:
 __all__ = [
     "AdaptedNetwork", "AdapterBase", "CoDiConfig", "CoDiLoss", "CoDiStudent", "ClassCondition", "Condition",
     "InpaintCondition", "LowResCondition", "LowResReplacement", "TensorCondition", "UNetAdapter",
-    "consistency_output", "consistency_sample", "consistency_scalings", "get_condition", "load_student",
-    "save_student", "set_trainable",
+    "consistency_output", "get_condition", "load_student", "save_student", "set_trainable", "student_solver",
 ]  # fmt: skip
