@@ -247,8 +247,8 @@ def _log_levels(sigma: Scalar, sigma_next: Scalar, r: float) -> tuple[Scalar, Sc
     return levels if ref is not None else tuple(v.item() for v in levels)
 
 
-class _TwoStage(TwoStage, _Stochastic):
-    """Stochastic steps with two evaluations, on the two-stage driver of :mod:`~fastdiff.solvers.single`: stage 0
+class _StochasticTwoStage(TwoStage, _Stochastic):
+    """Stochastic steps with two evaluations, on the two-stage driver :class:`~fastdiff.solvers.base.TwoStage`: stage 0
     at ``sigma_i``, whose history entry (its ``D``) stage 1 may take, and stage 1 at ``points()[1]`` from stage 0's
     output; a step with one stage (a fallback to one Euler step) evaluates once."""
 
@@ -274,7 +274,7 @@ def dpm_2_ancestral_coefficients(
     return [Stage(*predictor), Stage(*corrector, c_noise=up * s_noise, noise=_interval(sigmas, i))]
 
 
-class DPM2Ancestral(_TwoStage):
+class DPM2Ancestral(_StochasticTwoStage):
     """Ancestral sampling with DPM-Solver-2 steps (k-diffusion's ``sample_dpm_2_ancestral``, "DPM2 a"), name
     ``"dpm_2_ancestral"``: two evaluations a step, at ``sigma_i`` and at the log-sigma midpoint to ``sigma_down``
     (:func:`dpm_2_ancestral_coefficients`); one, and no draw, on a step whose ``sigma_down`` is 0. ``eta = 0``
@@ -315,7 +315,7 @@ def dpmpp_2s_ancestral_coefficients(
     return [Stage(*euler_coefficients(sigma_t, sigma_s)), Stage(*euler_coefficients(sigma_t, sigma_down), **noise)]
 
 
-class DPMSolverPP2SAncestral(_TwoStage):
+class DPMSolverPP2SAncestral(_StochasticTwoStage):
     """Ancestral sampling with DPM-Solver++(2S) steps (k-diffusion's ``sample_dpmpp_2s_ancestral``, "DPM++ 2S a"),
     name ``"dpmpp_2s_ancestral"``: two evaluations a step, at ``sigma_i`` and at ``sigma_s``, one on a step whose
     ``sigma_down`` is 0 (:func:`dpmpp_2s_ancestral_coefficients`). ``eta = 0`` still draws, multiplied by 0, as
@@ -360,7 +360,7 @@ def dpmpp_sde_coefficients(
     ]
 
 
-class DPMSolverPPSDE(_TwoStage):
+class DPMSolverPPSDE(_StochasticTwoStage):
     """DPM-Solver++ SDE (k-diffusion's ``sample_dpmpp_sde``, "DPM++ SDE"), name ``"dpmpp_sde"``: two evaluations a
     step, at ``sigma_i`` and at ``sigma_s`` a fraction ``r`` of the way to ``sigma_{i+1}`` in log sigma, one on the
     step to 0 (:func:`dpmpp_sde_coefficients`); two draws a step, at ``eta = 0`` too, multiplied by 0.
