@@ -286,7 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--schedule",
         default="karras",
-        help="karras, logsnr_uniform, time_uniform, or a .json schedule file written by fastdiff.schedules.save",
+        help=f"a named schedule {sorted(schedules.SCHEDULES)} (its options through --schedule-option), or a .json "
+        "schedule file written by fastdiff.schedules.save",
+    )
+    s.add_argument(
+        "--schedule-option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="option of a named schedule, repeatable, e.g. --schedule-option model=sdxl for align_your_steps, "
+        "--schedule-option alpha=0.5 for beta, --schedule-option sigmas=sd to take beta over Stable Diffusion's "
+        "discrete levels, --schedule-option shift=3 for flow_shift (see fastdiff.schedules)",
     )
     s.add_argument("--sigma-min", type=_number(0, strict=True), default=None,
                    help="smallest nonzero sigma (default 0.002, or the model's smallest if larger)")  # fmt: skip
@@ -918,14 +929,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n = args.n if args.n is not None else (2000 if gmm else 200)
     solver = _solver(args, model)
     args.eval_sigmas = None
+    schedule_options = dict(args.schedule_option)
     if args.schedule.endswith(".json"):  # a learned schedule brings its own steps and evaluation sigmas
+        if schedule_options:
+            raise CLIError(f"--schedule-option is for named schedules; {args.schedule} is a schedule file")
         _input_file(args.schedule, "--schedule")
         learned = _load("--schedule", args.schedule, schedules.load_schedule, solver=args.solver)
         sigmas, args.eval_sigmas = learned.sigmas, learned.eval_sigmas
         if args.steps is not None and args.steps != len(sigmas) - 1:
             raise ValueError(f"--steps {args.steps} disagrees with {args.schedule} ({len(sigmas) - 1} steps); drop it")
     else:
-        kwargs = {"rho": args.rho} if args.schedule == "karras" else {}
+        kwargs = {"rho": args.rho, **schedule_options} if args.schedule == "karras" else schedule_options
         if args.solver == "lcm":  # leave out sigma_min, where a consistency model returns its input (see --steps)
             levels = schedules.get(args.schedule, steps + 1, args.sigma_min, args.sigma_max, **kwargs)
             sigmas = torch.cat([levels[:-2], levels[-1:]])

@@ -154,16 +154,10 @@ def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float, device="c
 def get_sigmas_polyexponential(
     n: int, sigma_min: float, sigma_max: float, rho: float = 1.0, device="cpu"
 ) -> torch.Tensor:
-    """``log(sigma)`` polynomial in the step: ``log sigma_j = log sigma_min + u_j^rho (log sigma_max - log
-    sigma_min)`` with ``u`` running uniformly from 1 to 0, then 0. ``rho = 1`` is :func:`get_sigmas_exponential`.
-    ``[n + 1]``."""
-    n, sigma_min, sigma_max = schedules._check_range(n, sigma_min, sigma_max)
-    rho = as_real(rho, "rho")
-    if not rho > 0:
-        raise ValueError(f"rho must be positive, got {rho}")
-    lo, hi = math.log(sigma_min), math.log(sigma_max)
-    u = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
-    return _schedule_out(append_zero((lo + u * (hi - lo)).exp()), device)
+    """``log(sigma)`` polynomial in the step (:func:`fastdiff.schedules.polyexponential`): ``log sigma_j = log
+    sigma_min + u_j^rho (log sigma_max - log sigma_min)`` with ``u`` running uniformly from 1 to 0, then 0. ``rho =
+    1`` is :func:`get_sigmas_exponential`. ``[n + 1]``."""
+    return _schedule_out(schedules.polyexponential(n, sigma_min, sigma_max, rho), device)
 
 
 def get_sigmas_vp(
