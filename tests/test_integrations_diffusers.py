@@ -224,7 +224,7 @@ def test_class_conditional_unet2d_through_sample_pipeline(gmm):
         norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
         num_class_embeds=5,
     )  # fmt: skip
-    scheduler = diffusers.DDPMScheduler()
+    scheduler = diffusers.DDPMScheduler(clip_sample=False)
     pipe = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
     y, y_null = torch.tensor([1, 3]), torch.tensor([4, 4])
     latents = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -232,7 +232,7 @@ def test_class_conditional_unet2d_through_sample_pipeline(gmm):
     out = sample_pipeline(pipe, cond={"class_labels": y}, uncond={"class_labels": y_null}, latents=latents,
                           guidance=guidance, solver="unipc", steps=6)  # fmt: skip
     den = denoisers.VPDenoiser(lambda x, t, **c: unet(x, t, **c).sample, scheduler.alphas_cumprod)
-    ours = FastDiffScheduler.from_config(scheduler.config)
+    ours = FastDiffScheduler.from_config(scheduler.config, solver="unipc")
     ours.set_timesteps(6)
     with torch.no_grad():
         expected = fastdiff.sample(den, latents * (1 + ours.sigmas[0].double() ** 2).sqrt().float(), ours.sigmas,
@@ -431,3 +431,161 @@ def test_pipeline_sampler_cuda_graph_equals_eager(sd_parts, solver):
         assert _close(b, a)
         captured = captured or graph.sampler._graph
         assert graph.sampler._graph is captured  # replayed with the new inputs, not recaptured
+
+
+# ------------------------------------------------------------------------------ a faithful swap (issue 20, item 1)
+
+SD_LINSPACE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # diffusers' default spacing
+NATIVE = [
+    # (diffusers scheduler, its options, steps): FastDiffScheduler.from_config(config) with no solver= picks the
+    # fastdiff solver that reproduces it.
+    ("EulerDiscreteScheduler", dict(timestep_spacing="linspace"), 8),
+    ("EulerDiscreteScheduler", dict(timestep_spacing="trailing"), 8),
+    ("HeunDiscreteScheduler", dict(timestep_spacing="linspace"), 6),
+    ("HeunDiscreteScheduler", dict(timestep_spacing="trailing", clip_sample=True, clip_sample_range=0.8), 6),
+    ("DDIMScheduler", {}, 10),  # diffusers' defaults: clip_sample=True, set_alpha_to_one=True
+    ("DDIMScheduler", dict(set_alpha_to_one=False, clip_sample_range=0.7, timestep_spacing="leading"), 10),
+    ("DDIMScheduler", dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.2), 10),
+    ("DPMSolverMultistepScheduler", dict(thresholding=True, dynamic_thresholding_ratio=0.9), 10),
+    ("DPMSolverMultistepScheduler", dict(solver_order=3), 16),
+    ("DPMSolverMultistepScheduler", dict(solver_order=1), 10),
+    ("UniPCMultistepScheduler", dict(solver_order=3), 10),
+    ("UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min"), 10),
+    ("UniPCMultistepScheduler", dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5), 10),
+    ("LMSDiscreteScheduler", dict(timestep_spacing="linspace"), 10),
+]
+
+
+def _in_float64(scheduler):
+    """diffusers' scheduler with its float32 tables promoted, so that it steps float64 samples in float64."""
+    for name in ("alphas_cumprod", "final_alpha_cumprod", "alpha_t", "sigma_t", "lambda_t"):
+        if isinstance(getattr(scheduler, name, None), torch.Tensor):
+            setattr(scheduler, name, getattr(scheduler, name).double())
+    return scheduler
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("cls,opts,steps", NATIVE, ids=lambda v: v if isinstance(v, str) else None)
+def test_from_config_alone_reproduces_the_source(gmm, prediction, cls, opts, steps):
+    """No solver given: the swap follows the source's method, its starting noise, its final noise level and its
+    clipping or thresholding of x0, so the loop's result is diffusers' own.
+
+    Run in float64: clipping x0 while keeping the network's noise direction (DDIM) drives the guided mixture off
+    its data, where its denoiser is steep, and float32 rounding of diffusers' tables (1e-7 relative) grows to
+    1e-4 at the end (measured at w = 4). In float64 DDIM agrees to 1e-12; DPM-Solver, UniPC and Heun keep some
+    float32 tables (sigmas, lambdas), which leaves up to 4e-6."""
+    reference = _in_float64(getattr(diffusers, cls)(**SD_LINSPACE, prediction_type=prediction, **opts))
+    net = MixtureNet(gmm, reference.alphas_cumprod.double(), PREDICTIONS[prediction])
+    x, labels = _noise_and_labels()
+    x = x.double()
+    ours = FastDiffScheduler.from_config(reference.config)
+    expected = _mixture_loop(reference, net, steps, x, labels, w=4.0)
+    got = _mixture_loop(ours, net, steps, x, labels, w=4.0)
+    assert float(ours.init_noise_sigma) == pytest.approx(
+        float(reference.init_noise_sigma) / float((1 + ours.sigmas[0].double() ** 2).sqrt())
+        if cls in ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler") else 1.0, rel=1e-6
+    )  # fmt: skip
+    assert (got - expected).abs().max() < TOL
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [dict(clip_sample=True, clip_sample_range=0.7), dict(thresholding=True, dynamic_thresholding_ratio=0.9)],
+)
+def test_clipping_and_thresholding_change_the_result(gmm, opts):
+    """The x0 transforms matter on this problem (so the parity above tests them): without them diffusers' DDIM
+    ends elsewhere by far more than the tolerance."""
+    net_ab = diffusers.DDIMScheduler(**SD_LINSPACE).alphas_cumprod.double()
+    net = MixtureNet(gmm, net_ab, "eps")
+    x, labels = _noise_and_labels()
+    on = _mixture_loop(diffusers.DDIMScheduler(**SD_LINSPACE, **opts), net, 10, x, labels, w=4.0)
+    off = _mixture_loop(diffusers.DDIMScheduler(**SD_LINSPACE, clip_sample=False), net, 10, x, labels, w=4.0)
+    assert (on - off).abs().max() > 100 * TOL
+
+
+def test_starting_noise_follows_timestep_spacing():
+    """diffusers' Euler starts from sigma_max with "linspace"/"trailing" and from sqrt(1 + sigma_max^2) with
+    "leading"; the swap's init_noise_sigma (model space, x_vp = x / sqrt(1 + sigma^2)) is the same start."""
+    from_max = lambda s: s / (1 + s**2) ** 0.5  # noqa: E731
+    for spacing, expected in (("linspace", from_max), ("trailing", from_max), ("leading", lambda s: 1.0)):
+        ref = diffusers.EulerDiscreteScheduler(**SD_LINSPACE, timestep_spacing=spacing, steps_offset=1)
+        ours = FastDiffScheduler.from_config(ref.config, solver="dpmpp_2m")
+        ours.set_timesteps(7)
+        s = float(ours.sigmas[0])
+        assert ours.init_noise_sigma == pytest.approx(expected(s), rel=1e-12)
+    # a fastdiff schedule is not the source's: it starts from the exact sqrt(1 + sigma_max^2)
+    ours = FastDiffScheduler.from_config(ref.config, solver="euler", schedule="karras")
+    ours.set_timesteps(7)
+    assert ours.init_noise_sigma == 1.0
+
+
+def test_euler_ancestral_draws_the_same_noise(gmm):
+    """EulerAncestralDiscreteScheduler -> euler_ancestral: with the same generator passed to step, the same
+    noise is drawn in the same order, so the trajectories agree."""
+    reference = diffusers.EulerAncestralDiscreteScheduler(**SD_LINSPACE)
+    net = MixtureNet(gmm, reference.alphas_cumprod.double(), "eps")
+    x, labels = _noise_and_labels()
+
+    def loop(s):
+        s.set_timesteps(8)
+        z, g = x * s.init_noise_sigma, torch.Generator().manual_seed(3)
+        for t in s.timesteps:
+            z = s.step(net(s.scale_model_input(z, t), t, class_labels=labels), t, z, generator=g).prev_sample
+        return z
+
+    ours = FastDiffScheduler.from_config(reference.config)
+    assert ours.solver.name == "euler_ancestral"
+    assert (loop(ours) - loop(reference)).abs().max() < TOL
+
+
+def test_solver_order_fills_the_same_solver_options():
+    """A UniPC config's solver_order/solver_type/lower_order_final become fastdiff UniPC's options when the
+    solver is unipc and solver_options leaves them unset; with another solver they describe what is replaced."""
+    cfg = diffusers.UniPCMultistepScheduler(**SD, solver_order=3, solver_type="bh1", lower_order_final=False).config
+    s = FastDiffScheduler.from_config(cfg, solver="unipc").solver
+    assert (s.order, s.variant, s.lower_order_final) == (3, "bh1", False)
+    assert FastDiffScheduler.from_config(cfg, solver="unipc", solver_options={"order": 1}).solver.order == 1
+    assert FastDiffScheduler.from_config(cfg, solver="euler").solver.name == "euler"
+    dpm = diffusers.DPMSolverMultistepScheduler(**SD, solver_order=3).config
+    assert FastDiffScheduler.from_config(dpm).solver.name == "dpmpp_3m"
+
+
+@pytest.mark.parametrize(
+    "cls,opts,match",
+    [
+        ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpmsolver"),
+        ("DPMSolverMultistepScheduler", dict(solver_type="heun"), "solver_type='heun'"),
+        ("UniPCMultistepScheduler", dict(disable_corrector=[0]), "disable_corrector"),
+        ("UniPCMultistepScheduler", dict(predict_x0=False), "predict_x0"),
+        ("FlowMatchEulerDiscreteScheduler", dict(stochastic_sampling=True), "stochastic_sampling"),
+        ("PNDMScheduler", {}, "no fastdiff solver reproduces PNDMScheduler"),
+    ],
+)
+def test_keys_the_swap_cannot_reproduce_are_refused_by_name(cls, opts, match):
+    source = getattr(diffusers, cls)(**opts)
+    with pytest.raises(ValueError, match=match):
+        FastDiffScheduler.from_config(source.config)
+
+
+def test_pipeline_path_refuses_clipping_under_guidance_and_applies_it_without(gmm, sd_parts):
+    """Guided, the pipeline path refuses a clipping config; unguided, each estimate is clipped as the
+    FastDiffScheduler loop clips it (StableDiffusionPipeline itself resets clip_sample, so it is set after)."""
+    pipe = _sd_pipe(sd_parts, diffusers.DDIMScheduler(**SD))
+    pipe.scheduler = diffusers.DDIMScheduler(**SD, clip_sample=True, clip_sample_range=0.5)
+    with pytest.raises(ValueError, match="clip_sample"):
+        PipelineSampler(pipe, solver="ddim", steps=4, guidance=5.0)
+    pe = sd_parts[2][0]
+    latents = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    out = sample_pipeline(pipe, pe, solver="dpmpp_2m", steps=4, latents=latents, output_type="latent").images
+    ours = FastDiffScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m")
+    ours.set_timesteps(4)
+    z = latents * ours.init_noise_sigma
+    with torch.no_grad():
+        for t in ours.timesteps:
+            z = ours.step(sd_parts[0](z, t, encoder_hidden_states=pe).sample, t, z).prev_sample
+    assert _close(out, z)
+    one = sample_pipeline(pipe, pe, solver="dpmpp_2m", steps=4, latents=latents, output_type="latent", guidance=1.0)
+    assert _close(one.images, out)  # guidance 1 is no guidance: clipped as well
+    pipe.scheduler = diffusers.DDIMScheduler(**SD, clip_sample=False)
+    plain = sample_pipeline(pipe, pe, solver="dpmpp_2m", steps=4, latents=latents, output_type="latent").images
+    assert not _close(plain, out)  # the clipping mattered

@@ -15,7 +15,8 @@
 Conventions. A scheduler's samples live in the model's own space, as diffusers' DDIM, DPM-Solver and UniPC
 schedulers keep them: ``x_vp = x / sqrt(1 + sigma^2)`` for a VP (DDPM-family) model, ``x_t = x / (1 + sigma)``
 for a rectified-flow model, where ``x = x0 + sigma * eps`` is fastdiff's VE state. So ``init_noise_sigma`` is 1
-and ``scale_model_input`` is the identity (except under a learned schedule with decoupled evaluation sigmas).
+(unless the source scheduler starts from ``sigma_max``: see :attr:`FastDiffScheduler.init_noise_sigma`) and
+``scale_model_input`` is the identity (except under a learned schedule with decoupled evaluation sigmas).
 A flow model's first noise level ``t = 1`` is ``sigma = inf`` in the VE form; fastdiff steps from
 ``t = 1 - 1e-9`` instead (``sigma = 1e9``), which changes the first step's coefficients by about 1e-9.
 """
@@ -45,6 +46,20 @@ from fastdiff.train.codi import AdaptedNetwork, AdapterBase
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow": "flow"}
 FLOW_T_MAX = 1 - 1e-9  # t = 1 is sigma = inf in the VE form; see the module docstring
+
+# Schedulers whose samples are the VE state x = x0 + sigma * eps (their scale_model_input divides by
+# sqrt(1 + sigma^2)); their init_noise_sigma is a VE standard deviation: sigma_max with timestep_spacing "linspace"
+# or "trailing", sqrt(1 + sigma_max^2) with "leading".
+VE_STATE_SCHEDULERS = frozenset({
+    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler",
+})  # fmt: skip
+# Config keys that describe the source scheduler's update rule. With the source's own method (``solver=None``, or
+# the fastdiff solver that reproduces it) each is honoured or refused by name; with another solver they describe
+# the solver that the swap replaces.
+SOLVER_KEYS = ("solver_order", "solver_type", "algorithm_type", "lower_order_final", "euler_at_final", "predict_x0",
+               "disable_corrector", "solver_p", "stochastic_sampling", "noise_sampler_seed", "predictor_order",
+               "corrector_order", "tau_func", "timestep_scaling", "original_inference_steps")  # fmt: skip
 
 
 @dataclass
@@ -110,6 +125,55 @@ def _scheduler_class_of(config: Mapping[str, Any]) -> str | None:
     return min(matches, key=lambda n: (len(n), n)) if matches else None
 
 
+def _refuse(source: str, key: str, value, why: str) -> ValueError:
+    return ValueError(f"{source} config {key}={value!r} is not reproduced by FastDiffScheduler: {why}")
+
+
+def _native_solver(source: str, cfg: Mapping[str, Any]) -> tuple[str, dict] | None:
+    """``(fastdiff solver name, options)`` that reproduce the diffusers scheduler ``source`` with config ``cfg``
+    (its solver keys, :data:`SOLVER_KEYS`, honoured or refused by name), or None when no fastdiff solver does."""
+    simple = {"EulerDiscreteScheduler": "euler", "HeunDiscreteScheduler": "heun", "DDIMScheduler": "ddim",
+              "EulerAncestralDiscreteScheduler": "euler_ancestral", "LMSDiscreteScheduler": "lms",
+              "FlowMatchEulerDiscreteScheduler": "euler"}  # fmt: skip
+    if cfg.get("stochastic_sampling"):
+        raise _refuse(source, "stochastic_sampling", True, "pass solver= for a deterministic swap")
+    if source in simple:
+        return simple[source], {}
+    if source == "DPMSolverMultistepScheduler":
+        if cfg.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
+            raise _refuse(source, "algorithm_type", cfg["algorithm_type"], "only 'dpmsolver++' is (pass solver=)")
+        order = cfg.get("solver_order", 2)
+        if order not in (1, 2, 3):
+            raise _refuse(source, "solver_order", order, "orders 1, 2 and 3 are")
+        if order > 1 and cfg.get("solver_type", "midpoint") != "midpoint":
+            raise _refuse(source, "solver_type", cfg["solver_type"], "fastdiff's DPM-Solver++ is the midpoint form")
+        if cfg.get("euler_at_final") and cfg.get("final_sigmas_type", "zero") != "zero":
+            raise _refuse(source, "euler_at_final", True, "the last step keeps its order")
+        return {1: "ddim", 2: "dpmpp_2m", 3: "dpmpp_3m"}[order], {}
+    if source == "UniPCMultistepScheduler":
+        if not cfg.get("predict_x0", True):
+            raise _refuse(source, "predict_x0", False, "fastdiff's UniPC is the data-prediction form")
+        if cfg.get("solver_p") is not None:
+            raise _refuse(source, "solver_p", cfg["solver_p"], "UniPC's predictor is its own")
+        disabled = list(cfg.get("disable_corrector") or [])
+        if disabled:
+            raise _refuse(source, "disable_corrector", disabled, "the corrector runs on every step or none "
+                          "(solver_options={'corrector': False})")  # fmt: skip
+        return "unipc", {"order": cfg.get("solver_order", 2), "variant": cfg.get("solver_type", "bh2"),
+                         "lower_order_final": cfg.get("lower_order_final", True)}  # fmt: skip
+    return None
+
+
+def _threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Imagen, Saharia et al. 2022) of ``x0 [B, ...]``: per sample, ``s`` is the ``ratio``
+    quantile of ``|x0|`` clamped to ``[1, max_value]``, and ``x0`` is clamped to ``[-s, s]`` and divided by ``s``.
+    Computed in float32 at least, returned in ``x0``'s dtype."""
+    flat = x0.reshape(x0.shape[0], -1)
+    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(1, max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+
 class FastDiffScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler that steps a fastdiff solver.
 
@@ -119,7 +183,12 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
 
     Args:
         solver: a fastdiff solver name (``euler``, ``heun``, ``ddim``, ``dpmpp_2m``, ``dpmpp_3m``, ``ipndm``,
-            ``unipc``), with ``solver_options`` (e.g. ``{"order": 3}`` for UniPC).
+            ``unipc``...), with ``solver_options`` (e.g. ``{"order": 3}`` for UniPC). None: the solver that
+            reproduces the source scheduler (Euler, EulerAncestral, Heun, LMS, DDIM, DPM-Solver++ of order 1-3,
+            UniPC, flow-matching Euler), its solver keys honoured or refused by name; ``dpmpp_2m`` without a
+            source. The source's own solver named explicitly takes its keys (``solver_order``...) as default
+            options; another solver replaces them. The source's ``clip_sample``/``thresholding`` of x0 are
+            applied to every estimate, as the source applies them.
         schedule: ``None`` steps through the noise levels that the scheduler this config came from
             (``from_config(pipe.scheduler.config)``; else diffusers' Euler, or flow-matching Euler, scheduler)
             would step through, with all its options (``timestep_spacing``, ``steps_offset``,
@@ -170,7 +239,7 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         invert_sigmas: bool = False,
         shift_terminal: float | None = None,
         time_shift_type: str = "exponential",
-        solver: str = "dpmpp_2m",
+        solver: str | None = None,
         solver_options: dict | None = None,
         schedule: str | None = None,
         schedule_options: dict | None = None,
@@ -181,7 +250,18 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         if kind not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {sorted(PREDICTION_TYPES)}, got {prediction_type!r}")
         self.prediction = PREDICTION_TYPES[kind]
-        self.solver = solvers.get(solver, **(solver_options or {}))
+        source = reference_scheduler["class_name"] if reference_scheduler else None
+        source_cfg = dict(reference_scheduler["config"]) if reference_scheduler else {}
+        self.solver = self._choose_solver(solver, solver_options, source, source_cfg)
+        self._x0_transform = self._x0_transform_of(source_cfg)
+        self._halve_output = source_cfg.get("variance_type") in ("learned", "learned_range")
+        # diffusers' DDIM clips (or thresholds) its x0 prediction but keeps the network's noise direction
+        # (use_clipped_model_output=False, what pipelines pass): x_next = x0_clipped + sigma_next * eps_network.
+        self._ddim_keeps_eps = (
+            self._x0_transform is not None
+            and source in ("DDIMScheduler", "DDIMParallelScheduler")
+            and isinstance(self.solver, solvers.DDIM)
+        )
         if schedule is not None and schedule not in schedules.SCHEDULES:
             raise ValueError(f"schedule must be None (diffusers' own) or one of {sorted(schedules.SCHEDULES)}, "
                              f"got {schedule!r}")  # fmt: skip
@@ -202,6 +282,32 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         self._begin_index: int | None = None
 
+    @staticmethod
+    def _choose_solver(solver, options, source, cfg) -> solvers.Solver:
+        """The fastdiff solver: ``solver`` (None: the one that reproduces the source scheduler, else
+        ``dpmpp_2m``), with the source's solver keys as its options where it is the source's own method and
+        ``options`` leaves them unset."""
+        native = _native_solver(source, cfg) if source else None
+        if solver is None and source is not None and native is None:
+            raise ValueError(f"no fastdiff solver reproduces {source}; pass solver= (one of {sorted(solvers.SOLVERS)})")
+        if solver is None:
+            solver, defaults = native or ("dpmpp_2m", {})
+        else:
+            defaults = native[1] if native is not None and native[0] == solver else {}
+        return solvers.get(solver, **{**defaults, **(options or {})})
+
+    @staticmethod
+    def _x0_transform_of(cfg: Mapping[str, Any]):
+        """The source scheduler's transformation of the x0 prediction (``thresholding``, else ``clip_sample``
+        with ``clip_sample_range``), or None: applied to the (guided) estimate before the solver uses it."""
+        if cfg.get("thresholding"):
+            ratio, top = cfg.get("dynamic_thresholding_ratio", 0.995), cfg.get("sample_max_value", 1.0)
+            return lambda d: _threshold(d, ratio, top)
+        if cfg.get("clip_sample"):
+            r = cfg.get("clip_sample_range", 1.0)
+            return lambda d: d.clamp(-r, r)
+        return None
+
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
         """Build from another scheduler's config, which is also kept (``reference_scheduler``): that scheduler's
@@ -212,6 +318,9 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
             source = config.get("_class_name") or _scheduler_class_of(own)
             if source and source != cls.__name__:
                 kwargs["reference_scheduler"] = {"class_name": source, "config": own}
+            # DDIM's and PNDM's set_alpha_to_one=False end at the first training level, not at sigma = 0.
+            if own.get("set_alpha_to_one") is False and "final_sigmas_type" not in kwargs:
+                kwargs["final_sigmas_type"] = "sigma_min"
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def _reference_scheduler(self):
@@ -258,7 +367,19 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def init_noise_sigma(self) -> float:
-        return 1.0
+        """What the pipeline multiplies unit noise by: the source scheduler's starting noise, in this scheduler's
+        (the model's) space. 1, the exact start ``sqrt(1 + sigma_max^2)`` of the VE state, except for sources whose
+        state is the VE state (Euler, Heun, LMS... :data:`VE_STATE_SCHEDULERS`) with ``timestep_spacing``
+        ``"linspace"`` or ``"trailing"``, which start from ``sigma_max`` (``sigma_max / sqrt(1 + sigma_max^2)``
+        here)."""
+        ref = self.config.reference_scheduler
+        own = self._schedule is None or self.config.learned_schedule is not None or self.config.schedule is not None
+        if own or ref is None or ref["class_name"] not in VE_STATE_SCHEDULERS:
+            return 1.0
+        if ref["config"].get("timestep_spacing", "linspace") not in ("linspace", "trailing"):
+            return 1.0
+        sigma = self._schedule.sigmas[0]
+        return sigma / math.sqrt(1 + sigma**2)
 
     @property
     def order(self) -> int:
@@ -402,14 +523,17 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         dt = torch.promote_types(sample.dtype, torch.float32)
         x = sample.to(dt) * self._scale(sched.sigmas[m])
         s_model = torch.tensor(sched.model_sigmas[m], dtype=dt, device=sample.device)
+        if self._halve_output and model_output.shape[1] == 2 * sample.shape[1]:
+            model_output = model_output[:, : sample.shape[1]]  # learned variance: its second half is not used
         d = to_denoised(self.prediction, model_output.to(dt), x, s_model)
+        d_raw, d = d, d if self._x0_transform is None else self._x0_transform(d)
         if k == 0 or k == self._begin_index or sched.evals[k - 1][0] != i:  # the step's first evaluation
             if k == 0 or k == self._begin_index:
                 self._start, self._state = i, self.solver.start()
             if m != i:
                 raise ValueError(f"evaluation {k} is not the first of its step; begin_index must start a step")
             self._x_start, self._recorded, self._draws = x, [], []
-        self._recorded.append(Denoised(d))
+        self._recorded.append(Denoised(d_raw if self._ddim_keeps_eps else d))
         recorded, draws = self._recorded, self._draws
 
         def replay(xi, s):
@@ -436,6 +560,8 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
                 i - first, self._x_start, sched.model_sigmas[first:], replay, trial,
                 self.solver.stages(sched.sigmas[first:], i - first), noise=noise,
             )  # fmt: skip
+            if self._ddim_keeps_eps:  # fed the raw estimate, then moved by (clipped - raw): see __init__
+                x_next = x_next + (d - d_raw)
             prev = x_next / self._scale(sched.sigmas[i + 1])
             self._state = trial
         except _NeedEvaluation as need:
@@ -487,6 +613,19 @@ class _PipelineNetwork(torch.nn.Module):
         return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
 
+class _TransformedDenoiser(torch.nn.Module):
+    """``transform(model(x, sigma, **cond))``: a denoiser whose estimates pass through a source scheduler's
+    x0 clipping or thresholding."""
+
+    def __init__(self, model: torch.nn.Module, transform):
+        super().__init__()
+        self.model, self.transform = model, transform
+        self.check_sigmas = getattr(model, "check_sigmas", None)  # the sampler's range check of the model
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        return self.transform(self.model(x, sigma, **cond))
+
+
 @dataclass
 class FastDiffPipelineOutput(BaseOutput):
     """``images``: decoded images in the pipeline's ``output_type`` (PIL list, numpy array or tensor), or the
@@ -535,6 +674,15 @@ class PipelineSampler:
             pipe.scheduler.config, solver=solver, schedule=schedule, schedule_options=schedule_options,
             learned_schedule=learned_schedule,
         )  # fmt: skip
+        if guidance is not None and not isinstance(guidance, Guidance):
+            guidance = Guidance(float(guidance))
+        guided = guidance is not None and float(guidance.scale) != 1
+        if sched._x0_transform is not None and guided:
+            # Clipping is not linear in the guided estimate, which fastdiff's loop forms inside the fused step.
+            raise ValueError(f"{type(pipe.scheduler).__name__}'s clip_sample/thresholding (a clamp of the guided x0 "
+                             "estimate) is not available in fastdiff's guided loop; use FastDiffScheduler in the "
+                             "pipeline's own loop, or a scheduler config with clip_sample=False, "
+                             "thresholding=False")  # fmt: skip
         sched.set_timesteps(None if learned_schedule is not None or sigmas is not None else steps, sigmas=sigmas)
         self.pipe, self.network = pipe, net
         self.scheduler = sched
@@ -542,8 +690,8 @@ class PipelineSampler:
             model = FlowDenoiser(_PipelineNetwork(net), time_scale=sched.config.num_train_timesteps)
         else:
             model = VPDenoiser(_PipelineNetwork(net), sched.alphas_cumprod, prediction=sched.prediction)
-        if guidance is not None and not isinstance(guidance, Guidance):
-            guidance = Guidance(float(guidance))
+        if sched._x0_transform is not None:  # unguided: the scheduler's clamp of each estimate
+            model = _TransformedDenoiser(model, sched._x0_transform)
         self.guidance = guidance
         self.sigmas = torch.tensor(sched._schedule.sigmas, dtype=torch.float64)
         self.sampler = Sampler(
@@ -610,7 +758,8 @@ class PipelineSampler:
             latents = randn_tensor(self.latent_shape(batch, height, width), generator=generator, device=device)
         elif latents.shape[0] != batch:
             raise ValueError(f"latents have batch {latents.shape[0]}, the conditioning {batch}")
-        x = latents.to(device, torch.float32) * self.scheduler._scale(float(self.sigmas[0]))
+        start = self.scheduler.init_noise_sigma * self.scheduler._scale(float(self.sigmas[0]))
+        x = latents.to(device, torch.float32) * start
         z = self.sampler.sample(x, cond, uncond or None)
         return FastDiffPipelineOutput(self.decode(z, output_type), self.sampler.nfe)
 
