@@ -8,6 +8,7 @@ solvers). Random-weight UNets give latents of scale 5-40, compared relative to t
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ pytest.importorskip("transformers")  # diffusers' Stable Diffusion pipelines imp
 
 from fastdiff.integrations.diffusers import (  # noqa: E402
     FastDiffScheduler,
+    UNREPRODUCED,
     PipelineSampler,
     sample_pipeline,
 )
@@ -478,7 +480,8 @@ def test_from_config_alone_reproduces_the_source(gmm, prediction, cls, opts, ste
     net = MixtureNet(gmm, reference.alphas_cumprod.double(), PREDICTIONS[prediction])
     x, labels = _noise_and_labels()
     x = x.double()
-    ours = FastDiffScheduler.from_config(reference.config)
+    # LMS's keys are also KDPM2's: its config alone is ambiguous, the scheduler itself is not
+    ours = FastDiffScheduler.from_config(reference if cls == "LMSDiscreteScheduler" else reference.config)
     expected = _mixture_loop(reference, net, steps, x, labels, w=4.0)
     got = _mixture_loop(ours, net, steps, x, labels, w=4.0)
     assert float(ours.init_noise_sigma) == pytest.approx(
@@ -558,13 +561,90 @@ def test_solver_order_fills_the_same_solver_options():
         ("UniPCMultistepScheduler", dict(disable_corrector=[0]), "disable_corrector"),
         ("UniPCMultistepScheduler", dict(predict_x0=False), "predict_x0"),
         ("FlowMatchEulerDiscreteScheduler", dict(stochastic_sampling=True), "stochastic_sampling"),
+        ("FlowMatchEulerDiscreteScheduler", dict(invert_sigmas=True), "invert_sigmas"),
+        ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpmsolver"),
+        ("EDMDPMSolverMultistepScheduler", dict(solver_type="heun"), "solver_type='heun'"),
+        ("EDMDPMSolverMultistepScheduler", dict(prediction_type="sample"), "prediction_type='sample'"),
+        ("EDMEulerScheduler", dict(final_sigmas_type="sigma_min"), "final_sigmas_type='sigma_min'"),
         ("PNDMScheduler", {}, "no fastdiff solver reproduces PNDMScheduler"),
-    ],
+    ]
+    + [(cls, {}, f"no fastdiff solver reproduces {cls}: {re.escape(why[:30])}") for cls, why in UNREPRODUCED.items()],
 )
 def test_keys_the_swap_cannot_reproduce_are_refused_by_name(cls, opts, match):
+    """Each refusal names the key or the scheduler and why (the scheduler itself is passed: some configs are
+    shared by several classes, see the test below)."""
     source = getattr(diffusers, cls)(**opts)
     with pytest.raises(ValueError, match=match):
-        FastDiffScheduler.from_config(source.config)
+        FastDiffScheduler.from_config(source)
+
+
+def test_a_config_shared_by_schedulers_that_step_differently_is_refused():
+    """LMS's config keys are also KDPM2's and KDPM2Ancestral's, LCM's are TCD's: a config alone could be either,
+    so without solver= it is refused rather than silently stepped as LMS; the scheduler itself, a config naming
+    its class, or an explicit solver go through. DDIM and DDIMParallel share keys and method: no refusal."""
+    for cls in ("KDPM2DiscreteScheduler", "LMSDiscreteScheduler", "TCDScheduler"):
+        with pytest.raises(ValueError, match="LMSDiscreteScheduler|LCMScheduler"):
+            FastDiffScheduler.from_config(getattr(diffusers, cls)().config)
+    lms = diffusers.LMSDiscreteScheduler()
+    assert FastDiffScheduler.from_config(lms).solver.name == "lms"
+    assert FastDiffScheduler.from_config({**lms.config, "_class_name": "LMSDiscreteScheduler"}).solver.name == "lms"
+    assert FastDiffScheduler.from_config(lms.config, solver="euler").solver.name == "euler"
+    with pytest.raises(ValueError, match="no fastdiff solver reproduces KDPM2DiscreteScheduler: it evaluates"):
+        FastDiffScheduler.from_config(diffusers.KDPM2DiscreteScheduler())
+    assert FastDiffScheduler.from_config(diffusers.DDIMScheduler().config).solver.name == "ddim"
+
+
+class _FlowMixtureNet:
+    """The Gaussian mixture as a flow-matching network: ``(x_t, t in [0, 1000]) -> v = eps - x0`` with
+    ``x_t = (1 - t) x0 + t eps``, through the exact denoiser at ``sigma = t / (1 - t)`` (t = 1 taken at 1 - 1e-9,
+    where the estimate is the mixture's mean to 1e-9)."""
+
+    def __init__(self, gmm):
+        self.gmm = gmm
+
+    def __call__(self, xt, t, class_labels=None):
+        dtype, xt = xt.dtype, xt.double()
+        tt = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(xt.shape[0]) / 1000
+        tt = tt.clamp(max=1 - 1e-9).reshape(-1, 1, 1, 1)
+        d = self.gmm(xt / (1 - tt), (tt / (1 - tt)).flatten(), class_labels=class_labels)
+        return ((xt - (1 - tt) * d) / tt - d).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "opts,mu",
+    [
+        (dict(use_dynamic_shifting=True), 0.8),  # Flux: mu from the image's sequence length
+        (dict(use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.3, max_shift=1.5), 1.1),
+        (dict(shift=3.0, shift_terminal=0.1), None),  # SD3.5-style terminal stretch
+        (dict(use_dynamic_shifting=True, shift_terminal=0.05, use_karras_sigmas=True), 0.5),
+        (dict(shift=1.0), None),  # every key at its default: diffusers drops them all from the config
+    ],
+)
+def test_flow_match_euler_dynamic_shifting_reproduces_the_source(gmm, opts, mu):
+    """FlowMatchEulerDiscreteScheduler -> euler, with ``mu`` passed to ``set_timesteps`` as Flux and SD3
+    pipelines pass it: the shifted (exponential or linear), terminal-stretched, Karras-converted flow times are
+    the source's, and the trajectory is its own (float64 samples; diffusers keeps float32 sigmas: about 5e-7)."""
+    reference = diffusers.FlowMatchEulerDiscreteScheduler(**opts)
+    net = _FlowMixtureNet(gmm)
+    x, labels = _noise_and_labels()
+    x = x.double()
+    kw = {} if mu is None else {"mu": mu}
+
+    def loop(s):
+        s.set_timesteps(7, **kw)
+        z = x.clone()
+        for t in s.timesteps:
+            z = s.step(net(z, t, class_labels=labels), t, z).prev_sample
+        return z, s.timesteps
+
+    ours = FastDiffScheduler.from_config(reference.config)
+    assert ours.prediction == "flow" and ours.solver.name == "euler"
+    (got, t_ours), (expected, t_ref) = loop(ours), loop(reference)
+    assert torch.allclose(t_ours, t_ref.float())
+    assert (got - expected).abs().max() < TOL
+    if mu is not None:
+        with pytest.raises(ValueError, match="mu"):
+            FastDiffScheduler.from_config(reference.config).set_timesteps(7)
 
 
 def test_pipeline_path_refuses_clipping_under_guidance_and_applies_it_without(gmm, sd_parts):
@@ -589,3 +669,74 @@ def test_pipeline_path_refuses_clipping_under_guidance_and_applies_it_without(gm
     pipe.scheduler = diffusers.DDIMScheduler(**SD, clip_sample=False)
     plain = sample_pipeline(pipe, pe, solver="dpmpp_2m", steps=4, latents=latents, output_type="latent").images
     assert not _close(plain, out)  # the clipping mattered
+
+
+class _EDMMixtureNet:
+    """The Gaussian mixture as a raw EDM network ``F(c_in x, c_noise)`` behind diffusers' EDM preconditioning:
+    ``D = c_skip x + c_out F`` (``c_out`` negated for v_prediction), ``c_noise = log(sigma) / 4``, solved for F
+    from the exact denoiser."""
+
+    def __init__(self, gmm, sigma_data, v):
+        self.gmm, self.sd, self.v = gmm, sigma_data, v
+
+    def __call__(self, x_in, t, class_labels=None):
+        dtype, x_in = x_in.dtype, x_in.double()
+        s = torch.exp(4 * torch.as_tensor(t, dtype=torch.float64)).reshape(-1).expand(x_in.shape[0])
+        s = s.reshape(-1, 1, 1, 1)
+        root = (s**2 + self.sd**2).sqrt()
+        x = x_in * root
+        d = self.gmm(x, s.flatten(), class_labels=class_labels)
+        f = (d - self.sd**2 / root**2 * x) / (s * self.sd / root)
+        return (-f if self.v else f).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "cls,opts,solver,steps",
+    [
+        ("EDMEulerScheduler", {}, "euler", 10),
+        ("EDMEulerScheduler", dict(sigma_schedule="exponential", sigma_max=20.0, sigma_data=0.7), "euler", 10),
+        ("EDMEulerScheduler", dict(rho=5.0, prediction_type="v_prediction"), "euler", 8),
+        ("EDMDPMSolverMultistepScheduler", {}, "dpmpp_2m", 10),
+        ("EDMDPMSolverMultistepScheduler", dict(solver_order=1, sigma_schedule="exponential"), "ddim", 10),
+        (
+            "EDMDPMSolverMultistepScheduler",
+            dict(solver_order=3, rho=5.0, prediction_type="v_prediction"),
+            "dpmpp_3m",
+            16,
+        ),
+        ("EDMDPMSolverMultistepScheduler", dict(thresholding=True, dynamic_thresholding_ratio=0.9), "dpmpp_2m", 10),
+    ],
+)
+def test_edm_schedulers_reproduce_the_source(gmm, cls, opts, solver, steps):
+    """EDMEulerScheduler -> euler, EDMDPMSolverMultistepScheduler -> ddim/dpmpp_2m/dpmpp_3m per solver_order, on
+    the source's Karras or exponential sigmas (sigma_min/max, rho), with its input preconditioning c_in, its
+    timesteps log(sigma) / 4, its output preconditioning (sigma_data, epsilon or v_prediction) and its start
+    sqrt(sigma_max^2 + 1). Float64 samples; diffusers keeps float32 sigmas (agreement about 8e-7). Order 3 agrees
+    from 15 steps on (below, diffusers' lower_order_final lowers the last steps' order, as in
+    test_dpmpp_3m_matches_diffusers_from_15_steps)."""
+    reference = getattr(diffusers, cls)(**opts)
+    net = _EDMMixtureNet(gmm, reference.config.sigma_data, reference.config.prediction_type == "v_prediction")
+    x, labels = _noise_and_labels()
+    x = x.double()
+    ours = FastDiffScheduler.from_config(reference.config)
+    assert ours.solver.name == solver
+    assert ours.init_noise_sigma == pytest.approx(reference.init_noise_sigma, rel=1e-12)
+    expected = _mixture_loop(reference, net, steps, x, labels)
+    got = _mixture_loop(ours, net, steps, x, labels)
+    assert torch.allclose(ours.timesteps, reference.timesteps.float())
+    assert (got - expected).abs().max() < TOL
+    # the noise levels are EDM's: x0 + sigma * noise at timestep log(sigma) / 4
+    x0, noise = torch.randn(3, 2, 1, 1).double(), torch.randn(3, 2, 1, 1).double()
+    t = reference.timesteps[:3]
+    assert torch.allclose(ours.add_noise(x0, noise, t), reference.add_noise(x0, noise, t), atol=1e-5)
+
+
+def test_edm_scheduler_takes_a_fastdiff_schedule():
+    """A fastdiff schedule under an EDM source spans the source's sigma_min..sigma_max, starts from
+    sqrt(1 + sigma_0^2) and calls the network at log(sigma) / 4."""
+    reference = diffusers.EDMEulerScheduler(sigma_min=0.01, sigma_max=40.0)
+    ours = FastDiffScheduler.from_config(reference.config, solver="heun", schedule="karras")
+    ours.set_timesteps(6)
+    assert float(ours.sigmas[0]) == pytest.approx(40.0) and float(ours.sigmas[-2]) == pytest.approx(0.01)
+    assert ours.init_noise_sigma == pytest.approx((1 + 40.0**2) ** 0.5)
+    assert torch.allclose(ours.timesteps[:2].double(), ours.sigmas[:2].double().log() / 4)  # Heun: s0, then s1

@@ -38,7 +38,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from fastdiff import schedules, solvers
-from fastdiff.denoisers import FlowDenoiser, VPDenoiser, discrete_sigmas, network_output, to_denoised
+from fastdiff.denoisers import EDMPrecond, FlowDenoiser, VPDenoiser, discrete_sigmas, network_output, to_denoised
 from fastdiff.guidance import Guidance
 from fastdiff.sampler import Sampler
 from fastdiff.solvers import Denoised
@@ -109,10 +109,10 @@ def _evaluation_sigmas(solver: solvers.Solver, sigmas: list[float], model_sigmas
     return evals
 
 
-def _scheduler_class_of(config: Mapping[str, Any]) -> str | None:
-    """The diffusers scheduler a config belongs to. A live scheduler's config does not name its class, but it
-    holds exactly that class's ``__init__`` parameters; among classes with the same parameters (DDIM and its
-    parallel variant, say) the shortest name, the base one, wins."""
+def _scheduler_classes_of(config: Mapping[str, Any]) -> list[str]:
+    """The diffusers schedulers a config may belong to, shortest name (the base one) first. A live scheduler's
+    config does not name its class, but it holds exactly that class's ``__init__`` parameters; some classes share
+    them (DDIM and its parallel variant; LMS, KDPM2 and KDPM2Ancestral; LCM and TCD)."""
     matches = []
     for name in dir(diffusers):
         if not name.endswith("Scheduler") or name == "FastDiffScheduler":
@@ -122,11 +122,36 @@ def _scheduler_class_of(config: Mapping[str, Any]) -> str | None:
             params = set(inspect.signature(cls.__init__).parameters) - {"self"}
             if params == set(config):
                 matches.append(name)
-    return min(matches, key=lambda n: (len(n), n)) if matches else None
+    return sorted(matches, key=lambda n: (len(n), n))
 
 
 def _refuse(source: str, key: str, value, why: str) -> ValueError:
     return ValueError(f"{source} config {key}={value!r} is not reproduced by FastDiffScheduler: {why}")
+
+
+# Recognised diffusers schedulers that no fastdiff solver reproduces in FastDiffScheduler today, with the reason
+# (what would be needed). ``solver=None`` from their configs is refused with it; an explicit ``solver=`` is a swap.
+UNREPRODUCED = {
+    "FlowMatchHeunDiscreteScheduler": "it takes Heun's trapezoid in flow time t on x_t; fastdiff's heun is the "
+    "trapezoid in sigma on x0 + sigma * eps, a different second-order method (0.2 apart on a 4-step test), and "
+    "starts at t = 1, sigma = inf",
+    "FlowMapEulerDiscreteScheduler": "it is a flow-map (two-time) sampler with no fastdiff equivalent",
+    "DEISMultistepScheduler": "its DEIS is the exponential-integrator multistep form on eps in log-rho ('logrho'); "
+    "fastdiff's deis is ComfyUI's tab form, whose weights differ",
+    "LCMScheduler": "its boundary scalings (c_skip, c_out at timestep * timestep_scaling) and noise re-injection "
+    "at the next level are not yet shown to match fastdiff's lcm by a parity test",
+    "TCDScheduler": "its gamma-controlled (eta) stochastic consistency step has no fastdiff solver",
+    "KDPM2DiscreteScheduler": "it evaluates the model at the log-sigma midpoint between schedule levels (fastdiff's "
+    "dpm_2), which FastDiffScheduler cannot yet ask a pipeline for (the schedule would need those midpoints)",
+    "KDPM2AncestralDiscreteScheduler": "it evaluates the model between schedule levels (fastdiff's "
+    "dpm_2_ancestral), which FastDiffScheduler cannot yet ask a pipeline for",
+    "DPMSolverSDEScheduler": "it evaluates the model between schedule levels and draws torchsde Brownian-tree "
+    "noise (fastdiff's dpmpp_sde); FastDiffScheduler cannot yet ask a pipeline for the midpoint evaluations",
+    "DPMSolverSinglestepScheduler": "fastdiff has no deterministic singlestep DPM-Solver(++) that groups the "
+    "schedule's levels into 2- and 3-stage steps as its order list does",
+    "SASolverScheduler": "its stochastic Adams predictor-corrector (tau_func, predictor/corrector orders) has no "
+    "fastdiff solver",
+}
 
 
 def _native_solver(source: str, cfg: Mapping[str, Any]) -> tuple[str, dict] | None:
@@ -134,12 +159,14 @@ def _native_solver(source: str, cfg: Mapping[str, Any]) -> tuple[str, dict] | No
     (its solver keys, :data:`SOLVER_KEYS`, honoured or refused by name), or None when no fastdiff solver does."""
     simple = {"EulerDiscreteScheduler": "euler", "HeunDiscreteScheduler": "heun", "DDIMScheduler": "ddim",
               "EulerAncestralDiscreteScheduler": "euler_ancestral", "LMSDiscreteScheduler": "lms",
-              "FlowMatchEulerDiscreteScheduler": "euler"}  # fmt: skip
+              "FlowMatchEulerDiscreteScheduler": "euler", "EDMEulerScheduler": "euler"}  # fmt: skip
     if cfg.get("stochastic_sampling"):
         raise _refuse(source, "stochastic_sampling", True, "pass solver= for a deterministic swap")
+    if source == "FlowMatchEulerDiscreteScheduler" and cfg.get("invert_sigmas"):
+        raise _refuse(source, "invert_sigmas", True, "its sigmas rise from 0 to 1 (Mochi's convention)")
     if source in simple:
         return simple[source], {}
-    if source == "DPMSolverMultistepScheduler":
+    if source in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"):
         if cfg.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
             raise _refuse(source, "algorithm_type", cfg["algorithm_type"], "only 'dpmsolver++' is (pass solver=)")
         order = cfg.get("solver_order", 2)
@@ -185,10 +212,11 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         solver: a fastdiff solver name (``euler``, ``heun``, ``ddim``, ``dpmpp_2m``, ``dpmpp_3m``, ``ipndm``,
             ``unipc``...), with ``solver_options`` (e.g. ``{"order": 3}`` for UniPC). None: the solver that
             reproduces the source scheduler (Euler, EulerAncestral, Heun, LMS, DDIM, DPM-Solver++ of order 1-3,
-            UniPC, flow-matching Euler), its solver keys honoured or refused by name; ``dpmpp_2m`` without a
-            source. The source's own solver named explicitly takes its keys (``solver_order``...) as default
-            options; another solver replaces them. The source's ``clip_sample``/``thresholding`` of x0 are
-            applied to every estimate, as the source applies them.
+            UniPC, flow-matching Euler with static or dynamic shift, EDM Euler, EDM DPM-Solver++), its solver
+            keys honoured or refused by name (:data:`UNREPRODUCED`: the schedulers refused, and why);
+            ``dpmpp_2m`` without a source. The source's own solver named explicitly takes its keys
+            (``solver_order``...) as default options; another solver replaces them. The source's
+            ``clip_sample``/``thresholding`` of x0 are applied to every estimate, as the source applies them.
         schedule: ``None`` steps through the noise levels that the scheduler this config came from
             (``from_config(pipe.scheduler.config)``; else diffusers' Euler, or flow-matching Euler, scheduler)
             would step through, with all its options (``timestep_spacing``, ``steps_offset``,
@@ -252,6 +280,15 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         self.prediction = PREDICTION_TYPES[kind]
         source = reference_scheduler["class_name"] if reference_scheduler else None
         source_cfg = dict(reference_scheduler["config"]) if reference_scheduler else {}
+        # diffusers' EDM schedulers: the state is the VE x, the network sees c_in x and c_noise = log(sigma) / 4,
+        # and its output is EDM-preconditioned: D = c_skip x + c_out F (c_out negated for v_prediction).
+        self._edm = EDMPrecond(None, source_cfg.get("sigma_data", 0.5)) if source and source.startswith("EDM") else None
+        if self._edm is not None and self.prediction not in ("eps", "v"):
+            raise _refuse(source, "prediction_type", kind, "diffusers' EDM preconditioning is for epsilon and "
+                          "v_prediction")  # fmt: skip
+        if self._edm is not None and source_cfg.get("final_sigmas_type", "zero") != "zero":
+            raise _refuse(source, "final_sigmas_type", source_cfg["final_sigmas_type"], "its last step goes from "
+                          "sigma_min to sigma_min, a zero step that fastdiff's schedules cannot hold")  # fmt: skip
         self.solver = self._choose_solver(solver, solver_options, source, source_cfg)
         self._x0_transform = self._x0_transform_of(source_cfg)
         self._halve_output = source_cfg.get("variance_type") in ("learned", "learned_range")
@@ -273,8 +310,9 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
         self._reference = self._reference_scheduler()
-        self.alphas_cumprod = None if self.prediction == "flow" else self._reference.alphas_cumprod.double()
-        self._grid = None if self.prediction == "flow" else VPDenoiser(None, self.alphas_cumprod)
+        vp = self.prediction != "flow" and self._edm is None
+        self.alphas_cumprod = self._reference.alphas_cumprod.double() if vp else None
+        self._grid = VPDenoiser(None, self.alphas_cumprod) if vp else None
         self.num_inference_steps: int | None = None
         self.timesteps = torch.zeros(0)
         self.sigmas = torch.zeros(0)
@@ -289,7 +327,9 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         ``options`` leaves them unset."""
         native = _native_solver(source, cfg) if source else None
         if solver is None and source is not None and native is None:
-            raise ValueError(f"no fastdiff solver reproduces {source}; pass solver= (one of {sorted(solvers.SOLVERS)})")
+            why = f": {UNREPRODUCED[source]}" if source in UNREPRODUCED else ""
+            raise ValueError(f"no fastdiff solver reproduces {source}{why}; pass solver= (one of "
+                             f"{sorted(solvers.SOLVERS)})")  # fmt: skip
         if solver is None:
             solver, defaults = native or ("dpmpp_2m", {})
         else:
@@ -311,13 +351,30 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
         """Build from another scheduler's config, which is also kept (``reference_scheduler``): that scheduler's
-        own ``set_timesteps`` then gives the default noise levels, so that a solver swap is the only change."""
+        own ``set_timesteps`` then gives the default noise levels, so that a solver swap is the only change.
+        ``config`` may be the scheduler itself (``from_config(pipe.scheduler)``), which names its class: a config
+        alone is refused without ``solver=`` when classes that step differently share its keys (LMS and KDPM2)."""
+        named = None
+        if isinstance(config, SchedulerMixin):  # a live scheduler names its class; its config alone may not
+            named, config = type(config).__name__, config.config
         config = dict(config or {})
         own = {k: v for k, v in config.items() if not k.startswith("_")}
         if "reference_scheduler" not in kwargs and "solver" not in own:  # another scheduler's config
-            source = config.get("_class_name") or _scheduler_class_of(own)
+            source = named or config.get("_class_name")
+            if source is None:
+                candidates = _scheduler_classes_of(own)
+                methods = {c.replace("Parallel", "") for c in candidates}
+                if len(methods) > 1 and kwargs.get("solver") is None:
+                    raise ValueError(f"this config is any of {', '.join(candidates)}, which step differently; pass "
+                                     "the scheduler itself (from_config(pipe.scheduler)), a config with "
+                                     "'_class_name', or solver=")  # fmt: skip
+                source = candidates[0] if candidates else None
             if source and source != cls.__name__:
                 kwargs["reference_scheduler"] = {"class_name": source, "config": own}
+            # diffusers drops the keys a config left at their defaults (``_use_default_values``), a flow
+            # scheduler's ``shift=1.0`` included, so the flow prediction is named rather than inferred from it.
+            if source and source.startswith("FlowMatch") and "prediction_type" not in kwargs:
+                kwargs["prediction_type"] = "flow"
             # DDIM's and PNDM's set_alpha_to_one=False end at the first training level, not at sigma = 0.
             if own.get("set_alpha_to_one") is False and "final_sigmas_type" not in kwargs:
                 kwargs["final_sigmas_type"] = "sigma_min"
@@ -331,9 +388,6 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
             cls = getattr(diffusers, ref["class_name"], None)
             if cls is None or not hasattr(cls, "set_timesteps"):
                 raise ValueError(f"unknown diffusers scheduler {ref['class_name']!r} in reference_scheduler")
-            if ref["class_name"].startswith("EDM"):
-                raise ValueError("diffusers' EDM schedulers drive EDM-preconditioned networks; sample those with "
-                                 "fastdiff.sample or fastdiff.Sampler directly")  # fmt: skip
             return cls.from_config(ref["config"])
         cls = FlowMatchEulerDiscreteScheduler if self.prediction == "flow" else EulerDiscreteScheduler
         accepted = inspect.signature(cls.__init__).parameters
@@ -371,9 +425,14 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         (the model's) space. 1, the exact start ``sqrt(1 + sigma_max^2)`` of the VE state, except for sources whose
         state is the VE state (Euler, Heun, LMS... :data:`VE_STATE_SCHEDULERS`) with ``timestep_spacing``
         ``"linspace"`` or ``"trailing"``, which start from ``sigma_max`` (``sigma_max / sqrt(1 + sigma_max^2)``
-        here)."""
+        here), and diffusers' EDM schedulers, whose state is the VE state: ``sqrt(1 + sigma_max^2)`` of their
+        config (of the first sigma under a fastdiff schedule)."""
         ref = self.config.reference_scheduler
         own = self._schedule is None or self.config.learned_schedule is not None or self.config.schedule is not None
+        if self._edm is not None:  # diffusers' EDM schedulers start from sqrt(sigma_max^2 + 1) of their config
+            own_top = self._schedule is not None and own
+            top = self._schedule.sigmas[0] if own_top else ref["config"].get("sigma_max", 80.0)
+            return math.sqrt(top**2 + 1)
         if own or ref is None or ref["class_name"] not in VE_STATE_SCHEDULERS:
             return 1.0
         if ref["config"].get("timestep_spacing", "linspace") not in ("linspace", "trailing"):
@@ -427,7 +486,11 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         elif cfg.schedule is not None and sigmas is None and timesteps is None:
             if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
                 raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-            lo, hi = self._grid.sigma_min, self._grid.sigma_max
+            if self._edm is not None:  # an EDM model's range is its source config's
+                ref_cfg = cfg.reference_scheduler["config"]
+                lo, hi = ref_cfg.get("sigma_min", 0.002), ref_cfg.get("sigma_max", 80.0)
+            else:
+                lo, hi = self._grid.sigma_min, self._grid.sigma_max
             step_sig = schedules.get(cfg.schedule, num_inference_steps, lo, hi, **(cfg.schedule_options or {}))
             model_sig, t_model = step_sig, None
         else:
@@ -459,10 +522,14 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         with ``t = sigma / (1 + sigma)`` (flow)."""
         if self.prediction == "flow":
             return sigma / (1 + sigma) * self.config.num_train_timesteps
+        if self._edm is not None:
+            return sigma.log() / 4
         return self._grid.sigma_to_t(sigma)
 
     def _scale(self, sigma: float) -> float:
         """``x / x_model``: from the model's own space to the VE state at ``sigma``."""
+        if self._edm is not None:  # diffusers' EDM schedulers keep the VE state itself
+            return 1.0
         return 1 + sigma if self.prediction == "flow" else math.sqrt(1 + sigma**2)
 
     def _init_step_index(self, timestep) -> None:
@@ -488,6 +555,8 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         if self._step_index is None:
             self._init_step_index(timestep)
         _, m = sched.evals[self._step_index]
+        if self._edm is not None:  # EDM's input preconditioning c_in (the state is the VE x at every sigma)
+            return sample * float(self._edm.scalings(torch.tensor(sched.model_sigmas[m], dtype=torch.float64))[2])
         r = self._scale(sched.sigmas[m]) / self._scale(sched.model_sigmas[m])
         return sample if r == 1 else sample * r
 
@@ -525,7 +594,11 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         s_model = torch.tensor(sched.model_sigmas[m], dtype=dt, device=sample.device)
         if self._halve_output and model_output.shape[1] == 2 * sample.shape[1]:
             model_output = model_output[:, : sample.shape[1]]  # learned variance: its second half is not used
-        d = to_denoised(self.prediction, model_output.to(dt), x, s_model)
+        if self._edm is not None:
+            c_skip, c_out, _, _ = self._edm.scalings(s_model)
+            d = c_skip * x + (c_out if self.prediction == "eps" else -c_out) * model_output.to(dt)
+        else:
+            d = to_denoised(self.prediction, model_output.to(dt), x, s_model)
         d_raw, d = d, d if self._x0_transform is None else self._x0_transform(d)
         if k == 0 or k == self._begin_index or sched.evals[k - 1][0] != i:  # the step's first evaluation
             if k == 0 or k == self._begin_index:
@@ -579,6 +652,8 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         if self.prediction == "flow":
             tf = (t / self.config.num_train_timesteps).to(x0.dtype).reshape(shape)
             return (1 - tf) * x0 + tf * noise
+        if self._edm is not None:  # EDM timesteps are log(sigma) / 4; the state is x0 + sigma noise
+            return x0 + torch.exp(4 * t).to(x0.device, x0.dtype).reshape(shape) * noise
         s = self._grid.t_to_sigma(t.cpu()).to(x0.device, x0.dtype).reshape(shape)
         return (x0 + s * noise) / torch.sqrt(1 + s**2)
 
@@ -686,6 +761,9 @@ class PipelineSampler:
         sched.set_timesteps(None if learned_schedule is not None or sigmas is not None else steps, sigmas=sigmas)
         self.pipe, self.network = pipe, net
         self.scheduler = sched
+        if sched._edm is not None:
+            raise ValueError("diffusers' EDM schedulers' networks are not yet wrapped for fastdiff's loop; use "
+                             "FastDiffScheduler in the pipeline's own loop")  # fmt: skip
         if sched.prediction == "flow":
             model = FlowDenoiser(_PipelineNetwork(net), time_scale=sched.config.num_train_timesteps)
         else:
