@@ -74,7 +74,15 @@ from tqdm.auto import tqdm, trange
 
 from fastdiff import schedules, solvers
 from fastdiff.arguments import as_int, as_real
-from fastdiff.sampler import _check_inputs, _check_output, _check_state, _noise_source, _sigma_batch, sample
+from fastdiff.sampler import (
+    _check_inputs,
+    _check_output,
+    _check_state,
+    _noise_source,
+    _sigma_batch,
+    fresh_normals,
+    sample,
+)
 from fastdiff.solvers import Denoised
 from fastdiff.solvers.adaptive import DPMSolver, PIDStepSizeController
 from fastdiff.solvers.base import _is_zero
@@ -207,13 +215,14 @@ def linear_multistep_coeff(order: int, t: Sequence[float], i: int, j: int) -> fl
 
 
 def default_noise_sampler(x: torch.Tensor, seed: int | None = None) -> NoiseSampler:
-    """Fresh standard normal noise shaped like ``x`` at every call: from torch's global generator (as k-diffusion,
-    so a run seeded with ``torch.manual_seed`` draws the same numbers), or with ``seed`` from a generator of its own
-    on ``x``'s device."""
+    """Fresh, independent standard normal noise shaped like ``x`` at every call, whatever the interval (as
+    k-diffusion's; fastdiff's own default noise composes nested intervals, :class:`fastdiff.sampler.BrownianDraws`):
+    from torch's global generator (as k-diffusion, so a run seeded with ``torch.manual_seed`` draws the same
+    numbers), or with ``seed`` from a generator of its own on ``x``'s device."""
     _check_state(x)
     generator = None if seed is None else torch.Generator(device=x.device).manual_seed(as_int(seed, "seed", 0))
-    draw = _noise_source(x, None, generator)
-    return lambda sigma, sigma_next: draw((sigma, sigma_next))
+    draw = fresh_normals(x, generator)
+    return lambda sigma, sigma_next: draw()
 
 
 def _seeds(seed, batch: int) -> tuple[list[int], bool]:

@@ -430,9 +430,15 @@ def _noise_source(x: torch.Tensor, noise_sampler: Callable | None, generator: to
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if generator.device.type != x.device.type:
             raise ValueError(f"generator is on {generator.device} but x is on {x.device}; draw on x's device")
-    shape, dtype, device = x.shape, x.dtype, x.device
-    draws = BrownianDraws(lambda: torch.randn(shape, generator=generator, dtype=dtype, device=device))
+    draws = BrownianDraws(fresh_normals(x, generator))
     return lambda interval: draws(*interval)
+
+
+def fresh_normals(x: torch.Tensor, generator: torch.Generator | None = None) -> Callable[[], torch.Tensor]:
+    """Independent standard normal draws shaped like ``x`` on its device and dtype, from ``generator`` (torch's
+    global generator when None, so each draw is ``torch.randn_like(x)``'s)."""
+    shape, dtype, device = x.shape, x.dtype, x.device
+    return lambda: torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
 
 def _check_schedule_for(model: Model, sigmas: Sequence[float]) -> None:

@@ -621,3 +621,16 @@ def test_bad_input(gmm, noise):
         K.get_sigmas_vp(0)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         K.get_sigmas_karras(5, 1.0, 0.5)
+
+
+def test_default_noise_sampler_draws_independently_as_k_diffusions(gmm, k_diffusion):
+    """default_noise_sampler gives a fresh randn_like at every call, as k-diffusion's does, even where
+    sample_dpmpp_sde asks for nested intervals (fastdiff's own default noise would compose those): the same seed
+    gives k-diffusion's samples."""
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 80
+    sig = schedules.karras(6, 0.002, 80.0)
+    outs = []
+    for lib in (K, k_diffusion):
+        torch.manual_seed(11)
+        outs.append(lib.sample_dpmpp_sde(gmm, x, sig, disable=True, noise_sampler=lib.default_noise_sampler(x)))
+    assert _rel(outs[0], outs[1]) < 1e-10
