@@ -493,6 +493,25 @@ def gits(n: int, sigma_min: float, sigma_max: float, model: str = "sd15") -> tor
     return _published(rows.get(n, GITS_SIGMAS_SD15[-1]), n)
 
 
+def dynamic_shift_mu(
+    image_seq_len: int,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+    base_image_seq_len: int = 256,
+    max_image_seq_len: int = 4096,
+) -> float:
+    """The resolution-dependent flow shift ``mu`` for ``image_seq_len`` latent tokens: linear from ``base_shift``
+    at ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len`` (diffusers' ``calculate_shift``, which the
+    SD3 and Flux pipelines pass their scheduler)."""
+    seq = as_int(image_seq_len, "image_seq_len", 1)
+    lo_len = as_int(base_image_seq_len, "base_image_seq_len", 1)
+    hi_len = as_int(max_image_seq_len, "max_image_seq_len", 1)
+    if hi_len == lo_len:
+        raise ValueError("flow_shift: base_image_seq_len and max_image_seq_len must differ")
+    b0, b1 = as_real(base_shift, "base_shift"), as_real(max_shift, "max_shift")
+    return b0 + (seq - lo_len) * (b1 - b0) / (hi_len - lo_len)
+
+
 def flow_shift(
     n: int,
     sigma_min: float,
@@ -529,13 +548,7 @@ def flow_shift(
     if time_shift not in ("exponential", "linear"):
         raise ValueError(f"flow_shift: time_shift must be 'exponential' or 'linear', got {time_shift!r}")
     if image_seq_len is not None:
-        seq = as_int(image_seq_len, "image_seq_len", 1)
-        lo_len = as_int(base_image_seq_len, "base_image_seq_len", 1)
-        hi_len = as_int(max_image_seq_len, "max_image_seq_len", 1)
-        if hi_len == lo_len:
-            raise ValueError("flow_shift: base_image_seq_len and max_image_seq_len must differ")
-        b0, b1 = as_real(base_shift, "base_shift"), as_real(max_shift, "max_shift")
-        mu = b0 + (seq - lo_len) * (b1 - b0) / (hi_len - lo_len)
+        mu = dynamic_shift_mu(image_seq_len, base_shift, max_shift, base_image_seq_len, max_image_seq_len)
     if mu is not None:
         mu = as_real(mu, "mu")
         if time_shift == "linear" and not mu > 0:

@@ -157,8 +157,8 @@ def test_stable_diffusion_pipeline_with_fastdiff_scheduler(sd_parts, prediction,
     pipe.scheduler = FastDiffScheduler.from_config(reference.config, solver=solver)
     assert _close(_run_pipe(pipe, sd_parts[2]), expected)
     out = sample_pipeline(
-        pipe, *sd_parts[2], guidance=5.0, solver=solver, steps=8, generator=torch.Generator().manual_seed(0),
-        output_type="latent",
+        pipe, prompt_embeds=sd_parts[2][0], negative_prompt_embeds=sd_parts[2][1], guidance=5.0, solver=solver,
+        steps=8, generator=torch.Generator().manual_seed(0), output_type="latent",
     )  # fmt: skip
     assert _close(out.images, expected)
 
@@ -188,7 +188,9 @@ def test_sample_pipeline_interval_guidance_spends_the_documented_nfe(sd_parts, s
     unet = sd_parts[0]
     rows, handle = _count_rows(unet)
     try:
-        out = runner(*sd_parts[2], generator=torch.Generator().manual_seed(0), output_type="latent")
+        pe, ne = sd_parts[2]
+        out = runner(prompt_embeds=pe, negative_prompt_embeds=ne, generator=torch.Generator().manual_seed(0),
+                     output_type="latent")  # fmt: skip
     finally:
         handle.remove()
     batch = sd_parts[2][0].shape[0]
@@ -201,20 +203,21 @@ def test_sample_pipeline_decodes_like_the_pipeline(sd_parts):
     reference = diffusers.DPMSolverMultistepScheduler(**SD)
     pipe = _sd_pipe(sd_parts, FastDiffScheduler.from_config(reference.config, solver="dpmpp_2m"))
     expected = _run_pipe(pipe, sd_parts[2], output_type="pt")
-    out = sample_pipeline(pipe, *sd_parts[2], guidance=5.0, steps=8, generator=torch.Generator().manual_seed(0),
-                          output_type="pt")  # fmt: skip
+    pe, ne = sd_parts[2]
+    out = sample_pipeline(pipe, prompt_embeds=pe, negative_prompt_embeds=ne, guidance=5.0, steps=8,
+                          generator=torch.Generator().manual_seed(0), output_type="pt")  # fmt: skip
     assert out.images.shape == expected.shape == (2, 3, 16, 16)
     assert (out.images - expected).abs().max() < 1e-4
-    pil = sample_pipeline(pipe, *sd_parts[2], guidance=5.0, steps=4, output_type="pil").images
+    pil = sample_pipeline(pipe, prompt_embeds=pe, negative_prompt_embeds=ne, guidance=5.0, steps=4).images
     assert len(pil) == 2 and pil[0].size == (16, 16)
 
 
 def test_sample_pipeline_needs_negative_embeddings_to_guide(sd_parts):
     pipe = _sd_pipe(sd_parts, diffusers.EulerDiscreteScheduler(**SD))
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
-        sample_pipeline(pipe, sd_parts[2][0], guidance=5.0, steps=4)
+        sample_pipeline(pipe, prompt_embeds=sd_parts[2][0], guidance=5.0, steps=4)
     with pytest.raises(TypeError, match="neither a unet nor a transformer"):
-        sample_pipeline(object(), sd_parts[2][0])
+        sample_pipeline(object(), prompt_embeds=sd_parts[2][0])
 
 
 def test_class_conditional_unet2d_through_sample_pipeline(gmm):
@@ -289,8 +292,8 @@ def test_flow_matching_pipeline(sd3_pipe):
         pipe.scheduler = FastDiffScheduler.from_config(original.config, solver="dpmpp_2m")
         loop = _run_sd3(pipe, embeds, pooled)
         out = sample_pipeline(
-            pipe, embeds[0], embeds[1], cond={"pooled_projections": pooled[0]},
-            uncond={"pooled_projections": pooled[1]}, guidance=4.0, solver="dpmpp_2m", steps=6,
+            pipe, prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], pooled_prompt_embeds=pooled[0],
+            negative_pooled_prompt_embeds=pooled[1], guidance=4.0, solver="dpmpp_2m", steps=6,
             generator=torch.Generator().manual_seed(0), output_type="latent",
         )  # fmt: skip
         assert _close(out.images, loop)
@@ -428,8 +431,8 @@ def test_pipeline_sampler_cuda_graph_equals_eager(sd_parts, solver):
         g = torch.Generator(device="cuda").manual_seed(seed)
         latents = torch.randn(2, 4, 16, 16, device="cuda", generator=g)
         kw = dict(latents=latents, output_type="latent")
-        a = eager(pe.cuda() + seed, ne.cuda(), **kw).images
-        b = graph(pe.cuda() + seed, ne.cuda(), **kw).images
+        a = eager(prompt_embeds=pe.cuda() + seed, negative_prompt_embeds=ne.cuda(), **kw).images
+        b = graph(prompt_embeds=pe.cuda() + seed, negative_prompt_embeds=ne.cuda(), **kw).images
         assert _close(b, a)
         captured = captured or graph.sampler._graph
         assert graph.sampler._graph is captured  # replayed with the new inputs, not recaptured
@@ -656,7 +659,7 @@ def test_pipeline_path_refuses_clipping_under_guidance_and_applies_it_without(gm
         PipelineSampler(pipe, solver="ddim", steps=4, guidance=5.0)
     pe = sd_parts[2][0]
     latents = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
-    out = sample_pipeline(pipe, pe, solver="dpmpp_2m", steps=4, latents=latents, output_type="latent").images
+    out = sample_pipeline(pipe, prompt_embeds=pe, steps=4, latents=latents, output_type="latent").images
     ours = FastDiffScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m")
     ours.set_timesteps(4)
     z = latents * ours.init_noise_sigma
@@ -664,10 +667,10 @@ def test_pipeline_path_refuses_clipping_under_guidance_and_applies_it_without(gm
         for t in ours.timesteps:
             z = ours.step(sd_parts[0](z, t, encoder_hidden_states=pe).sample, t, z).prev_sample
     assert _close(out, z)
-    one = sample_pipeline(pipe, pe, solver="dpmpp_2m", steps=4, latents=latents, output_type="latent", guidance=1.0)
+    one = sample_pipeline(pipe, prompt_embeds=pe, steps=4, latents=latents, output_type="latent", guidance=1.0)
     assert _close(one.images, out)  # guidance 1 is no guidance: clipped as well
     pipe.scheduler = diffusers.DDIMScheduler(**SD, clip_sample=False)
-    plain = sample_pipeline(pipe, pe, solver="dpmpp_2m", steps=4, latents=latents, output_type="latent").images
+    plain = sample_pipeline(pipe, prompt_embeds=pe, steps=4, latents=latents, output_type="latent").images
     assert not _close(plain, out)  # the clipping mattered
 
 

@@ -8,7 +8,8 @@
   The pipeline keeps its own loop and its own classifier-free guidance, so every step runs both passes.
 * :class:`PipelineSampler` (and the one-shot :func:`sample_pipeline`) run a pipeline's UNet or transformer
   through fastdiff's own loop instead: coefficients on the device, a CUDA graph of the whole loop if asked for,
-  and interval guidance that skips the unconditional half of the batch outside ``(sigma_lo, sigma_hi]``.
+  and interval guidance that skips the unconditional half of the batch outside ``(sigma_lo, sigma_hi]``. They
+  live in :mod:`fastdiff.integrations.diffusers_pipelines` and are importable from here.
 * :func:`codi_student` (with :class:`UNet2DModelAdapter`) makes a CoDi student of a ``UNet2DModel``: the UNet
   plus a ControlNet-like adapter, trained by :mod:`fastdiff.train.codi`.
 
@@ -38,9 +39,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from fastdiff import schedules, solvers
-from fastdiff.denoisers import EDMPrecond, FlowDenoiser, VPDenoiser, discrete_sigmas, network_output, to_denoised
-from fastdiff.guidance import Guidance
-from fastdiff.sampler import Sampler
+from fastdiff.denoisers import EDMPrecond, VPDenoiser, discrete_sigmas, to_denoised
 from fastdiff.solvers import Denoised
 from fastdiff.train.codi import AdaptedNetwork, AdapterBase
 
@@ -662,221 +661,6 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         return self.add_noise(sample, noise, timestep)
 
 
-# ------------------------------------------------------------------------------------------ pipeline path
-
-
-class _PipelineNetwork(torch.nn.Module):
-    """A pipeline's UNet or transformer as ``net(x_model, t, **cond) -> output``, the form fastdiff's denoiser
-    adapters call. SDXL's ``text_embeds``/``time_ids``/``image_embeds`` arrive as flat keyword arguments (so that
-    fastdiff can batch them) and go into ``added_cond_kwargs``; a learned-variance output (DiT: twice the input
-    channels) keeps its first half; the input is cast to the network's dtype."""
-
-    ADDED_COND = ("text_embeds", "time_ids", "image_embeds")
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-        self.input_name = "sample" if "sample" in inspect.signature(net.forward).parameters else "hidden_states"
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        added = {k: cond.pop(k) for k in self.ADDED_COND if k in cond}
-        if added:
-            cond["added_cond_kwargs"] = added
-        # The first parameter's dtype: diffusers' ModelMixin.dtype walks every parameter (about 0.1 ms a call).
-        dtype = next(self.net.parameters()).dtype
-        out = network_output(self.net(**{self.input_name: x.to(dtype)}, timestep=t, return_dict=False, **cond))
-        return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
-
-
-class _TransformedDenoiser(torch.nn.Module):
-    """``transform(model(x, sigma, **cond))``: a denoiser whose estimates pass through a source scheduler's
-    x0 clipping or thresholding."""
-
-    def __init__(self, model: torch.nn.Module, transform):
-        super().__init__()
-        self.model, self.transform = model, transform
-        self.check_sigmas = getattr(model, "check_sigmas", None)  # the sampler's range check of the model
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        return self.transform(self.model(x, sigma, **cond))
-
-
-@dataclass
-class FastDiffPipelineOutput(BaseOutput):
-    """``images``: decoded images in the pipeline's ``output_type`` (PIL list, numpy array or tensor), or the
-    final latents ``[B, C, h, w]`` with ``output_type="latent"`` or without a VAE. ``nfe``: ``(conditional,
-    unconditional)`` network evaluations spent (a batched cond+uncond call counts in both)."""
-
-    images: Any
-    nfe: tuple[int, int]
-
-
-class PipelineSampler:
-    """A diffusers pipeline's network run by fastdiff's loop (:class:`fastdiff.Sampler`), built once and called
-    many times (a captured CUDA graph is kept between calls).
-
-    Args:
-        pipe: a diffusers pipeline with a ``unet`` or ``transformer``, a ``scheduler`` (its config gives the
-            training noise schedule, the prediction type and the default noise levels, as for
-            :class:`FastDiffScheduler`) and optionally a ``vae``.
-        solver, steps: the fastdiff solver and its number of steps.
-        guidance: a guidance scale (ordinary CFG at every step; 1 or None for none) or a :class:`fastdiff.Guidance`,
-            e.g. ``Guidance(7.5, interval=(0.28, 5.4))``: outside the interval the unconditional pass is not run.
-        schedule, schedule_options, learned_schedule, sigmas: the noise levels, as for :class:`FastDiffScheduler`
-            (``sigmas``: custom ones in the scheduler's convention).
-        cuda_graph, compile: see :class:`fastdiff.Sampler`.
-    """
-
-    def __init__(
-        self,
-        pipe,
-        *,
-        solver: str = "dpmpp_2m",
-        steps: int | None = 20,
-        guidance: float | Guidance | None = None,
-        schedule: str | None = None,
-        schedule_options: dict | None = None,
-        learned_schedule: str | None = None,
-        sigmas: Sequence[float] | None = None,
-        cuda_graph: bool = False,
-        compile: bool | dict = False,
-    ):
-        net = getattr(pipe, "unet", None)
-        net = getattr(pipe, "transformer", None) if net is None else net
-        if net is None:
-            raise TypeError(f"{type(pipe).__name__} has neither a unet nor a transformer to sample")
-        sched = FastDiffScheduler.from_config(
-            pipe.scheduler.config, solver=solver, schedule=schedule, schedule_options=schedule_options,
-            learned_schedule=learned_schedule,
-        )  # fmt: skip
-        if guidance is not None and not isinstance(guidance, Guidance):
-            guidance = Guidance(float(guidance))
-        guided = guidance is not None and float(guidance.scale) != 1
-        if sched._x0_transform is not None and guided:
-            # Clipping is not linear in the guided estimate, which fastdiff's loop forms inside the fused step.
-            raise ValueError(f"{type(pipe.scheduler).__name__}'s clip_sample/thresholding (a clamp of the guided x0 "
-                             "estimate) is not available in fastdiff's guided loop; use FastDiffScheduler in the "
-                             "pipeline's own loop, or a scheduler config with clip_sample=False, "
-                             "thresholding=False")  # fmt: skip
-        sched.set_timesteps(None if learned_schedule is not None or sigmas is not None else steps, sigmas=sigmas)
-        self.pipe, self.network = pipe, net
-        self.scheduler = sched
-        if sched._edm is not None:
-            raise ValueError("diffusers' EDM schedulers' networks are not yet wrapped for fastdiff's loop; use "
-                             "FastDiffScheduler in the pipeline's own loop")  # fmt: skip
-        if sched.prediction == "flow":
-            model = FlowDenoiser(_PipelineNetwork(net), time_scale=sched.config.num_train_timesteps)
-        else:
-            model = VPDenoiser(_PipelineNetwork(net), sched.alphas_cumprod, prediction=sched.prediction)
-        if sched._x0_transform is not None:  # unguided: the scheduler's clamp of each estimate
-            model = _TransformedDenoiser(model, sched._x0_transform)
-        self.guidance = guidance
-        self.sigmas = torch.tensor(sched._schedule.sigmas, dtype=torch.float64)
-        self.sampler = Sampler(
-            model, solver=sched.solver, sigmas=self.sigmas, guidance=guidance, cuda_graph=cuda_graph,
-            compile=compile, eval_sigmas=torch.tensor(sched._schedule.model_sigmas, dtype=torch.float64),
-        )  # fmt: skip
-
-    @property
-    def guided(self) -> bool:
-        return any(self.sampler.plan.guided)
-
-    def latent_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
-        """``[batch, C, h, w]`` of the initial latents for an image of ``height x width`` pixels (default: the
-        network's ``sample_size`` in latents)."""
-        cfg = self.network.config
-        scale = getattr(self.pipe, "vae_scale_factor", 1) if getattr(self.pipe, "vae", None) is not None else 1
-        size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
-        h = size[0] if height is None else height // scale
-        w = size[1] if width is None else width // scale
-        return (batch, cfg.in_channels, h, w)
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        *,
-        cond: Mapping[str, Any] | None = None,
-        uncond: Mapping[str, Any] | None = None,
-        latents: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        num_images_per_prompt: int = 1,
-        height: int | None = None,
-        width: int | None = None,
-        output_type: str = "pil",
-    ) -> FastDiffPipelineOutput:
-        """Sample, and decode if the pipeline has a VAE.
-
-        Args:
-            prompt_embeds, negative_prompt_embeds: ``[B, L, D]`` text embeddings (the network's
-                ``encoder_hidden_states``), as the pipeline's own arguments of those names; the negative ones are
-                needed when guidance is on.
-            cond, uncond: further network keyword arguments of each pass, e.g. ``{"class_labels": y}`` for a
-                DiT or UNet2DModel, ``{"text_embeds": ..., "time_ids": ...}`` for SDXL (batch-first tensors).
-            latents: initial latents in the pipeline's convention (unit-variance noise); by default drawn as the
-                pipeline draws them, with ``generator``.
-            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
-        """
-        device = self.network.device
-        cond, uncond = dict(cond or {}), dict(uncond or {})
-        if prompt_embeds is not None:
-            cond["encoder_hidden_states"] = prompt_embeds
-        if negative_prompt_embeds is not None:
-            uncond["encoder_hidden_states"] = negative_prompt_embeds
-        if self.guided and "encoder_hidden_states" in cond and "encoder_hidden_states" not in uncond:
-            raise ValueError("guidance needs negative_prompt_embeds (the unconditional pass's text embeddings)")
-        n = num_images_per_prompt
-        cond = {k: v.repeat_interleave(n, 0) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
-        uncond = {k: v.repeat_interleave(n, 0) if isinstance(v, torch.Tensor) else v for k, v in uncond.items()}
-        batch = next((v.shape[0] for v in cond.values() if isinstance(v, torch.Tensor)), n)
-        if latents is None:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            latents = randn_tensor(self.latent_shape(batch, height, width), generator=generator, device=device)
-        elif latents.shape[0] != batch:
-            raise ValueError(f"latents have batch {latents.shape[0]}, the conditioning {batch}")
-        start = self.scheduler.init_noise_sigma * self.scheduler._scale(float(self.sigmas[0]))
-        x = latents.to(device, torch.float32) * start
-        z = self.sampler.sample(x, cond, uncond or None)
-        return FastDiffPipelineOutput(self.decode(z, output_type), self.sampler.nfe)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
-        """Final latents to images as the pipeline decodes them (or the latents themselves)."""
-        vae = getattr(self.pipe, "vae", None)
-        if output_type == "latent" or vae is None:
-            return latents
-        z = latents / vae.config.scaling_factor
-        if getattr(vae.config, "shift_factor", None) is not None:
-            z = z + vae.config.shift_factor
-        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        processor = getattr(self.pipe, "image_processor", None)
-        if processor is None:
-            return (image / 2 + 0.5).clamp(0, 1)
-        return processor.postprocess(image, output_type=output_type)
-
-
-def sample_pipeline(
-    pipe,
-    prompt_embeds: torch.Tensor | None = None,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    *,
-    guidance: float | Guidance | None = None,
-    solver: str = "dpmpp_2m",
-    steps: int = 20,
-    **kwargs,
-) -> FastDiffPipelineOutput:
-    """One call of :class:`PipelineSampler`: build it for ``pipe`` (``solver``, ``steps``, ``guidance`` and its
-    schedule options from ``kwargs``), then sample (the call's arguments from ``kwargs``)."""
-    build = set(inspect.signature(PipelineSampler.__init__).parameters) - {"self", "pipe"}
-    runner = PipelineSampler(
-        pipe, solver=solver, steps=steps, guidance=guidance, **{k: v for k, v in kwargs.items() if k in build}
-    )
-    call = {k: v for k, v in kwargs.items() if k not in build}
-    return runner(prompt_embeds, negative_prompt_embeds, **call)
-
-
 # ------------------------------------------------------------------------------------------ CoDi adapter
 
 
@@ -967,3 +751,13 @@ def codi_student(unet, alphas_cumprod: torch.Tensor, prediction: str, condition,
     student = VPDenoiser(AdaptedNetwork(copy.deepcopy(unet), adapter), alphas_cumprod, prediction)
     student.condition = condition
     return student
+
+
+def __getattr__(name: str):
+    """The pipeline path lives in :mod:`fastdiff.integrations.diffusers_pipelines`; its names are importable from
+    here too (imported on first use, since that module builds on this one)."""
+    if name in ("PipelineSampler", "sample_pipeline", "FastDiffPipelineOutput"):
+        from fastdiff.integrations import diffusers_pipelines
+
+        return getattr(diffusers_pipelines, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
