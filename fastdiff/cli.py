@@ -347,11 +347,28 @@ def build_parser() -> argparse.ArgumentParser:
             "LD3 (Tong et al. 2025): make teacher pairs with a long solve (cached beside --out), learn the "
             "timesteps xi and evaluation offsets xi_c of --solver at --nfe against them with the slack objective, "
             "log the teacher distance on the validation pairs per round, then compare the learned schedule with "
-            "the Karras and logSNR-uniform schedules on held-out noise. `fastdiff sample --schedule OUT` uses it."
+            "the Karras and logSNR-uniform schedules on held-out noise. `fastdiff sample --schedule OUT` uses it. "
+            "With --pipeline DIR --prompts FILE it learns for a diffusers pipeline on those prompts (needs "
+            "diffusers): the schedule file then goes to sample_pipeline(..., learned_schedule=OUT) or "
+            "FastDiffScheduler.from_config(..., learned_schedule=OUT)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    d.add_argument("--model", default="digits", help=f"built-in model {sorted(models.MODELS)} or a .safetensors UNet")
+    d.add_argument("--model", default=None,
+                   help=f"built-in model {sorted(models.MODELS)} or a .safetensors UNet (default: digits)")  # fmt: skip
+    d.add_argument("--pipeline", type=Path, default=None, metavar="DIR",
+                   help="a diffusers pipeline folder (save_pretrained, safetensors weights) to learn for, instead "
+                        "of --model")  # fmt: skip
+    d.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                   help="with --pipeline: one prompt per line (DiT: class names or ids)")  # fmt: skip
+    d.add_argument(
+        "--negative-prompt",
+        default=None,
+        metavar="TEXT",
+        help="with --pipeline: the unconditional pass's prompt (default: the pipeline's, the empty one)",
+    )
+    d.add_argument("--height", type=_integer(1), default=None, help="with --pipeline: image height in pixels")
+    d.add_argument("--width", type=_integer(1), default=None, help="with --pipeline: image width in pixels")
     d.add_argument("--solver", default="ipndm", choices=sorted(solvers.ODE_SOLVERS),
                    help="the solver to learn for (deterministic: LD3 learns a map from noise to image)")  # fmt: skip
     d.add_argument("--nfe", type=_integer(1), default=4, help="model evaluations per sample")
@@ -787,6 +804,12 @@ def cmd_ld3(args: argparse.Namespace) -> int:
     cache = args.teacher_cache if args.teacher_cache is not None else args.out.with_suffix(".teacher.safetensors")
     _output_file(cache, "--teacher-cache", suffixes=(".safetensors",))
     learnable_steps(args.solver, args.nfe)  # before the model and the teacher pairs cost anything
+    if args.pipeline is not None or args.prompts is not None:
+        return _ld3_pipeline(args)
+    given = [f for f in ("negative_prompt", "height", "width") if getattr(args, f) is not None]
+    if given:
+        raise CLIError(f"--{given[0].replace('_', '-')} applies to --pipeline")
+    args.model = args.model or "digits"
     model = _model(args.model, "--model")
     _sigma_range(args, model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -801,13 +824,55 @@ def cmd_ld3(args: argparse.Namespace) -> int:
         teacher_cache=args.teacher_cache, guidance=guidance, config=config, device=device, progress=args.progress,
         echo=tqdm.write,  # above the progress bar
     )  # fmt: skip
+    _report_ld3(args, result, errors)
+    return 0
+
+
+def _ld3_pipeline(args: argparse.Namespace) -> int:
+    """``fastdiff ld3 --pipeline DIR --prompts FILE``: LD3 on a diffusers pipeline's network and the user's
+    prompts (:func:`fastdiff.integrations.diffusers_ld3.learn_pipeline_schedule`)."""
+    if args.pipeline is None or args.prompts is None:
+        raise CLIError("--pipeline DIR and --prompts FILE go together: the pipeline to learn for, and its prompts")
+    if args.model is not None:
+        raise CLIError("--model and --pipeline are two models to learn for; give one")
+    try:
+        from fastdiff.integrations import diffusers_ld3
+    except ImportError as e:
+        raise CLIError(f"--pipeline needs diffusers (pip install 'fastdiff[diffusers]'): {e}") from None
+    from fastdiff.train.ld3 import LD3Config
+
+    check_regular_file(args.prompts, "--prompts file", error=CLIError, missing=CLIError)
+    try:
+        prompts = diffusers_ld3.read_prompts(args.prompts)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CLIError(f"--prompts {args.prompts}: {e}") from None
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        pipe = diffusers_ld3.load_pipeline(args.pipeline, device)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--pipeline {args.pipeline}: {e}") from None
+    guidance = Guidance(args.guidance, args.interval) if args.guidance is not None else None
+    config = LD3Config(space=args.space, decoupled=not args.no_decoupled, rounds_xi=args.rounds_xi,
+                       rounds_both=args.rounds_both, batch_size=args.batch_size, lr_xi=args.lr_xi, gamma=args.gamma,
+                       metric=args.metric, seed=args.seed)  # fmt: skip
+    result, errors = diffusers_ld3.learn_pipeline_schedule(
+        pipe, prompts, args.solver, args.nfe, args.out, negative_prompt=args.negative_prompt, guidance=guidance,
+        height=args.height, width=args.width, sigma_min=args.sigma_min, sigma_max=args.sigma_max, pairs=args.pairs,
+        held_out=args.held_out, teacher_solver=args.teacher_solver, teacher_steps=args.teacher_steps,
+        teacher_cache=args.teacher_cache, config=config, name=str(args.pipeline.resolve()), progress=args.progress,
+        echo=tqdm.write,
+    )  # fmt: skip
+    _report_ld3(args, result, errors, " of the latents")
+    return 0
+
+
+def _report_ld3(args: argparse.Namespace, result, errors: dict, of: str = "") -> None:
     print(f"learned        {args.solver} at NFE {args.nfe} in {result.seconds:.0f} s (metric {result.metric})")
     print("sigmas         " + " ".join(f"{v:.4g}" for v in result.sigmas.tolist()))
     print("eval sigmas    " + " ".join(f"{v:.4g}" for v in result.eval_sigmas.tolist()))
-    print(f"held-out teacher RMSE ({args.held_out} new pairs): LD3 {errors['ld3']:.4f}   karras "
+    print(f"held-out teacher RMSE{of} ({args.held_out} new pairs): LD3 {errors['ld3']:.4f}   karras "
           f"{errors['karras']:.4f}   logsnr_uniform (LD3's start) {errors['logsnr_uniform']:.4f}")  # fmt: skip
     print(f"wrote {args.out}")
-    return 0
 
 
 def _sigma_range(args: argparse.Namespace, model) -> None:

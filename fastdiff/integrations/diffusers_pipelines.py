@@ -348,6 +348,7 @@ class DiTFamily(Family):
         if req.prompt is None:
             return Conditioning()
         prompt = [req.prompt] if isinstance(req.prompt, (str, int)) else list(req.prompt)
+        prompt = [int(p) if isinstance(p, str) and p.strip().isdigit() else p for p in prompt]  # "207": an id
         names = [p for p in prompt if isinstance(p, str)]
         ids = iter(pipe.get_label_ids(names) if names else [])
         labels = torch.tensor([next(ids) if isinstance(p, str) else int(p) for p in prompt], device=req.device)
@@ -462,7 +463,7 @@ class PipelineSampler:
             model = VPDenoiser(self._network, sched.alphas_cumprod, prediction=sched.prediction)
         if sched._x0_transform is not None:  # unguided: the scheduler's clamp of each estimate
             model = _TransformedDenoiser(model, sched._x0_transform)
-        self.guidance = guidance
+        self.model, self.guidance = model, guidance
         self.sigmas = torch.tensor(sched._schedule.sigmas, dtype=torch.float64)
         self.sampler = Sampler(
             model, solver=sched.solver, sigmas=self.sigmas, guidance=guidance, cuda_graph=cuda_graph,
@@ -478,6 +479,7 @@ class PipelineSampler:
         drawn = self.family.latent_shape(self.pipe, self.network, batch, self.height, self.width)
         return tuple(self.family.pack(self.pipe, torch.empty(drawn, device="meta")).shape)
 
+    @torch.no_grad()
     def conditioning(
         self,
         prompt: str | Sequence | None = None,
@@ -570,9 +572,20 @@ class PipelineSampler:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
         """Final latents to images as the pipeline decodes them (or the latents themselves)."""
-        vae = getattr(self.pipe, "vae", None)
-        if output_type == "latent" or vae is None:
+        if output_type == "latent" or getattr(self.pipe, "vae", None) is None:
             return latents
+        image = self.decode_latents(latents)
+        processor = getattr(self.pipe, "image_processor", None)
+        if processor is None:
+            from diffusers.image_processor import VaeImageProcessor
+
+            processor = VaeImageProcessor()
+        return processor.postprocess(image, output_type=output_type)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's images ``[B, 3, H, W]`` (about [-1, 1], before the pipeline's postprocessing) of latents in
+        the network's layout; differentiable (LD3's decoded metric)."""
+        vae = self.pipe.vae
         z = self.family.unpack(self.pipe, latents, self.height, self.width)
         cfg = vae.config
         if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
@@ -583,13 +596,7 @@ class PipelineSampler:
             z = z / cfg.scaling_factor
             if getattr(cfg, "shift_factor", None) is not None:
                 z = z + cfg.shift_factor
-        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        processor = getattr(self.pipe, "image_processor", None)
-        if processor is None:
-            from diffusers.image_processor import VaeImageProcessor
-
-            processor = VaeImageProcessor()
-        return processor.postprocess(image, output_type=output_type)
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0]
 
 
 def sample_pipeline(

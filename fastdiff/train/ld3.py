@@ -267,12 +267,19 @@ def learn_schedule(
     device: torch.device | str = "cpu",
     progress: bool = False,
     echo: Callable[[str], None] = print,
+    spec: tuple[tuple[int, ...], int, torch.dtype] | None = None,
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[LD3Result, dict[str, float]]:
     """The job behind ``fastdiff ld3``: teacher pairs (made once, cached in ``teacher_cache``), split half and
     half into training and validation, :func:`train_ld3`, then the held-out teacher RMSE of the learned schedule
     against the Karras and logSNR-uniform (LD3's starting point) schedules at the same NFE, on ``held_out`` new
-    pairs. Saves the schedule to ``out`` (JSON with sigmas, eval_sigmas, solver, NFE, model and the log)."""
-    shape, classes, dtype = model_spec(model)
+    pairs. Saves the schedule to ``out`` (JSON with sigmas, eval_sigmas, solver, NFE, model and the log).
+
+    ``spec``: ``(sample shape, number of classes, dtype)`` of a model :func:`model_spec` does not know (the class
+    labels are whatever ``model`` takes as ``class_labels``, -1 for the unconditional pass); ``model_name`` then
+    names everything the teacher pairs depend on, since a cache made under the same name is reused. ``decoder``:
+    see :func:`train_ld3`."""
+    shape, classes, dtype = spec if spec is not None else model_spec(model)
     steps = learnable_steps(solver, nfe)
     if pairs < 4:
         raise ValueError(f"LD3 needs at least 4 teacher pairs (half train, half validation), got {pairs}")
@@ -302,8 +309,8 @@ def learn_schedule(
              f"(RMSE {row['val_rmse']:.4g}) on {len(val_pairs)} validation pairs, {row['seconds']:.0f} s")  # fmt: skip
 
     result = train_ld3(model, solver, train_pairs, val_pairs, steps=steps, sigma_min=sigma_min,
-                       sigma_max=sigma_max, guidance=guidance, config=config, device=device, progress=progress,
-                       on_round=on_round)  # fmt: skip
+                       sigma_max=sigma_max, guidance=guidance, config=config, decoder=decoder, device=device,
+                       progress=progress, on_round=on_round)  # fmt: skip
     schedules.save(out, result.sigmas, eval_sigmas=result.eval_sigmas, solver=solver, nfe=nfe, model=model_name,
                    space=result.config["space"], metric=result.metric, seconds=round(result.seconds, 1),
                    teacher=f"{teacher_solver} {teacher_steps} steps", log=result.log)  # fmt: skip

@@ -539,7 +539,6 @@ def _check_finite(
 # --------------------------------------------------------------------------------------------- the run lock
 
 
-
 class RunDirectoryInUse(RuntimeError):
     """Another live process is training (or sampling) into the run directory."""
 
