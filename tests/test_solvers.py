@@ -43,6 +43,7 @@ GLOBAL = [
     ("euler", {}, 1.0, "exact"),
     ("ddim", {}, 1.0, "exact"),
     ("heun", {}, 2.0, "exact"),
+    ("heun", {"time": "flow"}, 2.0, "exact"),
     ("dpm_2", {}, 2.0, "exact"),
     ("dpmpp_2m", {}, 2.0, "exact"),
     ("dpmpp_3m", {}, 2.3, "at_least"),

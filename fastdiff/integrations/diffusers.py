@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,28 +80,41 @@ class _NeedEvaluation(Exception):
 
 class _Schedule:
     """What :meth:`FastDiffScheduler.set_timesteps` fixes, as host values: VE ``sigmas`` ``[N + 1]`` (the
-    solver's), ``model_sigmas`` ``[N + 1]`` (where the model is called; LD3 may decouple them), the network
-    timestep of each model sigma ``[N]``, and ``evals``: per model evaluation, ``(step, index into
-    model_sigmas)``."""
+    solver's), ``model_sigmas`` ``[N + 1]`` (where the model is called at the levels; LD3 may decouple them), and
+    ``evals``: per model evaluation, an :class:`_Evaluation`."""
 
-    def __init__(self, sigmas: list[float], model_sigmas: list[float], timesteps: list[float], evals):
-        self.sigmas, self.model_sigmas, self.timesteps, self.evals = sigmas, model_sigmas, timesteps, evals
+    def __init__(self, sigmas: list[float], model_sigmas: list[float], evals: list[_Evaluation]):
+        self.sigmas, self.model_sigmas, self.evals = sigmas, model_sigmas, evals
 
 
-def _evaluation_sigmas(solver: solvers.Solver, sigmas: list[float], model_sigmas: list[float]) -> list[tuple]:
-    """``(step, index into model_sigmas)`` of every model evaluation, in order: a dry run of the solver on a
-    one-element state, recording where it calls the model."""
-    evals: list[tuple[int, int]] = []
+@dataclass(frozen=True)
+class _Evaluation:
+    """One model call: in solver step ``step``, of the state at VE level ``state_sigma`` (what the pipeline's
+    sample is scaled by), with the model at ``model_sigma`` and network ``timestep``. A level's evaluation has the
+    schedule's values; a solver's point between levels (DPM-Solver-2's midpoint) has its own sigma for both."""
+
+    step: int
+    state_sigma: float
+    model_sigma: float
+    timestep: float
+
+
+def _evaluations(solver: solvers.Solver, sigmas: list[float], model_sigmas: list[float], timesteps: list[float],
+                 timestep_of: Callable[[float], float]) -> list[_Evaluation]:  # fmt: skip
+    """Every model evaluation of ``solver`` along the schedule, in order: a dry run of the solver on a
+    one-element state, recording where it calls the model. ``timesteps``: the network timestep of each level of
+    ``model_sigmas``; ``timestep_of``: that of a sigma between levels."""
+    evals: list[_Evaluation] = []
     state, x = solver.start(), torch.zeros(1, dtype=torch.float64)
     for i in range(len(sigmas) - 1):
 
         def evaluate(xi, s, i=i):
+            s = float(s)
             m = next((m for m in range(i, len(model_sigmas)) if model_sigmas[m] == s), None)
-            if m is None:
-                raise ValueError(f"solver {solver.name!r} evaluates the model between the schedule's noise levels, "
-                                 "which FastDiffScheduler cannot yet ask a pipeline for; use sample_pipeline or "
-                                 "fastdiff.sample with it")  # fmt: skip
-            evals.append((i, m))
+            if m is not None:
+                evals.append(_Evaluation(i, sigmas[m], s, timesteps[m]))
+            else:
+                evals.append(_Evaluation(i, s, s, timestep_of(s)))
             return Denoised(torch.zeros_like(xi))
 
         solver.step(i, x, model_sigmas, evaluate, state, solver.stages(sigmas, i), noise=lambda interval: x)
@@ -131,21 +144,10 @@ def _refuse(source: str, key: str, value, why: str) -> ValueError:
 # Recognised diffusers schedulers that no fastdiff solver reproduces in FastDiffScheduler today, with the reason
 # (what would be needed). ``solver=None`` from their configs is refused with it; an explicit ``solver=`` is a swap.
 UNREPRODUCED = {
-    "FlowMatchHeunDiscreteScheduler": "it takes Heun's trapezoid in flow time t on x_t; fastdiff's heun is the "
-    "trapezoid in sigma on x0 + sigma * eps, a different second-order method (0.2 apart on a 4-step test), and "
-    "starts at t = 1, sigma = inf",
     "FlowMapEulerDiscreteScheduler": "it is a flow-map (two-time) sampler with no fastdiff equivalent",
     "DEISMultistepScheduler": "its DEIS is the exponential-integrator multistep form on eps in log-rho ('logrho'); "
     "fastdiff's deis is ComfyUI's tab form, whose weights differ",
-    "LCMScheduler": "its boundary scalings (c_skip, c_out at timestep * timestep_scaling) and noise re-injection "
-    "at the next level are not yet shown to match fastdiff's lcm by a parity test",
     "TCDScheduler": "its gamma-controlled (eta) stochastic consistency step has no fastdiff solver",
-    "KDPM2DiscreteScheduler": "it evaluates the model at the log-sigma midpoint between schedule levels (fastdiff's "
-    "dpm_2), which FastDiffScheduler cannot yet ask a pipeline for (the schedule would need those midpoints)",
-    "KDPM2AncestralDiscreteScheduler": "it evaluates the model between schedule levels (fastdiff's "
-    "dpm_2_ancestral), which FastDiffScheduler cannot yet ask a pipeline for",
-    "DPMSolverSDEScheduler": "it evaluates the model between schedule levels and draws torchsde Brownian-tree "
-    "noise (fastdiff's dpmpp_sde); FastDiffScheduler cannot yet ask a pipeline for the midpoint evaluations",
     "DPMSolverSinglestepScheduler": "fastdiff has no deterministic singlestep DPM-Solver(++) that groups the "
     "schedule's levels into 2- and 3-stage steps as its order list does",
     "SASolverScheduler": "its stochastic Adams predictor-corrector (tau_func, predictor/corrector orders) has no "
@@ -153,18 +155,26 @@ UNREPRODUCED = {
 }
 
 
+# Schedulers that evaluate the model between the levels of their schedule (DPM-Solver-2's log-sigma midpoint).
+INTERLEAVED = frozenset({"KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler"})
+
+
 def _native_solver(source: str, cfg: Mapping[str, Any]) -> tuple[str, dict] | None:
     """``(fastdiff solver name, options)`` that reproduce the diffusers scheduler ``source`` with config ``cfg``
     (its solver keys, :data:`SOLVER_KEYS`, honoured or refused by name), or None when no fastdiff solver does."""
     simple = {"EulerDiscreteScheduler": "euler", "HeunDiscreteScheduler": "heun", "DDIMScheduler": "ddim",
               "EulerAncestralDiscreteScheduler": "euler_ancestral", "LMSDiscreteScheduler": "lms",
-              "FlowMatchEulerDiscreteScheduler": "euler", "EDMEulerScheduler": "euler"}  # fmt: skip
+              "FlowMatchEulerDiscreteScheduler": "euler", "EDMEulerScheduler": "euler",
+              "KDPM2DiscreteScheduler": "dpm_2", "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral",
+              "DPMSolverSDEScheduler": "dpmpp_sde", "LCMScheduler": "lcm"}  # fmt: skip
     if cfg.get("stochastic_sampling"):
         raise _refuse(source, "stochastic_sampling", True, "pass solver= for a deterministic swap")
     if source == "FlowMatchEulerDiscreteScheduler" and cfg.get("invert_sigmas"):
         raise _refuse(source, "invert_sigmas", True, "its sigmas rise from 0 to 1 (Mochi's convention)")
     if source in simple:
         return simple[source], {}
+    if source == "FlowMatchHeunDiscreteScheduler":
+        return "heun", {"time": "flow"}
     if source in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"):
         if cfg.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
             raise _refuse(source, "algorithm_type", cfg["algorithm_type"], "only 'dpmsolver++' is (pass solver=)")
@@ -291,6 +301,13 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         self.solver = self._choose_solver(solver, solver_options, source, source_cfg)
         self._x0_transform = self._x0_transform_of(source_cfg)
         self._halve_output = source_cfg.get("variance_type") in ("learned", "learned_range")
+        # diffusers' LCMScheduler applies LCM's boundary condition to the network's x0 prediction itself:
+        # f = c_out x0 + c_skip x_vp, the scalings at timestep * timestep_scaling (fastdiff's lcm then re-noises f).
+        self._lcm_scaling = (
+            source_cfg.get("timestep_scaling", 10.0)
+            if source == "LCMScheduler" and isinstance(self.solver, solvers.LCM)
+            else None
+        )
         # diffusers' DDIM clips (or thresholds) its x0 prediction but keeps the network's noise direction
         # (use_clipped_model_output=False, what pipelines pass): x_next = x0_clipped + sigma_next * eps_network.
         self._ddim_keeps_eps = (
@@ -404,6 +421,10 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"{type(ref).__name__}.set_timesteps takes no {', '.join(unknown)}")
         ref.set_timesteps(n, device="cpu", **kwargs)
         ts = ref.timesteps.double().cpu()
+        if type(ref).__name__ in INTERLEAVED:
+            # Their timesteps interleave the levels with the midpoints they evaluate between them (fastdiff's
+            # solver finds those itself), and their sigmas repeat each inner level.
+            return torch.unique_consecutive(ref.sigmas.double().cpu()), ts[0::2].tolist()
         first = torch.cat([torch.tensor([True]), ts[1:] != ts[:-1]])  # Heun and PNDM repeat timesteps
         sig = getattr(ref, "sigmas", None)
         if isinstance(sig, torch.Tensor) and len(sig) == len(ts) + 1:
@@ -442,7 +463,7 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
     @property
     def order(self) -> int:
         """The most model evaluations one step makes (diffusers pipelines size their progress bars by it)."""
-        return 2 if isinstance(self.solver, solvers.Heun) else 1
+        return len(self.solver.points([2.0, 1.0, 0.0], 0))
 
     @property
     def step_index(self) -> int | None:
@@ -499,22 +520,29 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         model_sig = schedules.check_eval_sigmas(model_sig, step_sig, "the scheduler's evaluation sigmas")
         if self._grid is not None:
             self._grid.check_sigmas(model_sig[:-1])
-        if self.prediction == "flow" and isinstance(self.solver, solvers.Heun) and step_sig[0] > 1e6:
+        if (self.prediction == "flow" and isinstance(self.solver, solvers.Heun) and self.solver.time == "sigma"
+                and step_sig[0] > 1e6):  # fmt: skip
             raise ValueError("Heun's trapezoidal step in sigma is unbounded from the flow schedule's t = 1 (sigma = "
-                             "inf); use euler, dpmpp_2m, dpmpp_3m, unipc or ipndm, or start below t = 1")  # fmt: skip
+                             "inf); use heun with time='flow' (the trapezoid in flow time), euler, dpmpp_2m, "
+                             "dpmpp_3m, unipc or ipndm, or start below t = 1")  # fmt: skip
         sig, msig = step_sig.tolist(), model_sig.tolist()
         if t_model is None:
             t_model = self._timesteps_of(model_sig[:-1]).tolist()
-        evals = _evaluation_sigmas(self.solver, sig, msig)
-        self._schedule = _Schedule(sig, msig, t_model, evals)
+
+        def timestep_of(s: float) -> float:
+            return float(self._timesteps_of(torch.tensor([s], dtype=torch.float64))[0])
+
+        evals = _evaluations(self.solver, sig, msig, t_model, timestep_of)
+        self._schedule = _Schedule(sig, msig, evals)
         self.num_inference_steps = len(sig) - 1
-        self.timesteps = torch.tensor([t_model[m] for _, m in evals], dtype=torch.float32, device=device)
+        self.timesteps = torch.tensor([e.timestep for e in evals], dtype=torch.float32, device=device)
         self.sigmas = step_sig.float()
         self._step_index = self._begin_index = None
         self._state: dict = {}
         self._start = 0
         self._x_start: torch.Tensor | None = None
         self._recorded: list[Denoised] = []
+        self._tree = None  # dpmpp_sde's Brownian path, made at the first draw
 
     def _timesteps_of(self, sigma: torch.Tensor) -> torch.Tensor:
         """The network timestep of VE sigmas: log-sigma interpolation on the training grid (VP), ``t * T``
@@ -553,10 +581,10 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         sched = self._require_schedule()
         if self._step_index is None:
             self._init_step_index(timestep)
-        _, m = sched.evals[self._step_index]
+        e = sched.evals[self._step_index]
         if self._edm is not None:  # EDM's input preconditioning c_in (the state is the VE x at every sigma)
-            return sample * float(self._edm.scalings(torch.tensor(sched.model_sigmas[m], dtype=torch.float64))[2])
-        r = self._scale(sched.sigmas[m]) / self._scale(sched.model_sigmas[m])
+            return sample * float(self._edm.scalings(torch.tensor(e.model_sigma, dtype=torch.float64))[2])
+        r = self._scale(e.state_sigma) / self._scale(e.model_sigma)
         return sample if r == 1 else sample * r
 
     @torch.no_grad()
@@ -587,10 +615,11 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         k = self._step_index
         if k >= len(sched.evals):
             raise IndexError(f"the scheduler's {len(sched.evals)} evaluations are done; call set_timesteps again")
-        i, m = sched.evals[k]
+        e = sched.evals[k]
+        i = e.step
         dt = torch.promote_types(sample.dtype, torch.float32)
-        x = sample.to(dt) * self._scale(sched.sigmas[m])
-        s_model = torch.tensor(sched.model_sigmas[m], dtype=dt, device=sample.device)
+        x = sample.to(dt) * self._scale(e.state_sigma)
+        s_model = torch.tensor(e.model_sigma, dtype=dt, device=sample.device)
         if self._halve_output and model_output.shape[1] == 2 * sample.shape[1]:
             model_output = model_output[:, : sample.shape[1]]  # learned variance: its second half is not used
         if self._edm is not None:
@@ -599,10 +628,13 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         else:
             d = to_denoised(self.prediction, model_output.to(dt), x, s_model)
         d_raw, d = d, d if self._x0_transform is None else self._x0_transform(d)
-        if k == 0 or k == self._begin_index or sched.evals[k - 1][0] != i:  # the step's first evaluation
+        if self._lcm_scaling is not None:
+            c_skip, c_out = solvers.consistency_scalings(e.timestep, 0.0, scale=self._lcm_scaling)
+            d = c_out * d + c_skip * sample.to(dt)
+        if k == 0 or k == self._begin_index or sched.evals[k - 1].step != i:  # the step's first evaluation
             if k == 0 or k == self._begin_index:
                 self._start, self._state = i, self.solver.start()
-            if m != i:
+            if k > 0 and sched.evals[k - 1].step == i:
                 raise ValueError(f"evaluation {k} is not the first of its step; begin_index must start a step")
             self._x_start, self._recorded, self._draws = x, [], []
         self._recorded.append(Denoised(d_raw if self._ddim_keeps_eps else d))
@@ -622,7 +654,10 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
             nonlocal taken
             taken += 1
             if taken > len(draws):
-                draws.append(torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device))
+                if self._brownian:
+                    draws.append(self._brownian_tree(x, generator)(*self._noise_times(interval, i)).to(x.dtype))
+                else:
+                    draws.append(torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device))
             return draws[taken - 1]
 
         replay.calls = 0
@@ -637,10 +672,51 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
             prev = x_next / self._scale(sched.sigmas[i + 1])
             self._state = trial
         except _NeedEvaluation as need:
-            prev = need.x / self._scale(sched.sigmas[sched.evals[k + 1][1]])
+            prev = need.x / self._scale(sched.evals[k + 1].state_sigma)
         self._step_index = k + 1
         prev = prev.to(sample.dtype)
         return FastDiffSchedulerOutput(prev, d.to(sample.dtype)) if return_dict else (prev,)
+
+    @property
+    def _brownian(self) -> bool:
+        """Whether the solver draws noise for nested intervals of one step (dpmpp_sde: ``(sigma, sigma_mid)``,
+        then ``(sigma, sigma_next)``), which must be increments of one Brownian path: independent draws bias its
+        variance."""
+        return isinstance(self.solver, solvers.DPMSolverPPSDE)
+
+    def _brownian_tree(self, x: torch.Tensor, generator: torch.Generator | None):
+        """The run's Brownian path over the schedule's range, made at its first draw: a torchsde tree of the
+        state's shape. From a DPMSolverSDEScheduler config it is made as diffusers makes it (its float32 range,
+        seeded by its ``noise_sampler_seed``, or torch's global generator without one); otherwise its seed is
+        drawn from ``generator``."""
+        if self._tree is None:
+            from fastdiff.k_diffusion import BrownianTreeNoiseSampler
+
+            levels = [s for s in self._require_schedule().sigmas if s > 0]
+            ref = self.config.reference_scheduler
+            lo, hi = min(levels), max(levels)
+            if ref and ref["class_name"] == "DPMSolverSDEScheduler":
+                lo, hi = (float(torch.tensor(v, dtype=torch.float32)) for v in (lo, hi))
+                seed = ref["config"].get("noise_sampler_seed")
+            else:
+                seed = int(torch.randint(0, 2**63 - 1, [], generator=generator))
+            self._tree = BrownianTreeNoiseSampler(x, lo, hi, seed=seed)
+        return self._tree
+
+    def _noise_times(self, interval: tuple[float, float], i: int) -> tuple[float, float]:
+        """Where step ``i`` queries the Brownian path for ``interval``: as diffusers' DPMSolverSDEScheduler does
+        when it is the source (float32 ``exp(-t)`` of ``t = -log(sigma)``, the midpoint halfway in ``t``), since
+        the tree's increments change with the query points (by 8e-2 at the end of a 7-step Karras run where
+        they differ in the last float32 digit); else the interval itself."""
+        ref = self.config.reference_scheduler
+        if not ref or ref["class_name"] != "DPMSolverSDEScheduler":
+            return interval
+        sigmas = self._require_schedule().sigmas
+        t = -torch.tensor(sigmas[i], dtype=torch.float32).log()
+        t_next = -torch.tensor(sigmas[i + 1], dtype=torch.float32).log()
+        if not math.isclose(interval[1], sigmas[i + 1], rel_tol=1e-6):  # the first stage's draw, to the midpoint
+            t_next = t + (t_next - t) * 0.5
+        return float(t.neg().exp()), float(t_next.neg().exp())
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``original_samples`` noised to ``timesteps`` (one per sample, or one for all), in the model's space:

@@ -44,18 +44,47 @@ def heun_coefficients(s0: float, s1: float) -> tuple[Coefficients, Coefficients]
     return predictor, corrector
 
 
+def heun_flow_coefficients(s0: float, s1: float) -> tuple[Coefficients, Coefficients]:
+    """Heun's trapezoid in flow time on the flow state (diffusers' ``FlowMatchHeunDiscreteScheduler``): with
+    ``t = s / (1 + s)``, ``x_t = x / (1 + s)``, velocity ``v = (x_t - D) / t`` and ``h = t1 - t0``, the predictor
+    is Euler (the same step as in sigma) and the corrector ``x_t' = x_t + h (v + v~) / 2``, i.e. in the VE state::
+
+        x' = (s1/s0) x - (1 + s1) h / (2 t1) D~ + (1 + s1) (h / (2 t1) - h / t0) D
+
+    A different second-order method from :func:`heun_coefficients` (the trapezoid in sigma), finite from the
+    flow schedule's start ``t = 1``. Returns ``(predictor, corrector)``, the corrector over ``[D~, D]``."""
+    t0, t1 = s0 / (1 + s0), s1 / (1 + s1)
+    h = t1 - t0
+    corrector = (s1 / s0, [-(1 + s1) * h / (2 * t1), (1 + s1) * (h / (2 * t1) - h / t0)])
+    return euler_coefficients(s0, s1), corrector
+
+
 class Heun(TwoStage):
     """EDM's second-order Heun method (Karras et al. 2022, Algorithm 1): two evaluations a step, one on the
-    step to sigma = 0. Both evaluations of a step use the guidance decision of its start sigma."""
+    step to sigma = 0. Both evaluations of a step use the guidance decision of its start sigma.
+
+    Args:
+        time: ``"sigma"``, the trapezoid in sigma (EDM, k-diffusion, diffusers' Heun scheduler), or ``"flow"``,
+            the trapezoid in flow time on the flow state (diffusers' flow-matching Heun scheduler;
+            :func:`heun_flow_coefficients`).
+    """
 
     name = "heun"
+
+    def __init__(self, time: str = "sigma"):
+        if time not in ("sigma", "flow"):
+            raise ValueError(f"heun: time must be 'sigma' or 'flow', got {time!r}")
+        self.time = time
 
     def points(self, sigmas, i):
         return [i] if _is_zero(sigmas[i + 1]) else [i, i + 1]
 
     def stages(self, sigmas, i):
         s0, s1 = sigmas[i], sigmas[i + 1]
-        return [Stage(*euler_coefficients(s0, s1))] if _is_zero(s1) else [Stage(*c) for c in heun_coefficients(s0, s1)]
+        if _is_zero(s1):
+            return [Stage(*euler_coefficients(s0, s1))]
+        coefficients = heun_coefficients if self.time == "sigma" else heun_flow_coefficients
+        return [Stage(*c) for c in coefficients(s0, s1)]
 
 
 def dpm_2_midpoint(s0: Scalar, s1: Scalar) -> Scalar:
@@ -103,6 +132,7 @@ class DPM2(TwoStage):
 
 SOLVERS = (Euler, Heun, DDIM, DPM2)
 __all__ = [
-    "Euler", "Heun", "DDIM", "DPM2", "euler_coefficients", "heun_coefficients", "dpm_2_midpoint",
+    "Euler", "Heun", "DDIM", "DPM2", "euler_coefficients", "heun_coefficients", "heun_flow_coefficients",
+    "dpm_2_midpoint",
     "dpm_2_coefficients",
 ]  # fmt: skip
