@@ -526,6 +526,16 @@ def test_starting_noise_follows_timestep_spacing():
     assert ours.init_noise_sigma == 1.0
 
 
+def _seeded_loop(scheduler, net, x, labels, steps, seed=3):
+    """An unguided pipeline loop whose scheduler draws its noise from a seeded generator passed to ``step``."""
+    scheduler.set_timesteps(steps)
+    z, g = x * scheduler.init_noise_sigma, torch.Generator().manual_seed(seed)
+    for t in scheduler.timesteps:
+        z = scheduler.step(net(scheduler.scale_model_input(z, t), t, class_labels=labels), t, z, generator=g)
+        z = z.prev_sample
+    return z
+
+
 def test_euler_ancestral_draws_the_same_noise(gmm):
     """EulerAncestralDiscreteScheduler -> euler_ancestral: with the same generator passed to step, the same
     noise is drawn in the same order, so the trajectories agree."""
@@ -534,11 +544,7 @@ def test_euler_ancestral_draws_the_same_noise(gmm):
     x, labels = _noise_and_labels()
 
     def loop(s):
-        s.set_timesteps(8)
-        z, g = x * s.init_noise_sigma, torch.Generator().manual_seed(3)
-        for t in s.timesteps:
-            z = s.step(net(s.scale_model_input(z, t), t, class_labels=labels), t, z, generator=g).prev_sample
-        return z
+        return _seeded_loop(s, net, x, labels, 8)
 
     ours = FastDiffScheduler.from_config(reference.config)
     assert ours.solver.name == "euler_ancestral"
@@ -606,11 +612,7 @@ def test_lcm_scheduler_reproduces_the_source(gmm, opts, prediction):
     x = x.double()
 
     def loop(s):
-        s.set_timesteps(4)
-        z, g = x * s.init_noise_sigma, torch.Generator().manual_seed(3)
-        for t in s.timesteps:
-            z = s.step(net(s.scale_model_input(z, t), t, class_labels=labels), t, z, generator=g).prev_sample
-        return z
+        return _seeded_loop(s, net, x, labels, 4)
 
     ours = FastDiffScheduler.from_config(reference)  # a live scheduler: LCM's config alone is also TCD's
     assert ours.solver.name == "lcm"
@@ -629,12 +631,7 @@ def test_dpmpp_sde_swapped_in_draws_one_brownian_path_per_generator(gmm):
     x, labels = _noise_and_labels()
 
     def loop(seed):
-        s = FastDiffScheduler.from_config(source.config, solver="dpmpp_sde")
-        s.set_timesteps(6)
-        z, g = x * s.init_noise_sigma, torch.Generator().manual_seed(seed)
-        for t in s.timesteps:
-            z = s.step(net(s.scale_model_input(z, t), t, class_labels=labels), t, z, generator=g).prev_sample
-        return z
+        return _seeded_loop(FastDiffScheduler.from_config(source.config, solver="dpmpp_sde"), net, x, labels, 6, seed)
 
     assert torch.equal(loop(1), loop(1))
     assert not torch.allclose(loop(1), loop(2))
