@@ -185,7 +185,9 @@ def _native_solver(source: str, cfg: Mapping[str, Any]) -> tuple[str, dict] | No
             raise _refuse(source, "solver_type", cfg["solver_type"], "fastdiff's DPM-Solver++ is the midpoint form")
         if cfg.get("euler_at_final") and cfg.get("final_sigmas_type", "zero") != "zero":
             raise _refuse(source, "euler_at_final", True, "the last step keeps its order")
-        return {1: "ddim", 2: "dpmpp_2m", 3: "dpmpp_3m"}[order], {}
+        if order == 1:
+            return "ddim", {}
+        return {2: "dpmpp_2m", 3: "dpmpp_3m"}[order], {"lower_order_final": cfg.get("lower_order_final", True)}
     if source == "UniPCMultistepScheduler":
         if not cfg.get("predict_x0", True):
             raise _refuse(source, "predict_x0", False, "fastdiff's UniPC is the data-prediction form")

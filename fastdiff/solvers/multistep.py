@@ -87,27 +87,64 @@ class _Multistep(OneStage):
         return [Stage(*self.coefficients(sigmas, i))]
 
 
+# diffusers' DPM-Solver schedulers lower the order of their last steps below this many steps
+# (``lower_order_final``): the last step first order, and (3M) the one before it second order.
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+def _final_order(sigmas: Sequence[Scalar], i: int, lower_order_final: bool) -> int | None:
+    """The order diffusers' ``lower_order_final`` caps step ``i`` at (1 for the last step, 2 for the one before
+    it) on a schedule of fewer than 15 steps; None where it does not."""
+    n = len(sigmas) - 1
+    if not lower_order_final or n >= LOWER_ORDER_FINAL_BELOW or i < n - 2:
+        return None
+    return 1 if i == n - 1 else 2
+
+
 class DPMSolverPP2M(_Multistep):
-    """DPM-Solver++(2M), data prediction, midpoint form."""
+    """DPM-Solver++(2M), data prediction, midpoint form.
+
+    Args:
+        lower_order_final: as diffusers' ``DPMSolverMultistepScheduler`` (where it is the default): on a
+            schedule of fewer than 15 steps the last step is first order even when it ends above 0
+            (``final_sigmas_type="sigma_min"``). The step to 0 always is.
+    """
 
     name = "dpmpp_2m"
     keep = 1
 
+    def __init__(self, lower_order_final: bool = False):
+        self.lower_order_final = lower_order_final
+
     def coefficients(self, sigmas, i):
+        if _final_order(sigmas, i, self.lower_order_final) == 1:
+            return euler_coefficients(sigmas[i], sigmas[i + 1])
         return dpmpp_2m_coefficients(sigmas, i)
 
 
 class DPMSolverPP3M(_Multistep):
     """DPM-Solver++(3M), data prediction, as published (diffusers, k-diffusion); ``corrected=True`` for the
-    full second-order term (see :func:`dpmpp_3m_coefficients`)."""
+    full second-order term (see :func:`dpmpp_3m_coefficients`).
+
+    Args:
+        corrected: the full second-order term.
+        lower_order_final: as diffusers' ``DPMSolverMultistepScheduler`` (where it is the default): on a
+            schedule of fewer than 15 steps the second-to-last step is second order and the last first order.
+    """
 
     name = "dpmpp_3m"
     keep = 2
 
-    def __init__(self, corrected: bool = False):
+    def __init__(self, corrected: bool = False, lower_order_final: bool = False):
         self.corrected = corrected
+        self.lower_order_final = lower_order_final
 
     def coefficients(self, sigmas, i):
+        order = _final_order(sigmas, i, self.lower_order_final)
+        if order == 1:
+            return euler_coefficients(sigmas[i], sigmas[i + 1])
+        if order == 2:
+            return dpmpp_2m_coefficients(sigmas, i)
         return dpmpp_3m_coefficients(sigmas, i, self.corrected)
 
 
