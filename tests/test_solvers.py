@@ -57,6 +57,8 @@ GLOBAL = [
     ("deis", {"max_order": 2}, 2.0, "exact"),
     ("deis", {}, 2.3, "at_least"),
     ("deis", {"max_order": 4}, 2.3, "at_least"),
+    ("deis", {"max_order": 2, "deis_mode": "logrho"}, 2.0, "exact"),
+    ("deis", {"deis_mode": "logrho"}, 2.3, "at_least"),
     ("res_multistep", {}, 2.0, "exact"),
     ("gradient_estimation", {}, 1.0, "exact"),
 ]

@@ -254,3 +254,29 @@ def test_deis_weights_reach_rounding_down_to_tiny_sigmas():
             _, b = solvers.deis_coefficients(sig, i, 4)
             got = [-b[0] * sig[i], *b[1:]]  # x' = x + sum_j w_j d_{i-j}: b_0 = -w_0 / sigma_i
             assert got == pytest.approx(want, rel=0, abs=1e-14 * (sig[i] - sig[i + 1]))
+
+
+def test_deis_logrho_weights_are_the_integrals_they_define():
+    """DEIS in log-rho (diffusers' form): each weight is int_{s_i}^{s_{i+1}} l_j(log s) ds, taken in closed form
+    (lagrange_exp_integrals); checked against scipy's quad on the definition, and differentiable in the sigmas."""
+    from fastdiff.solvers.multistep import deis_logrho_coefficients, lagrange_exp_integrals
+
+    sig = SCHEDULES["karras12"].tolist()
+    for i in (2, 5, 9):
+        for order in (2, 3, 4):
+            _, b = deis_logrho_coefficients(sig, i, order)
+            weights = [-b[0] * sig[i], *b[1:]]
+            n = min(order, i + 1)  # the warm-up
+            assert len(weights) == n
+            logs = [math.log(sig[i - k]) for k in range(n)]
+            for j, w in enumerate(weights):
+
+                def basis(s, j=j):
+                    v = math.log(s)
+                    return math.prod((v - logs[k]) / (logs[j] - logs[k]) for k in range(n) if k != j)
+
+                expected, _ = integrate.quad(basis, sig[i], sig[i + 1], epsabs=0, epsrel=1e-13)
+                assert w == pytest.approx(expected, rel=1e-10, abs=1e-13)
+    nodes = torch.tensor([0.0, 0.4, 0.9], dtype=torch.float64, requires_grad=True)
+    h = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda u, hh: torch.stack(lagrange_exp_integrals(list(u.unbind()), hh)), (nodes, h))

@@ -145,8 +145,6 @@ def _refuse(source: str, key: str, value, why: str) -> ValueError:
 # (what would be needed). ``solver=None`` from their configs is refused with it; an explicit ``solver=`` is a swap.
 UNREPRODUCED = {
     "FlowMapEulerDiscreteScheduler": "it is a flow-map (two-time) sampler with no fastdiff equivalent",
-    "DEISMultistepScheduler": "its DEIS is the exponential-integrator multistep form on eps in log-rho ('logrho'); "
-    "fastdiff's deis is ComfyUI's tab form, whose weights differ",
     "TCDScheduler": "its gamma-controlled (eta) stochastic consistency step has no fastdiff solver",
     "DPMSolverSinglestepScheduler": "fastdiff has no deterministic singlestep DPM-Solver(++) that groups the "
     "schedule's levels into 2- and 3-stage steps as its order list does",
@@ -188,6 +186,12 @@ def _native_solver(source: str, cfg: Mapping[str, Any]) -> tuple[str, dict] | No
         if order == 1:
             return "ddim", {}
         return {2: "dpmpp_2m", 3: "dpmpp_3m"}[order], {"lower_order_final": cfg.get("lower_order_final", True)}
+    if source == "DEISMultistepScheduler":
+        if cfg.get("algorithm_type", "deis") != "deis" or cfg.get("solver_type", "logrho") != "logrho":
+            raise _refuse(source, "algorithm_type/solver_type", (cfg.get("algorithm_type"), cfg.get("solver_type")),
+                          "only DEIS in log-rho is (diffusers implements no other)")  # fmt: skip
+        return "deis", {"max_order": cfg.get("solver_order", 2), "deis_mode": "logrho",
+                        "lower_order_final": cfg.get("lower_order_final", True)}  # fmt: skip
     if source == "UniPCMultistepScheduler":
         if not cfg.get("predict_x0", True):
             raise _refuse(source, "predict_x0", False, "fastdiff's UniPC is the data-prediction form")

@@ -19,6 +19,7 @@ from fastdiff.solvers.base import (
     Solver,
     Stage,
     _apply,
+    _exp,
     _expm1,
     _hx,
     _is_zero,
@@ -250,19 +251,38 @@ class IPNDM(_DerivativeMultistep):
         return ipndm_coefficients(sigmas, i, self.max_order)
 
 
-def lagrange_integrals(nodes: Sequence[Scalar], h: Scalar) -> list[Scalar]:
-    """``int_0^h l_j(u) du`` for each Lagrange basis polynomial ``l_j`` on ``nodes``, exactly: the product
-    ``prod_{k != j} (u - u_k)`` is multiplied out into monomial coefficients and integrated term by term.
-    Floats, or 0-d tensors (differentiable)."""
-    out = []
+def _lagrange_basis(nodes: Sequence[Scalar]) -> list[list[Scalar]]:
+    """The monomial coefficients (lowest degree first) of each Lagrange basis polynomial ``l_j`` on ``nodes``:
+    ``prod_{k != j} (u - u_k) / (u_j - u_k)`` multiplied out. Floats, or 0-d tensors (differentiable)."""
+    basis = []
     for j, uj in enumerate(nodes):
-        poly: list[Scalar] = [1.0]  # coefficients, lowest degree first
+        poly: list[Scalar] = [1.0]
         scale: Scalar = 1.0
         for k, uk in enumerate(nodes):
             if k != j:  # poly *= (u - u_k)
                 poly = [p - uk * q for p, q in zip([0.0, *poly], [*poly, 0.0])]
                 scale = scale * (uj - uk)
-        out.append(sum(c * h ** (m + 1) / (m + 1) for m, c in enumerate(poly)) / scale)
+        basis.append([c / scale for c in poly])
+    return basis
+
+
+def lagrange_integrals(nodes: Sequence[Scalar], h: Scalar) -> list[Scalar]:
+    """``int_0^h l_j(u) du`` for each Lagrange basis polynomial ``l_j`` on ``nodes``, exactly, term by term.
+    Floats, or 0-d tensors (differentiable)."""
+    return [sum(c * h ** (m + 1) / (m + 1) for m, c in enumerate(poly)) for poly in _lagrange_basis(nodes)]
+
+
+def lagrange_exp_integrals(nodes: Sequence[Scalar], h: Scalar) -> list[Scalar]:
+    """``int_0^h l_j(u) e^u du`` for each Lagrange basis polynomial ``l_j`` on ``nodes``, exactly: the
+    antiderivative of ``p(u) e^u`` is ``e^u (p - p' + p'' - ...)(u)``. Floats, or 0-d tensors (differentiable)."""
+    out = []
+    for poly in _lagrange_basis(nodes):
+        q, d = [0.0] * len(poly), list(poly)
+        for k in range(len(poly)):  # q += (-1)^k p^(k)
+            q = [a + (-1) ** k * b for a, b in zip(q, d + [0.0] * (len(q) - len(d)))]
+            d = [m * c for m, c in enumerate(d)][1:]
+        value_h = sum(c * h**m for m, c in enumerate(q))
+        out.append(_exp(h) * value_h - q[0])
     return out
 
 
@@ -363,26 +383,60 @@ def deis_coefficients(sigmas: Sequence[Scalar], i: int, max_order: int = 3) -> C
     return _derivative_step(s0, w)
 
 
+def deis_logrho_coefficients(sigmas: Sequence[Scalar], i: int, max_order: int = 3) -> Coefficients:
+    """DEIS in log-rho (Zhang & Chen 2023; diffusers' ``DEISMultistepScheduler``, ``solver_type="logrho"``): the
+    derivatives ``d = (x - D)/sigma`` (epsilon) interpolated by a polynomial in ``log sigma`` (``rho`` is the VE
+    sigma) through the last ``n = min(max_order, i + 1)`` steps, and integrated over sigma, exactly::
+
+        x' = x + sum_j w_j d_{i-j},  w_j = int_{sigma_i}^{sigma_{i+1}} l_j(log s) ds
+                                        = sigma_i int_0^h l_j(u) e^u du,  u = log(s / sigma_i), h = log(s1 / s0)
+
+    (:func:`lagrange_exp_integrals`). The first step, first order, is DDIM; so is the step to sigma = 0.
+    Coefficients over ``[D_i, d_{i-1}, ...]``; floats, or 0-d tensors (differentiable)."""
+    s0, s1 = sigmas[i], sigmas[i + 1]
+    n = 1 if _is_zero(s1) else min(max_order, i + 1)
+    if n == 1:
+        return _derivative_step(s0, [s1 - s0])
+    lam0 = _lam(s0)
+    nodes = [lam0 - _lam(sigmas[i - k]) for k in range(n)]
+    return _derivative_step(s0, [s0 * w for w in lagrange_exp_integrals(nodes, lam0 - _lam(s1))])
+
+
+DEIS_MODES = {"tab": deis_coefficients, "logrho": deis_logrho_coefficients}
+
+
 class DEIS(_DerivativeMultistep):
-    """DEIS (Zhang & Chen 2023) as ComfyUI's ``sample_deis``: ``max_order`` 1 to 4, warming up from first order,
-    with the "tab" weights of :func:`deis_coefficients` (computed to rounding where ComfyUI sums them to O(1e-4)).
+    """DEIS (Zhang & Chen 2023): ``max_order`` 1 to 4, warming up from first order, in one of two forms:
+
+    * ``deis_mode="tab"`` (default): ComfyUI's ``sample_deis``, the weights of :func:`deis_coefficients`
+      (computed to rounding where ComfyUI sums them to O(1e-4));
+    * ``deis_mode="logrho"``: diffusers' ``DEISMultistepScheduler`` (orders 1-3 there),
+      :func:`deis_logrho_coefficients`.
+
     ComfyUI's other mode, ``"rhoab"`` (Adams-Bashforth in sigma with exact integrals, which is the method of
     ``lms``), is refused: for ``max_order >= 2`` its coefficient lists stop matching the step's order once the
     warm-up is over, so it fails there or reuses stale weights.
+
+    Args:
+        max_order: the highest order, reached after the warm-up.
+        deis_mode: ``"tab"`` or ``"logrho"``.
+        lower_order_final: as diffusers' schedulers: on a schedule of fewer than 15 steps the last step is first
+            order and the one before it at most second order.
     """
 
     name = "deis"
 
-    def __init__(self, max_order: int = 3, deis_mode: str = "tab"):
+    def __init__(self, max_order: int = 3, deis_mode: str = "tab", lower_order_final: bool = False):
         self.max_order = _order("deis max_order", max_order)
-        if deis_mode != "tab":
-            raise ValueError(
-                f"deis_mode must be 'tab' (for 'rhoab', Adams-Bashforth in sigma, use 'lms'), got {deis_mode!r}"
-            )
+        if deis_mode not in DEIS_MODES:
+            raise ValueError(f"deis_mode must be 'tab' or 'logrho' (for 'rhoab', Adams-Bashforth in sigma, use "
+                             f"'lms'), got {deis_mode!r}")  # fmt: skip
         self.deis_mode = deis_mode
+        self.lower_order_final = lower_order_final
 
     def coefficients(self, sigmas, i):
-        return deis_coefficients(sigmas, i, self.max_order)
+        cap = _final_order(sigmas, i, self.lower_order_final)
+        return DEIS_MODES[self.deis_mode](sigmas, i, min(self.max_order, cap or self.max_order))
 
 
 def gradient_estimation_coefficients(sigmas: Sequence[Scalar], i: int, ge_gamma: float = 2.0) -> Coefficients:
@@ -523,5 +577,6 @@ __all__ = [
     "DPMSolverPP2M", "DPMSolverPP3M", "IPNDM", "UniPC", "LMS", "DEIS", "ResMultistep", "GradientEstimation",
     "IPNDM_WEIGHTS", "dpmpp_2m_coefficients", "dpmpp_3m_coefficients", "ipndm_coefficients",
     "unipc_predictor_coefficients", "unipc_corrector_coefficients", "lms_coefficients", "deis_time",
-    "deis_coefficients", "res_multistep_coefficients", "gradient_estimation_coefficients", "lagrange_integrals",
+    "deis_coefficients", "deis_logrho_coefficients", "res_multistep_coefficients", "gradient_estimation_coefficients",
+    "lagrange_integrals", "lagrange_exp_integrals",
 ]  # fmt: skip
