@@ -271,7 +271,7 @@ def test_deis_logrho_weights_are_the_integrals_they_define():
             logs = [math.log(sig[i - k]) for k in range(n)]
             for j, w in enumerate(weights):
 
-                def basis(s, j=j):
+                def basis(s, j=j, logs=logs, n=n):
                     v = math.log(s)
                     return math.prod((v - logs[k]) / (logs[j] - logs[k]) for k in range(n) if k != j)
 
