@@ -661,6 +661,23 @@ def test_lcm_scheduler_reproduces_the_source(gmm, opts, prediction):
         assert (loop(ours) - expected).abs().max() > 100 * TOL
 
 
+@pytest.mark.parametrize("steps", [8, 20])
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_sde_dpm_solver_reproduces_the_source(gmm, steps, solver_type):
+    """DPMSolverMultistep with algorithm_type="sde-dpmsolver++" (DPM++ 2M SDE) -> dpmpp_2m_sde with eta = 1: one
+    draw a step from the generator, in the same order. In float32, where diffusers draws its noise (it steps in
+    float32 whatever the sample's dtype): relative to the samples' scale, as the pipeline tests."""
+    reference = diffusers.DPMSolverMultistepScheduler(**SD_LINSPACE, algorithm_type="sde-dpmsolver++",
+                                                      solver_type=solver_type)  # fmt: skip
+    net = MixtureNet(gmm, reference.alphas_cumprod.double(), "eps")
+    x, labels = _noise_and_labels()
+    ours = FastDiffScheduler.from_config(reference.config)
+    assert (ours.solver.name, ours.solver.eta, ours.solver.solver_type) == ("dpmpp_2m_sde", 1.0, solver_type)
+    expected = _seeded_loop(reference, net, x, labels, steps)
+    assert _close(_seeded_loop(ours, net, x, labels, steps), expected)
+    assert not _close(_seeded_loop(ours, net, x, labels, steps, seed=4), expected)
+
+
 def test_dpmpp_sde_swapped_in_draws_one_brownian_path_per_generator(gmm):
     """dpmpp_sde in place of another scheduler: its two nested draws a step come from one Brownian tree whose
     seed is drawn from the step's generator, so the same generator repeats the run and another changes it."""
@@ -690,7 +707,9 @@ def test_solver_order_fills_the_same_solver_options():
 @pytest.mark.parametrize(
     "cls,opts,match",
     [
-        ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpmsolver"),
+        ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_order=3), "solver_order=3"),
+        ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", final_sigmas_type="sigma_min"),
+         "final_sigmas_type='sigma_min'"),  # fmt: skip
         ("DPMSolverMultistepScheduler", dict(solver_type="heun"), "solver_type='heun'"),
         ("UniPCMultistepScheduler", dict(disable_corrector=[0]), "disable_corrector"),
         ("UniPCMultistepScheduler", dict(predict_x0=False), "predict_x0"),

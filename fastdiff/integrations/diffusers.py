@@ -174,8 +174,12 @@ def _native_solver(source: str, cfg: Mapping[str, Any]) -> tuple[str, dict] | No
     if source == "FlowMatchHeunDiscreteScheduler":
         return "heun", {"time": "flow"}
     if source in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"):
-        if cfg.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
-            raise _refuse(source, "algorithm_type", cfg["algorithm_type"], "only 'dpmsolver++' is (pass solver=)")
+        algorithm = cfg.get("algorithm_type", "dpmsolver++")
+        if algorithm == "sde-dpmsolver++" and source == "DPMSolverMultistepScheduler":
+            return _sde_dpmsolver(source, cfg)
+        if algorithm != "dpmsolver++":
+            raise _refuse(source, "algorithm_type", algorithm, "'dpmsolver++' is, and 'sde-dpmsolver++' for "
+                          "DPMSolverMultistepScheduler (pass solver=)")  # fmt: skip
         order = cfg.get("solver_order", 2)
         if order not in (1, 2, 3):
             raise _refuse(source, "solver_order", order, "orders 1, 2 and 3 are")
@@ -204,6 +208,20 @@ def _native_solver(source: str, cfg: Mapping[str, Any]) -> tuple[str, dict] | No
         return "unipc", {"order": cfg.get("solver_order", 2), "variant": cfg.get("solver_type", "bh2"),
                          "lower_order_final": cfg.get("lower_order_final", True)}  # fmt: skip
     return None
+
+
+def _sde_dpmsolver(source: str, cfg: Mapping[str, Any]) -> tuple[str, dict]:
+    """DPM-Solver++(2M) SDE (``algorithm_type="sde-dpmsolver++"``, order 2): fastdiff's ``dpmpp_2m_sde`` with
+    ``eta = 1``, its ``solver_type``, one draw a step from the step's generator."""
+    order = cfg.get("solver_order", 2)
+    if order != 2:
+        raise _refuse(source, "solver_order", order, "with 'sde-dpmsolver++' only order 2 is (order 3 warms up "
+                      "and ends with the midpoint second-order update, k-diffusion's dpmpp_3m_sde with its "
+                      "own)")  # fmt: skip
+    if cfg.get("final_sigmas_type", "zero") != "zero" or cfg.get("euler_at_final"):
+        raise _refuse(source, "final_sigmas_type", cfg.get("final_sigmas_type"), "with 'sde-dpmsolver++' the last "
+                      "step must go to sigma = 0")  # fmt: skip
+    return "dpmpp_2m_sde", {"eta": 1.0, "solver_type": cfg.get("solver_type", "midpoint")}
 
 
 def _threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
