@@ -661,6 +661,32 @@ def test_lcm_scheduler_reproduces_the_source(gmm, opts, prediction):
         assert (loop(ours) - expected).abs().max() > 100 * TOL
 
 
+@pytest.mark.parametrize("steps", [5, 6, 7, 12, 20])
+@pytest.mark.parametrize("order,solver_type", [(1, "midpoint"), (2, "midpoint"), (2, "heun"), (3, "midpoint"),
+                                               (3, "heun")])  # fmt: skip
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+def test_dpm_solver_singlestep_reproduces_the_source(gmm, steps, order, solver_type, final):
+    """DPMSolverSinglestepScheduler -> dpmpp_singlestep: the same order list (groups of 1, 2, ... order steps,
+    the last group shortened, the step to 0 first order), each step a singlestep update from its group's first
+    level through the estimates since. Float64 samples, diffusers' sigmas promoted to float64 as for DEIS."""
+    reference = _in_float64(diffusers.DPMSolverSinglestepScheduler(**SD_LINSPACE, solver_order=order,
+                                                                   solver_type=solver_type, final_sigmas_type=final))
+    set_timesteps = reference.set_timesteps
+
+    def set_timesteps_float64(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        reference.sigmas = reference.sigmas.double()
+
+    reference.set_timesteps = set_timesteps_float64
+    net = MixtureNet(gmm, reference.alphas_cumprod.double(), "eps")
+    x, labels = _noise_and_labels()
+    x = x.double()
+    ours = FastDiffScheduler.from_config(reference.config)
+    assert (ours.solver.name, ours.solver.order, ours.solver.solver_type) == ("dpmpp_singlestep", order, solver_type)
+    expected = _mixture_loop(reference, net, steps, x, labels, w=3.0)
+    assert (_mixture_loop(ours, net, steps, x, labels, w=3.0) - expected).abs().max() < TOL
+
+
 @pytest.mark.parametrize("steps", [8, 20])
 @pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
 def test_sde_dpm_solver_reproduces_the_source(gmm, steps, solver_type):

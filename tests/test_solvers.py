@@ -48,6 +48,8 @@ GLOBAL = [
     ("dpmpp_2m", {}, 2.0, "exact"),
     ("dpmpp_3m", {}, 2.3, "at_least"),
     ("dpmpp_3m", {"corrected": True}, 2.3, "at_least"),
+    ("dpmpp_singlestep", {}, 2.0, "exact"),
+    ("dpmpp_singlestep", {"order": 3}, 2.3, "at_least"),
     ("ipndm", {}, 2.3, "at_least"),
     ("unipc", {}, 2.3, "at_least"),
     ("unipc", {"variant": "bh1"}, 2.3, "at_least"),

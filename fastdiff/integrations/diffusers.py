@@ -146,8 +146,6 @@ def _refuse(source: str, key: str, value, why: str) -> ValueError:
 UNREPRODUCED = {
     "FlowMapEulerDiscreteScheduler": "it is a flow-map (two-time) sampler with no fastdiff equivalent",
     "TCDScheduler": "its gamma-controlled (eta) stochastic consistency step has no fastdiff solver",
-    "DPMSolverSinglestepScheduler": "fastdiff has no deterministic singlestep DPM-Solver(++) that groups the "
-    "schedule's levels into 2- and 3-stage steps as its order list does",
     "SASolverScheduler": "its stochastic Adams predictor-corrector (tau_func, predictor/corrector orders) has no "
     "fastdiff solver",
 }
@@ -190,6 +188,11 @@ def _native_solver(source: str, cfg: Mapping[str, Any]) -> tuple[str, dict] | No
         if order == 1:
             return "ddim", {}
         return {2: "dpmpp_2m", 3: "dpmpp_3m"}[order], {"lower_order_final": cfg.get("lower_order_final", True)}
+    if source == "DPMSolverSinglestepScheduler":
+        if cfg.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
+            raise _refuse(source, "algorithm_type", cfg["algorithm_type"], "only 'dpmsolver++' is (pass solver=)")
+        return "dpmpp_singlestep", {"order": cfg.get("solver_order", 2), "solver_type": cfg.get("solver_type",
+                                    "midpoint"), "lower_order_final": cfg.get("lower_order_final", True)}  # fmt: skip
     if source == "DEISMultistepScheduler":
         if cfg.get("algorithm_type", "deis") != "deis" or cfg.get("solver_type", "logrho") != "logrho":
             raise _refuse(source, "algorithm_type/solver_type", (cfg.get("algorithm_type"), cfg.get("solver_type")),

@@ -149,6 +149,107 @@ class DPMSolverPP3M(_Multistep):
         return dpmpp_3m_coefficients(sigmas, i, self.corrected)
 
 
+def singlestep_orders(steps: int, order: int, lower_order_final: bool = True, final_zero: bool = True) -> list[int]:
+    """The order of each of ``steps`` steps of singlestep DPM-Solver(++) (diffusers' ``get_order_list``): groups
+    of steps of orders ``1, 2, ..., order``, each group one singlestep update from its first level; with
+    ``lower_order_final`` the last group is shortened to fit ``steps``, and the step to sigma = 0 is first order.
+    As in diffusers, ``lower_order_final`` is taken on where ``steps`` is not a multiple of ``order`` or the last
+    step goes to 0 (diffusers also sets it in its config then, for the calls after)."""
+    if lower_order_final or final_zero or steps % order:
+        k, rem = divmod(steps, order)
+        if order == 3:
+            orders = [1, 2, 3] * (k - 1) + [1, 2, 1] if rem == 0 else [1, 2, 3] * k + [1, 2][:rem]
+        elif order == 2:
+            orders = [1, 2] * (k - 1) + [1, 1] if rem == 0 else [1, 2] * k + [1]
+        else:
+            orders = [1] * steps
+    else:
+        orders = list(range(1, order + 1)) * (steps // order)
+    if final_zero:
+        orders[-1] = 1
+    return orders[:steps]
+
+
+def _singlestep_update(sigmas: Sequence[Scalar], j: int, order: int, solver_type: str) -> tuple[Scalar, list]:
+    """Singlestep DPM-Solver++ from the group's first level ``g = j - order + 1`` to ``sigma_{j+1}`` (diffusers'
+    ``singlestep_dpm_solver_{first,second,third}_order_update``), in the VE state: ``(alpha, [beta_g, ...,
+    beta_j])`` with ``x_{j+1} = alpha x_g + sum_m beta_m D_{g+m}``."""
+    g, t = j - order + 1, sigmas[j + 1]
+    if _is_zero(t):
+        return 0.0, [1.0] + [0.0] * (order - 1)
+    lam_g = _lam(sigmas[g])
+    h = _lam(t) - lam_g
+    phi_1 = -_expm1(-h)
+    psi = _expm1(-h) / h + 1
+    alpha = t / sigmas[g]
+    if order == 1:
+        return alpha, [phi_1]
+    r0 = (_lam(sigmas[j]) - lam_g) / h
+    if order == 2:
+        k = 0.5 * phi_1 if solver_type == "midpoint" else psi
+        return alpha, [phi_1 - k / r0, k / r0]
+    r1 = (_lam(sigmas[g + 1]) - lam_g) / h
+    d1_0 = [-1 / r1, 1 / r1, 0.0]  # (D_{g+1} - D_g) / r1, over [D_g, D_{g+1}, D_j]
+    d1_1 = [-1 / r0, 0.0, 1 / r0]  # (D_j - D_g) / r0
+    if solver_type == "midpoint":
+        terms = [psi * q for q in d1_1]
+    else:
+        d1 = [(r0 * p - r1 * q) / (r0 - r1) for p, q in zip(d1_0, d1_1)]
+        d2 = [2 * (q - p) / (r0 - r1) for p, q in zip(d1_0, d1_1)]
+        chi = (_expm1(-h) + h) / h**2 - 0.5
+        terms = [psi * p - chi * q for p, q in zip(d1, d2)]
+    terms[0] = terms[0] + phi_1
+    return alpha, terms
+
+
+def dpmpp_singlestep_coefficients(sigmas: Sequence[Scalar], i: int, order: int = 2, solver_type: str = "midpoint",
+                                  lower_order_final: bool = True) -> Coefficients:  # fmt: skip
+    """Step ``i`` of singlestep DPM-Solver++ (Lu et al. 2022; diffusers' ``DPMSolverSinglestepScheduler``) as a
+    step from the current state over ``[D_i, D_{i-1}, ...]``. Its update starts from the group's first state
+    ``x_g``, which the current state determines: ``x_i = alpha' x_g + sum gamma_m D_{g+m}`` (the group's previous
+    step), so ``x_{i+1} = (alpha / alpha') x_i + sum (beta_m - (alpha / alpha') gamma_m) D_{g+m}``."""
+    k = singlestep_orders(len(sigmas) - 1, order, lower_order_final, _is_zero(sigmas[-1]))[i]
+    alpha, beta = _singlestep_update(sigmas, i, k, solver_type)
+    if k > 1:
+        prev_alpha, gamma = _singlestep_update(sigmas, i - 1, k - 1, solver_type)
+        a = alpha / prev_alpha
+        beta = [b - a * c for b, c in zip(beta, [*gamma, 0.0])]
+        alpha = a
+    return alpha, beta[::-1]
+
+
+class DPMSolverPPSinglestep(_Multistep):
+    """Singlestep DPM-Solver++ (diffusers' ``DPMSolverSinglestepScheduler``, ``algorithm_type="dpmsolver++"``),
+    name ``"dpmpp_singlestep"``: groups of steps of orders 1, 2, ... ``order`` (:func:`singlestep_orders`), each
+    step of a group a higher-order update from the group's first level through the levels evaluated since
+    (:func:`dpmpp_singlestep_coefficients`).
+
+    Args:
+        order: 1, 2 or 3.
+        solver_type: ``"midpoint"`` or ``"heun"``, as diffusers.
+        lower_order_final: shorten the last group to fit the step count (taken on where it must be: see
+            :func:`singlestep_orders`).
+    """
+
+    name = "dpmpp_singlestep"
+
+    def __init__(self, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = True):
+        self.order = as_int(order, "dpmpp_singlestep order")
+        if self.order not in (1, 2, 3):
+            raise ValueError(f"dpmpp_singlestep: order must be 1, 2 or 3, got {order!r}")
+        if solver_type not in ("midpoint", "heun"):
+            raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+        self.solver_type = solver_type
+        self.lower_order_final = lower_order_final
+
+    @property
+    def keep(self) -> int:
+        return max(self.order - 1, 1)
+
+    def coefficients(self, sigmas, i):
+        return dpmpp_singlestep_coefficients(sigmas, i, self.order, self.solver_type, self.lower_order_final)
+
+
 def res_multistep_coefficients(sigmas: Sequence[Scalar], i: int) -> Coefficients:
     """RES's second-order multistep step (Zhang et al. 2023, "Improved order analysis and design of exponential
     integrator for diffusion models"; ComfyUI's ``sample_res_multistep``) over ``[D_i, D_{i-1}]``: with
@@ -572,9 +673,11 @@ class UniPC(Solver):
         return x_next, d
 
 
-SOLVERS = (DPMSolverPP2M, DPMSolverPP3M, IPNDM, UniPC, LMS, DEIS, ResMultistep, GradientEstimation)
+SOLVERS = (DPMSolverPP2M, DPMSolverPP3M, DPMSolverPPSinglestep, IPNDM, UniPC, LMS, DEIS, ResMultistep,
+           GradientEstimation)  # fmt: skip
 __all__ = [
-    "DPMSolverPP2M", "DPMSolverPP3M", "IPNDM", "UniPC", "LMS", "DEIS", "ResMultistep", "GradientEstimation",
+    "DPMSolverPP2M", "DPMSolverPP3M", "DPMSolverPPSinglestep", "IPNDM", "UniPC", "LMS", "DEIS", "ResMultistep",
+    "GradientEstimation", "singlestep_orders", "dpmpp_singlestep_coefficients",
     "IPNDM_WEIGHTS", "dpmpp_2m_coefficients", "dpmpp_3m_coefficients", "ipndm_coefficients",
     "unipc_predictor_coefficients", "unipc_corrector_coefficients", "lms_coefficients", "deis_time",
     "deis_coefficients", "deis_logrho_coefficients", "res_multistep_coefficients", "gradient_estimation_coefficients",
