@@ -669,8 +669,11 @@ def test_dpm_solver_singlestep_reproduces_the_source(gmm, steps, order, solver_t
     """DPMSolverSinglestepScheduler -> dpmpp_singlestep: the same order list (groups of 1, 2, ... order steps,
     the last group shortened, the step to 0 first order), each step a singlestep update from its group's first
     level through the estimates since. Float64 samples, diffusers' sigmas promoted to float64 as for DEIS."""
-    reference = _in_float64(diffusers.DPMSolverSinglestepScheduler(**SD_LINSPACE, solver_order=order,
-                                                                   solver_type=solver_type, final_sigmas_type=final))
+    reference = _in_float64(
+        diffusers.DPMSolverSinglestepScheduler(
+            **SD_LINSPACE, solver_order=order, solver_type=solver_type, final_sigmas_type=final
+        )
+    )
     set_timesteps = reference.set_timesteps
 
     def set_timesteps_float64(*args, **kwargs):
@@ -734,8 +737,11 @@ def test_solver_order_fills_the_same_solver_options():
     "cls,opts,match",
     [
         ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_order=3), "solver_order=3"),
-        ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", final_sigmas_type="sigma_min"),
-         "final_sigmas_type='sigma_min'"),  # fmt: skip
+        (
+            "DPMSolverMultistepScheduler",
+            dict(algorithm_type="sde-dpmsolver++", final_sigmas_type="sigma_min"),
+            "final_sigmas_type='sigma_min'",
+        ),  # fmt: skip
         ("DPMSolverMultistepScheduler", dict(solver_type="heun"), "solver_type='heun'"),
         ("UniPCMultistepScheduler", dict(disable_corrector=[0]), "disable_corrector"),
         ("UniPCMultistepScheduler", dict(predict_x0=False), "predict_x0"),
