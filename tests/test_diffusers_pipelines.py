@@ -89,6 +89,24 @@ def test_stable_diffusion_v_prediction():
     assert _close(_ours(pipe, PROMPTS, guidance=3.0).images, expected)
 
 
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "euler"])
+def test_edm_scheduled_pipeline(solver):
+    """An SD pipeline with diffusers' EDM scheduler (a network preconditioned as EDM: c_in x, timestep
+    log(sigma) / 4, D = c_skip x + c_out F): the pipeline path wraps the network in EDMPrecond and equals the
+    pipeline's own loop with FastDiffScheduler."""
+    pipe = tiny.sd(diffusers.EDMDPMSolverMultistepScheduler(sigma_max=80.0))
+    original = pipe.scheduler
+    pipe.scheduler = FastDiffScheduler.from_config(original.config, solver=solver)
+    expected = pipe(prompt=PROMPTS, guidance_scale=4.0, num_inference_steps=STEPS, generator=_seed(),
+                    output_type="latent").images  # fmt: skip
+    pipe.scheduler = original
+    out = _ours(pipe, PROMPTS, guidance=4.0, solver=solver)
+    assert _close(out.images, expected)
+    v_pipe = tiny.sd(diffusers.EDMEulerScheduler(prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="v_prediction"):
+        PipelineSampler(v_pipe)
+
+
 def test_sdxl_prompts_and_added_conditioning(sdxl):
     """SDXL's text_embeds (the second encoder's pooled projection) and time_ids (sizes and crop), for the
     default sizes and for given ones, negative sizes included.

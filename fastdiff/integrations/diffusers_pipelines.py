@@ -29,7 +29,7 @@ import torch
 from diffusers.utils import BaseOutput
 
 from fastdiff import schedules
-from fastdiff.denoisers import FlowDenoiser, VPDenoiser, network_output
+from fastdiff.denoisers import EDMPrecond, FlowDenoiser, VPDenoiser, network_output
 from fastdiff.guidance import Guidance
 from fastdiff.integrations.diffusers import FastDiffScheduler
 from fastdiff.sampler import Sampler
@@ -433,9 +433,9 @@ class PipelineSampler:
             pipe.scheduler.config, solver=solver, schedule=schedule, schedule_options=schedule_options,
             learned_schedule=learned_schedule,
         )  # fmt: skip
-        if sched._edm is not None:
-            raise ValueError("diffusers' EDM schedulers' networks are not yet wrapped for fastdiff's loop; use "
-                             "FastDiffScheduler in the pipeline's own loop")  # fmt: skip
+        if sched._edm is not None and sched.prediction != "eps":
+            raise ValueError("the pipeline path runs EDM-preconditioned networks that predict epsilon; for "
+                             "v_prediction use FastDiffScheduler in the pipeline's own loop")  # fmt: skip
         guidance, self.model_guidance = self.family.model_guidance(net, guidance)
         if guidance is not None and not isinstance(guidance, Guidance):
             guidance = Guidance(float(guidance))
@@ -456,7 +456,9 @@ class PipelineSampler:
         self._size_bound = self.family.packed or "mu" in request
         self.scheduler = sched
         self._network = _PipelineNetwork(net)
-        if sched.prediction == "flow":
+        if sched._edm is not None:  # diffusers' EDM schedulers: c_in x, timestep log(sigma) / 4, c_skip x + c_out F
+            model = EDMPrecond(self._network, sched._edm.sigma_data)
+        elif sched.prediction == "flow":
             scale = self.family.flow_time_scale or sched.config.num_train_timesteps
             model = FlowDenoiser(self._network, time_scale=scale)
         else:
