@@ -707,6 +707,32 @@ def test_sde_dpm_solver_reproduces_the_source(gmm, steps, solver_type):
     assert not _close(_seeded_loop(ours, net, x, labels, steps, seed=4), expected)
 
 
+@pytest.mark.parametrize("opts", [dict(set_alpha_to_one=True), dict(set_alpha_to_one=False, timestep_spacing="leading",
+                                                                      steps_offset=1)])  # fmt: skip
+def test_ddim_eta_is_reproduced_and_other_solvers_refuse_it(gmm, opts):
+    """Pipelines pass their eta to a scheduler whose step takes it: DDIM with eta > 0 is the stochastic DDIM
+    step, euler_ancestral with that eta in this form, drawing the same noise; a solver without eta refuses it."""
+    reference = diffusers.DDIMScheduler(**SD_LINSPACE, clip_sample=False, **opts)
+    net = MixtureNet(gmm, reference.alphas_cumprod.double(), "eps")
+    x, labels = _noise_and_labels()
+    x = x.double()
+
+    def loop(s, eta):
+        s.set_timesteps(8)
+        z, g = x * s.init_noise_sigma, torch.Generator().manual_seed(3)
+        for t in s.timesteps:
+            out = net(s.scale_model_input(z, t), t, class_labels=labels)
+            z = s.step(out, t, z, eta=eta, generator=g).prev_sample
+        return z
+
+    ours = FastDiffScheduler.from_config(reference.config)
+    assert "eta" in inspect.signature(ours.step).parameters  # so pipelines pass it
+    for eta in (0.0, 0.5, 1.0):
+        assert (loop(ours, eta) - loop(reference, eta)).abs().max() < TOL
+    with pytest.raises(ValueError, match="eta=0.5 .* dpmpp_2m"):
+        loop(FastDiffScheduler.from_config(reference.config, solver="dpmpp_2m"), 0.5)
+
+
 def test_dpmpp_sde_swapped_in_draws_one_brownian_path_per_generator(gmm):
     """dpmpp_sde in place of another scheduler: its two nested draws a step come from one Brownian tree whose
     seed is drawn from the step's generator, so the same generator repeats the run and another changes it."""

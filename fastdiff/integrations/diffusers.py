@@ -39,6 +39,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from fastdiff import schedules, solvers
+from fastdiff.arguments import as_real
 from fastdiff.denoisers import EDMPrecond, VPDenoiser, discrete_sigmas, to_denoised
 from fastdiff.solvers import Denoised
 from fastdiff.train.codi import AdaptedNetwork, AdapterBase
@@ -622,6 +623,7 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
+        eta: float = 0.0,
     ) -> FastDiffSchedulerOutput | tuple:
         """Take in the network's output at the current evaluation and return the next state.
 
@@ -631,6 +633,9 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
             timestep: the current entry of :attr:`timesteps` (used only to find the first evaluation).
             sample: the current state, in the model's space.
             generator: where a stochastic solver draws its noise (torch's global generator by default).
+            eta: what pipelines pass as their ``eta`` (they pass it to a scheduler whose ``step`` takes it): for DDIM
+                the stochastic DDIM step, which in this form is ``euler_ancestral`` with that ``eta`` (the same
+                draws from the generator); another solver refuses a nonzero ``eta`` rather than ignore it.
 
         The solver step is replayed from the step's start state with the evaluations made so far; a step that
         needs another evaluation (Heun's corrector) returns the point to evaluate as ``prev_sample``. Like every
@@ -689,10 +694,11 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
 
         replay.calls = 0
         first, trial = self._start, dict(self._state)
+        solver = self._solver_for(eta)
         try:
-            x_next, _ = self.solver.step(
+            x_next, _ = solver.step(
                 i - first, self._x_start, sched.model_sigmas[first:], replay, trial,
-                self.solver.stages(sched.sigmas[first:], i - first), noise=noise,
+                solver.stages(sched.sigmas[first:], i - first), noise=noise,
             )  # fmt: skip
             if self._ddim_keeps_eps:  # fed the raw estimate, then moved by (clipped - raw): see __init__
                 x_next = x_next + (d - d_raw)
@@ -703,6 +709,19 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = k + 1
         prev = prev.to(sample.dtype)
         return FastDiffSchedulerOutput(prev, d.to(sample.dtype)) if return_dict else (prev,)
+
+    def _solver_for(self, eta: float) -> solvers.Solver:
+        """The solver of a step the pipeline passes ``eta`` to: DDIM's ``eta`` is ``euler_ancestral``'s."""
+        eta = as_real(eta, "eta")
+        if eta == 0:
+            return self.solver
+        if not eta > 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if isinstance(self.solver, solvers.DDIM) and self._x0_transform is None:
+            return solvers.get("euler_ancestral", eta=eta)
+        raise ValueError(f"eta={eta} (the pipeline's eta) is not reproduced by FastDiffScheduler with "
+                         f"{self.solver.name}: only DDIM's (without clipping) is; pass eta=0, or a stochastic "
+                         "solver= with its own eta in solver_options")  # fmt: skip
 
     @property
     def _brownian(self) -> bool:
