@@ -733,6 +733,31 @@ def test_ddim_eta_is_reproduced_and_other_solvers_refuse_it(gmm, opts):
         loop(FastDiffScheduler.from_config(reference.config, solver="dpmpp_2m"), 0.5)
 
 
+@pytest.mark.parametrize("steps", [2, 4, 8])
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_tcd_scheduler_reproduces_the_source(gmm, steps, prediction):
+    """TCDScheduler -> tcd: its estimates carried back to timestep floor((1 - gamma) t_next) of the model's own
+    grid and noised forward with the generator's draws; gamma is the eta the pipeline passes to step (None: 0.3,
+    TCD's default); the last step ends at timestep 0's level, with no noise. gamma = 0 is DDIM."""
+    reference = diffusers.TCDScheduler(**SD_LINSPACE, prediction_type=prediction)
+    net = MixtureNet(gmm, reference.alphas_cumprod.double(), PREDICTIONS[prediction])
+    x, labels = _noise_and_labels()
+    x = x.double()
+
+    def loop(s, **kw):
+        s.set_timesteps(steps)
+        z, g = x * s.init_noise_sigma, torch.Generator().manual_seed(3)
+        for t in s.timesteps:
+            z = s.step(net(s.scale_model_input(z, t), t, class_labels=labels), t, z, generator=g, **kw).prev_sample
+        return z
+
+    ours = FastDiffScheduler.from_config(reference)  # a live scheduler: TCD's config alone is also LCM's
+    assert ours.solver.name == "tcd"
+    for kw in ({}, {"eta": 0.0}, {"eta": 0.3}, {"eta": 1.0}):
+        assert (loop(ours, **kw) - loop(reference, **kw)).abs().max() < TOL, kw
+    assert ours.sigmas[-1] == pytest.approx(float(ours._grid.sigma_min))  # timestep 0's level
+
+
 def test_dpmpp_sde_swapped_in_draws_one_brownian_path_per_generator(gmm):
     """dpmpp_sde in place of another scheduler: its two nested draws a step come from one Brownian tree whose
     seed is drawn from the step's generator, so the same generator repeats the run and another changes it."""

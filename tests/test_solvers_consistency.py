@@ -168,3 +168,32 @@ def test_it_is_registered_and_checks_its_options():
             solvers.get("lcm", **options)
     with pytest.raises(ValueError, match=r"lcm evaluates at sigma=0.001, below its sigma_min=0.002"):
         fastdiff.sample(lambda x, s: x, torch.ones(2, 2), [1.0, 0.001, 0.0], solver=solvers.get("lcm", **CODI))
+
+
+# ------------------------------------------------------------------------------------------------------ TCD
+
+
+def test_tcd_carries_its_estimates_back_on_the_training_grid():
+    """sigma_s is the grid level of floor((1 - gamma) t), t the rounded timestep of sigma_next, never above
+    sigma_next (below the grid it is sigma_next: DDIM); floats and tensors agree."""
+    ab = solvers.consistency.sd_alphas_cumprod()
+    grid = fastdiff.denoisers.VPDenoiser(None, ab)
+    tcd = solvers.get("tcd", gamma=0.3)
+    for t in (999, 500, 37, 1):
+        sigma = float(grid.t_to_sigma(torch.tensor(float(t))))
+        expected = float(grid.t_to_sigma(torch.tensor(float(math.floor(0.7 * t)))))
+        assert tcd.sigma_s(sigma) == pytest.approx(expected, rel=1e-12)
+        assert float(tcd.sigma_s(torch.tensor(sigma, dtype=torch.float64))) == pytest.approx(expected, rel=1e-12)
+    assert tcd.sigma_s(0.01) == 0.01  # below the grid's lowest level
+    assert solvers.get("tcd", gamma=0.0).sigma_s(3.0) == pytest.approx(3.0, rel=1e-9)
+
+
+def test_tcd_with_gamma_zero_is_ddim_and_draws_nothing(gmm, noise):
+    sigmas = schedules.karras(6, 0.05, 14.0)
+    ddim = fastdiff.sample(gmm, noise * 14.0, sigmas, solver="ddim")
+    tcd = fastdiff.sample(gmm, noise * 14.0, sigmas, solver=solvers.get("tcd", gamma=0.0),
+                          noise_sampler=lambda s, t: pytest.fail("gamma = 0 draws nothing"))  # fmt: skip
+    assert torch.allclose(tcd, ddim, rtol=1e-12, atol=1e-12)
+    assert not solvers.get("tcd", gamma=0.0).stochastic and solvers.get("tcd").stochastic
+    with pytest.raises(ValueError, match="gamma must lie in"):
+        solvers.get("tcd", gamma=1.5)

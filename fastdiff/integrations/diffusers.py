@@ -146,7 +146,6 @@ def _refuse(source: str, key: str, value, why: str) -> ValueError:
 # (what would be needed). ``solver=None`` from their configs is refused with it; an explicit ``solver=`` is a swap.
 UNREPRODUCED = {
     "FlowMapEulerDiscreteScheduler": "it is a flow-map (two-time) sampler with no fastdiff equivalent",
-    "TCDScheduler": "its gamma-controlled (eta) stochastic consistency step has no fastdiff solver",
     "SASolverScheduler": "its stochastic Adams predictor-corrector (tau_func, predictor/corrector orders) has no "
     "fastdiff solver",
 }
@@ -163,7 +162,7 @@ def _native_solver(source: str, cfg: Mapping[str, Any]) -> tuple[str, dict] | No
               "EulerAncestralDiscreteScheduler": "euler_ancestral", "LMSDiscreteScheduler": "lms",
               "FlowMatchEulerDiscreteScheduler": "euler", "EDMEulerScheduler": "euler",
               "KDPM2DiscreteScheduler": "dpm_2", "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral",
-              "DPMSolverSDEScheduler": "dpmpp_sde", "LCMScheduler": "lcm"}  # fmt: skip
+              "DPMSolverSDEScheduler": "dpmpp_sde", "LCMScheduler": "lcm", "TCDScheduler": "tcd"}  # fmt: skip
     if cfg.get("stochastic_sampling"):
         raise _refuse(source, "stochastic_sampling", True, "pass solver= for a deterministic swap")
     if source == "FlowMatchEulerDiscreteScheduler" and cfg.get("invert_sigmas"):
@@ -357,6 +356,7 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         vp = self.prediction != "flow" and self._edm is None
         self.alphas_cumprod = self._reference.alphas_cumprod.double() if vp else None
         self._grid = VPDenoiser(None, self.alphas_cumprod) if vp else None
+        self._step_solvers: dict = {}  # per-step solvers of the pipeline's eta (TCD's gamma)
         self.num_inference_steps: int | None = None
         self.timesteps = torch.zeros(0)
         self.sigmas = torch.zeros(0)
@@ -419,8 +419,10 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
             # scheduler's ``shift=1.0`` included, so the flow prediction is named rather than inferred from it.
             if source and source.startswith("FlowMatch") and "prediction_type" not in kwargs:
                 kwargs["prediction_type"] = "flow"
-            # DDIM's and PNDM's set_alpha_to_one=False end at the first training level, not at sigma = 0.
-            if own.get("set_alpha_to_one") is False and "final_sigmas_type" not in kwargs:
+            # DDIM's and PNDM's set_alpha_to_one=False end at the first training level, not at sigma = 0; so does
+            # TCD, whose last step carries its estimates to timestep 0.
+            final_at_grid = own.get("set_alpha_to_one") is False or source == "TCDScheduler"
+            if final_at_grid and "final_sigmas_type" not in kwargs:
                 kwargs["final_sigmas_type"] = "sigma_min"
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
@@ -623,7 +625,7 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
-        eta: float = 0.0,
+        eta: float | None = None,
     ) -> FastDiffSchedulerOutput | tuple:
         """Take in the network's output at the current evaluation and return the next state.
 
@@ -635,7 +637,8 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
             generator: where a stochastic solver draws its noise (torch's global generator by default).
             eta: what pipelines pass as their ``eta`` (they pass it to a scheduler whose ``step`` takes it): for DDIM
                 the stochastic DDIM step, which in this form is ``euler_ancestral`` with that ``eta`` (the same
-                draws from the generator); another solver refuses a nonzero ``eta`` rather than ignore it.
+                draws from the generator); for TCD its ``gamma`` (None: 0.3, TCDScheduler's default); another
+                solver refuses a nonzero ``eta`` rather than ignore it.
 
         The solver step is replayed from the step's start state with the evaluations made so far; a step that
         needs another evaluation (Heun's corrector) returns the point to evaluate as ``prev_sample``. Like every
@@ -710,9 +713,16 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         prev = prev.to(sample.dtype)
         return FastDiffSchedulerOutput(prev, d.to(sample.dtype)) if return_dict else (prev,)
 
-    def _solver_for(self, eta: float) -> solvers.Solver:
-        """The solver of a step the pipeline passes ``eta`` to: DDIM's ``eta`` is ``euler_ancestral``'s."""
-        eta = as_real(eta, "eta")
+    def _solver_for(self, eta: float | None) -> solvers.Solver:
+        """The solver of a step the pipeline passes ``eta`` to: DDIM's ``eta`` is ``euler_ancestral``'s, TCD's
+        its ``gamma`` on the model's own timesteps."""
+        if isinstance(self.solver, solvers.TCD):
+            gamma = self.solver.gamma if eta is None else as_real(eta, "eta")
+            key = ("tcd", gamma)
+            if key not in self._step_solvers:
+                self._step_solvers[key] = solvers.get("tcd", gamma=gamma, alphas_cumprod=self.alphas_cumprod)
+            return self._step_solvers[key]
+        eta = 0.0 if eta is None else as_real(eta, "eta")
         if eta == 0:
             return self.solver
         if not eta > 0:

@@ -101,5 +101,77 @@ class LCM(OneStage):
         return [Stage(a, b, c_noise=c, noise=noise)]
 
 
-SOLVERS = (LCM,)
-__all__ = ["LCM", "consistency_scalings", "lcm_coefficients"]
+def sd_alphas_cumprod() -> torch.Tensor:
+    """Stable Diffusion's training schedule, ``[1000]`` float64: ``scaled_linear`` betas from 0.00085 to 0.012
+    (the timesteps of the SD 1.x/2.x/XL models that TCD and LCM distil)."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+class TCD(OneStage):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024; diffusers'
+    ``TCDScheduler``), name ``"tcd"``: one evaluation a step, whose estimates are carried back to the earlier
+    training timestep ``s = floor((1 - gamma) t_{i+1})`` (``t_{i+1}`` the timestep of ``sigma_{i+1}``) and then
+    noised forward to ``sigma_{i+1}``::
+
+        x' = D + sigma_s (x - D) / sigma_i + sqrt(sigma_{i+1}^2 - sigma_s^2) z
+
+    ``gamma = 0`` is DDIM; ``gamma = 1`` is multistep consistency sampling (``s = 0``). The timesteps are the
+    model's training grid, given by its ``alphas_cumprod`` (default: Stable Diffusion's, :func:`sd_alphas_cumprod`;
+    see :meth:`sigma_s` for levels off the grid); the step to sigma = 0 has no noise term. With ``gamma > 0`` each
+    step jumps back a fixed fraction of the timesteps whatever their number, so it is a sampler for few-step
+    distilled models, not one that converges as the steps grow.
+
+    Args:
+        gamma: in [0, 1] (diffusers passes it as ``eta``).
+        alphas_cumprod: ``[T]``, the model's training schedule.
+    """
+
+    name = "tcd"
+    ode = False
+
+    def __init__(self, gamma: float = 0.3, alphas_cumprod: Sequence[float] | torch.Tensor | None = None):
+        self.gamma = _factor("gamma", gamma)
+        if self.gamma > 1:
+            raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
+        from fastdiff.denoisers import VPDenoiser
+
+        ab = sd_alphas_cumprod() if alphas_cumprod is None else torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        self._grids = {torch.device("cpu"): VPDenoiser(None, ab)}
+
+    @property
+    def stochastic(self) -> bool:
+        return self.gamma > 0
+
+    def __repr__(self) -> str:
+        return f"TCD(gamma={self.gamma!r})"
+
+    def sigma_s(self, sigma_next: Scalar) -> Scalar:
+        """The level the estimates are carried back to: the grid sigma of ``floor((1 - gamma) t)``, ``t`` the
+        training timestep of ``sigma_next`` (clamped to the grid; between grid timesteps ``(1 - gamma) t``
+        without the floor), and never above ``sigma_next``; on ``sigma_next``'s device, in its type."""
+        device = sigma_next.device if isinstance(sigma_next, torch.Tensor) else torch.device("cpu")
+        grid = self._grids.get(device)
+        if grid is None:
+            grid = self._grids[device] = self._grids[torch.device("cpu")].to(device)
+        s = torch.as_tensor(sigma_next, dtype=torch.float64, device=device)
+        t = grid.sigma_to_t(s.clamp(grid.sigma_min, grid.sigma_max))
+        # On a grid timestep TCD's integer floor; between them, the same fraction of the continuous timestep.
+        on_grid = (t - t.round()).abs() < 1e-6
+        t_s = torch.where(on_grid, torch.floor((1 - self.gamma) * t.round()), (1 - self.gamma) * t)
+        out = torch.minimum(grid.t_to_sigma(t_s), s)  # below the grid: DDIM
+        return out.to(sigma_next.dtype) if isinstance(sigma_next, torch.Tensor) else float(out)
+
+    def stages(self, sigmas, i):
+        s0, s1 = sigmas[i], sigmas[i + 1]
+        if _is_zero(s1):
+            return [Stage(0.0, [1.0])]
+        s_s = self.sigma_s(s1)
+        r = s_s / s0
+        c = _sqrt((s1**2 - s_s**2).clamp_min(0) if isinstance(s_s, torch.Tensor) else max(s1**2 - s_s**2, 0.0))
+        draws = self.gamma > 0 and (isinstance(c, torch.Tensor) or c > 0)
+        return [Stage(r, [1 - r], c_noise=c if draws else 0.0, noise=(s0, s1) if draws else None)]
+
+
+SOLVERS = (LCM, TCD)
+__all__ = ["LCM", "TCD", "consistency_scalings", "lcm_coefficients", "sd_alphas_cumprod"]
