@@ -758,6 +758,33 @@ def test_tcd_scheduler_reproduces_the_source(gmm, steps, prediction):
     assert ours.sigmas[-1] == pytest.approx(float(ours._grid.sigma_min))  # timestep 0's level
 
 
+@pytest.mark.parametrize("steps", [5, 10, 20])
+@pytest.mark.parametrize("orders", [(1, 1), (2, 2), (3, 3), (2, 4), (3, 1)])
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_sa_solver_reproduces_the_source(gmm, steps, orders, prediction):
+    """SASolverScheduler -> sa_solver: the stochastic Adams predictor and (from the second step) the Adams-Moulton
+    corrector with the previous step's noise, orders warming up and lowered at the end, tau = 1 on timesteps
+    200-800 (as sigmas of the grid): the same draws from the generator, one a step."""
+    p, c = orders
+    reference = _in_float64(diffusers.SASolverScheduler(**SD_LINSPACE, prediction_type=prediction,
+                                                        predictor_order=p, corrector_order=c))  # fmt: skip
+    set_timesteps = reference.set_timesteps
+
+    def set_timesteps_float64(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        reference.sigmas = reference.sigmas.double()
+
+    reference.set_timesteps = set_timesteps_float64
+    net = MixtureNet(gmm, reference.alphas_cumprod.double(), PREDICTIONS[prediction])
+    x, labels = _noise_and_labels()
+    x = x.double()
+    ours = FastDiffScheduler.from_config(reference.config)
+    assert (ours.solver.name, ours.solver.predictor_order, ours.solver.corrector_order) == ("sa_solver", p, c)
+    expected = _seeded_loop(reference, net, x, labels, steps)
+    assert (_seeded_loop(ours, net, x, labels, steps) - expected).abs().max() < TOL
+    assert (_seeded_loop(ours, net, x, labels, steps, seed=4) - expected).abs().max() > 100 * TOL  # tau > 0 draws
+
+
 def test_dpmpp_sde_swapped_in_draws_one_brownian_path_per_generator(gmm):
     """dpmpp_sde in place of another scheduler: its two nested draws a step come from one Brownian tree whose
     seed is drawn from the step's generator, so the same generator repeats the run and another changes it."""

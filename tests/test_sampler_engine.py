@@ -42,7 +42,9 @@ def test_sampler_equals_sample(gmm, noise, solver, guidance):
     ref = fastdiff.sample(gmm, noise * 80, S, solver=solver, guidance=g, cond=cond, uncond=uncond, generator=seeded())
     sampler = fastdiff.Sampler(gmm, solver=solver, sigmas=S, guidance=g)
     out = sampler.sample(noise * 80, cond, uncond, generator=seeded())
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    # float64 rounding: Sampler's coefficients are computed by tensor ops, sample's on host floats (sa_solver's
+    # exponential integrals differ by up to 8e-14 relative)
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-12)
     assert sampler.nfe == fastdiff.count_nfe(solver, S, g)
 
 

@@ -63,6 +63,7 @@ GLOBAL = [
     ("deis", {"deis_mode": "logrho"}, 2.3, "at_least"),
     ("res_multistep", {}, 2.0, "exact"),
     ("gradient_estimation", {}, 1.0, "exact"),
+    ("sa_solver", {"tau": 0.0}, 2.3, "at_least"),
 ]
 
 

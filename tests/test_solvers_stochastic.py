@@ -393,3 +393,18 @@ def test_float32_schedule_never_evaluates_at_zero(name):
     ref = fastdiff.sample(net, x, sig, solver=name, cond=labels, generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sa_solver_at_tau_zero_draws_nothing_and_serves_ld3(gmm, noise):
+    """tau = 0 makes SA-Solver an ODE solver (no draws, so LD3's student takes it); its predictor at order 1 with
+    tau = 0 is DDIM."""
+    sigmas = schedules.karras(8, 0.05, 80.0)
+    refuse = lambda s, t: pytest.fail("tau = 0 draws nothing")  # noqa: E731
+    out = fastdiff.sample(gmm, noise * 80, sigmas, solver=solvers.get("sa_solver", tau=0.0), noise_sampler=refuse)
+    assert torch.isfinite(out).all()
+    ddim = fastdiff.sample(gmm, noise * 80, sigmas, solver="ddim")
+    first = solvers.get("sa_solver", tau=0.0, predictor_order=1, corrector_order=1)
+    assert not torch.allclose(fastdiff.sample(gmm, noise * 80, sigmas, solver=first), ddim)  # the corrector acts
+    assert not solvers.get("sa_solver", tau=0.0).stochastic and solvers.get("sa_solver").stochastic
+    a, b, c = solvers.multistep._sa_update([0.0, 0.7], 0, 1, [0], 0.0, predictor=True)
+    assert (a, b[0], c) == pytest.approx((math.exp(-0.7), 1 - math.exp(-0.7), 0.0))

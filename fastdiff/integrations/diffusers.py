@@ -146,8 +146,6 @@ def _refuse(source: str, key: str, value, why: str) -> ValueError:
 # (what would be needed). ``solver=None`` from their configs is refused with it; an explicit ``solver=`` is a swap.
 UNREPRODUCED = {
     "FlowMapEulerDiscreteScheduler": "it is a flow-map (two-time) sampler with no fastdiff equivalent",
-    "SASolverScheduler": "its stochastic Adams predictor-corrector (tau_func, predictor/corrector orders) has no "
-    "fastdiff solver",
 }
 
 
@@ -193,6 +191,18 @@ def _native_solver(source: str, cfg: Mapping[str, Any]) -> tuple[str, dict] | No
             raise _refuse(source, "algorithm_type", cfg["algorithm_type"], "only 'dpmsolver++' is (pass solver=)")
         return "dpmpp_singlestep", {"order": cfg.get("solver_order", 2), "solver_type": cfg.get("solver_type",
                                     "midpoint"), "lower_order_final": cfg.get("lower_order_final", True)}  # fmt: skip
+    if source == "SASolverScheduler":
+        if cfg.get("algorithm_type", "data_prediction") != "data_prediction":
+            raise _refuse(source, "algorithm_type", cfg["algorithm_type"], "only 'data_prediction' is")
+        if cfg.get("tau_func") is not None:
+            raise _refuse(source, "tau_func", cfg["tau_func"], "only its default (tau = 1 on timesteps 200-800) is")
+        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"):
+            if cfg.get(key):
+                raise _refuse(source, key, True, "its schedule then ends with a step of length 0")
+        # tau_interval (timesteps 200-800 in sigmas) is set from the model's grid in FastDiffScheduler.__init__
+        return "sa_solver", {"predictor_order": cfg.get("predictor_order", 2),
+                             "corrector_order": cfg.get("corrector_order", 2),
+                             "lower_order_final": cfg.get("lower_order_final", True)}  # fmt: skip
     if source == "DEISMultistepScheduler":
         if cfg.get("algorithm_type", "deis") != "deis" or cfg.get("solver_type", "logrho") != "logrho":
             raise _refuse(source, "algorithm_type/solver_type", (cfg.get("algorithm_type"), cfg.get("solver_type")),
@@ -356,6 +366,10 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         vp = self.prediction != "flow" and self._edm is None
         self.alphas_cumprod = self._reference.alphas_cumprod.double() if vp else None
         self._grid = VPDenoiser(None, self.alphas_cumprod) if vp else None
+        if source == "SASolverScheduler" and isinstance(self.solver, solvers.SASolver) and self._grid is not None:
+            # diffusers' default tau_func: tau = 1 on the timesteps 200..800, as sigmas of the model's grid
+            lo, hi = (float(self._grid.t_to_sigma(torch.tensor(t))) for t in (200.0, 800.0))
+            self.solver = solvers.get("sa_solver", **{**vars(self.solver), "tau_interval": (lo, hi)})
         self._step_solvers: dict = {}  # per-step solvers of the pipeline's eta (TCD's gamma)
         self.num_inference_steps: int | None = None
         self.timesteps = torch.zeros(0)

@@ -19,11 +19,13 @@ from fastdiff.solvers.base import (
     Solver,
     Stage,
     _apply,
+    _draw,
     _exp,
     _expm1,
     _hx,
     _is_zero,
     _lam,
+    _sqrt,
 )
 from fastdiff.solvers.single import euler_coefficients
 from fastdiff.solvers.stochastic import dpmpp_2m_sde_coefficients
@@ -673,11 +675,131 @@ class UniPC(Solver):
         return x_next, d
 
 
+def _sa_update(lams: Sequence[Scalar], s: int, t: int, nodes: Sequence[int], tau: float, predictor: bool):
+    """SA-Solver's data-prediction update from lambda index ``s`` to ``t`` through the estimates at ``nodes``
+    (Xue et al. 2023, with diffusers' order-2 adjustment), in the VE state::
+
+        x_t = e^{-tau^2 h} (sigma_t / sigma_s) x_s + e^{-(1 + tau^2) h} sum_k I_k D_k
+              + sigma_t sqrt(1 - e^{-2 tau^2 h}) z
+
+    with ``h = lam_t - lam_s``, ``I_k = int_0^{(1 + tau^2) h} l_k(u) e^u du`` (Lagrange basis on
+    ``(1 + tau^2)(lam_k - lam_s)``). Returns ``(a, [b_k per node], c)``."""
+    k2 = 1 + tau**2
+    h = lams[t] - lams[s]
+    a = _exp(-(tau**2) * h) * _exp(lams[s] - lams[t])
+    scale = _exp(-k2 * h)
+    b = [scale * w for w in lagrange_exp_integrals([k2 * (lams[n] - lams[s]) for n in nodes], k2 * h)]
+    if len(nodes) == 2:  # diffusers' adjustment at order 2 ("similar to UniPC"; it keeps the order)
+        core = (h * k2 - 1 + _exp(-k2 * h)) / k2**2
+        delta = k2 * ((h**2 / 2 - core) / (lams[s] - lams[s - 1]) if predictor else h / 2 - core / h)
+        b = [b[0] + delta, b[1] - delta]
+    c = _exp(-lams[t]) * _sqrt(-_expm1(-2 * tau**2 * h))
+    return a, b, c
+
+
+class SASolver(Solver):
+    """SA-Solver (Xue et al. 2023; diffusers' ``SASolverScheduler``, data prediction), name ``"sa_solver"``: a
+    stochastic Adams predictor of ``predictor_order`` and, from the second step, a stochastic Adams-Moulton
+    corrector of ``corrector_order`` that corrects the state with the new evaluation and the previous step's noise
+    (no extra evaluation), both warming up from low order and, with ``lower_order_final``, lowered over the last
+    steps. ``tau`` sets the stochasticity (0: an ODE solver); it applies where the step's start sigma lies in
+    ``tau_interval`` (``[lo, hi]``, default everywhere; diffusers' default is timesteps 200-800). The step to
+    sigma = 0 returns ``D`` (diffusers' scheduler ends at the model's smallest sigma instead).
+
+    Args:
+        predictor_order, corrector_order: 1-3 and 1-4, as diffusers allows.
+        tau: >= 0.
+        tau_interval: ``(lo, hi)`` sigmas, or None.
+        lower_order_final: as diffusers.
+    """
+
+    name = "sa_solver"
+    ode = False
+
+    def __init__(self, predictor_order: int = 2, corrector_order: int = 2, tau: float = 1.0,
+                 tau_interval: tuple[float, float] | None = None, lower_order_final: bool = True):  # fmt: skip
+        self.predictor_order = as_int(predictor_order, "predictor_order")
+        self.corrector_order = as_int(corrector_order, "corrector_order")
+        if not (1 <= self.predictor_order <= 3 and 1 <= self.corrector_order <= 4):
+            raise ValueError(f"sa_solver: predictor_order must be 1-3 and corrector_order 1-4, got "
+                             f"{predictor_order!r} and {corrector_order!r}")  # fmt: skip
+        self.tau = as_real(tau, "tau")
+        if self.tau < 0:
+            raise ValueError(f"tau must be >= 0, got {tau!r}")
+        self.tau_interval = None if tau_interval is None else tuple(float(v) for v in tau_interval)
+        self.lower_order_final = lower_order_final
+
+    @property
+    def stochastic(self) -> bool:
+        return self.tau > 0
+
+    @property
+    def keep(self) -> int:
+        return max(self.predictor_order, self.corrector_order) - 1
+
+    def _tau(self, sigma: Scalar) -> float:
+        if self.tau_interval is None:
+            return self.tau
+        lo, hi = self.tau_interval
+        s = float(sigma)  # the schedule's host value: the loops build stages from host sigmas
+        return self.tau if lo * (1 - 1e-6) <= s <= hi * (1 + 1e-6) else 0.0
+
+    def orders(self, i: int, n: int) -> tuple[int, int]:
+        """``(predictor order of step i, corrector order the next step uses)``, as diffusers computes them."""
+        p, c = self.predictor_order, self.corrector_order
+        if self.lower_order_final:
+            p, c = min(p, n - i), min(c, n - i + 1)
+        warm = min(i, max(self.predictor_order, self.corrector_order - 1))
+        return min(p, warm + 1), min(c, warm + 2)
+
+    def start(self):
+        return {"history": [], "base": None, "z": None}
+
+    def stages(self, sigmas, i):
+        """``[corrector, predictor]``, or ``[predictor]`` on the first step. Each stage's ``b`` is over the
+        history, newest first; the corrector's noise is the previous step's draw, which :meth:`step` passes it."""
+        n = len(sigmas) - 1
+        lams = [_lam(s) for s in sigmas[: i + 1]]
+        if _is_zero(sigmas[i + 1]):  # the step to 0 returns D (diffusers' SA-Solver ends at its smallest sigma)
+            predictor = Stage(0.0, [1.0])
+        else:
+            lams.append(_lam(sigmas[i + 1]))
+            p, _ = self.orders(i, n)
+            a, b, c = _sa_update(lams, i, i + 1, [i - k for k in range(p)], self._tau(sigmas[i]), predictor=True)
+            # A draw on every step, where tau is 0 too (as diffusers draws), unless the solver never draws.
+            predictor = Stage(a, b, c_noise=c, noise=(sigmas[i], sigmas[i + 1]) if self.tau > 0 else None)
+        if i == 0:
+            return [predictor]
+        _, c_order = self.orders(i - 1, n)
+        a, b, c = _sa_update(lams, i - 1, i, [i - k for k in range(c_order)], self._tau(sigmas[i - 1]), False)
+        return [Stage(a, b, c_noise=c, noise=(sigmas[i - 1], sigmas[i]) if self.tau > 0 else None), predictor]
+
+    def step(self, i, x, sigmas, evaluate, state, stages=None, points=None, noise=None):
+        hist = state["history"]
+        stages = stages or self.stages(sigmas, i)
+        (p,) = self._points(sigmas, i, points)
+        den = evaluate(x, p)
+        if len(stages) == 2:  # correct x_i from the previous state with the new estimate and the previous noise
+            z = state["z"]
+            x, d = _apply(state["base"], den, hist, stages[0], lambda interval: z)
+            den = Denoised(d)
+        drawn = [None]
+
+        def recorded(interval):
+            drawn[0] = _draw(noise, interval)
+            return drawn[0]
+
+        x_next, d = _apply(x, den, hist, stages[-1], recorded)
+        state["base"], state["z"] = x, drawn[0]
+        state["history"] = [d] + hist[: self.keep - 1]
+        return x_next, d
+
+
 SOLVERS = (DPMSolverPP2M, DPMSolverPP3M, DPMSolverPPSinglestep, IPNDM, UniPC, LMS, DEIS, ResMultistep,
-           GradientEstimation)  # fmt: skip
+           GradientEstimation, SASolver)  # fmt: skip
 __all__ = [
     "DPMSolverPP2M", "DPMSolverPP3M", "DPMSolverPPSinglestep", "IPNDM", "UniPC", "LMS", "DEIS", "ResMultistep",
-    "GradientEstimation", "singlestep_orders", "dpmpp_singlestep_coefficients",
+    "GradientEstimation", "SASolver", "singlestep_orders", "dpmpp_singlestep_coefficients",
     "IPNDM_WEIGHTS", "dpmpp_2m_coefficients", "dpmpp_3m_coefficients", "ipndm_coefficients",
     "unipc_predictor_coefficients", "unipc_corrector_coefficients", "lms_coefficients", "deis_time",
     "deis_coefficients", "deis_logrho_coefficients", "res_multistep_coefficients", "gradient_estimation_coefficients",
