@@ -366,7 +366,8 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         vp = self.prediction != "flow" and self._edm is None
         self.alphas_cumprod = self._reference.alphas_cumprod.double() if vp else None
         self._grid = VPDenoiser(None, self.alphas_cumprod) if vp else None
-        if source == "SASolverScheduler" and isinstance(self.solver, solvers.SASolver) and self._grid is not None:
+        sa = isinstance(self.solver, solvers.SASolver) and self.solver.tau_interval is None
+        if source == "SASolverScheduler" and sa and self._grid is not None:
             # diffusers' default tau_func: tau = 1 on the timesteps 200..800, as sigmas of the model's grid
             lo, hi = (float(self._grid.t_to_sigma(torch.tensor(t))) for t in (200.0, 800.0))
             self.solver = solvers.get("sa_solver", **{**vars(self.solver), "tau_interval": (lo, hi)})
