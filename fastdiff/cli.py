@@ -105,6 +105,14 @@ def _pair(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _step_range(text: str) -> tuple[int, int]:
+    try:
+        start, stop = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two step indices 'start,stop', got {text!r}") from None
+    return start, stop
+
+
 def _device(text: str) -> str:
     """A device this torch can allocate on: a CPU-only build refuses cuda here, not deep inside the first copy."""
     try:
@@ -314,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LO,HI",
         help="with --guidance: guide only steps whose start sigma lies in (LO, HI]; default: every step",
     )
+    s.add_argument("--guidance-steps", type=_step_range, default=None, metavar="START,STOP",
+                   help="with --guidance, instead of --interval: guide only the steps START..STOP (inclusive, "
+                   "counted from 0)")  # fmt: skip
     s.add_argument("--class", dest="class_label", type=_integer(0), default=None,
                    help="images: sample only this class (default: all classes in turn); a class-conditional CoDi "
                    "student's class")  # fmt: skip
@@ -814,7 +825,7 @@ def cmd_ld3(args: argparse.Namespace) -> int:
     _sigma_range(args, model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device)
-    guidance = Guidance(args.guidance, args.interval) if args.guidance is not None else None
+    guidance = _guidance(args)
     config = LD3Config(space=args.space, decoupled=not args.no_decoupled, rounds_xi=args.rounds_xi,
                        rounds_both=args.rounds_both, batch_size=args.batch_size, lr_xi=args.lr_xi, gamma=args.gamma,
                        metric=args.metric, seed=args.seed)  # fmt: skip
@@ -851,7 +862,7 @@ def _ld3_pipeline(args: argparse.Namespace) -> int:
         pipe = diffusers_ld3.load_pipeline(args.pipeline, device)
     except (OSError, ValueError) as e:
         raise CLIError(f"--pipeline {args.pipeline}: {e}") from None
-    guidance = Guidance(args.guidance, args.interval) if args.guidance is not None else None
+    guidance = _guidance(args)
     config = LD3Config(space=args.space, decoupled=not args.no_decoupled, rounds_xi=args.rounds_xi,
                        rounds_both=args.rounds_both, batch_size=args.batch_size, lr_xi=args.lr_xi, gamma=args.gamma,
                        metric=args.metric, seed=args.seed)  # fmt: skip
@@ -892,6 +903,18 @@ def _sigma_range(args: argparse.Namespace, model) -> None:
 def _check_interval(args: argparse.Namespace) -> None:
     if args.interval is not None and args.guidance is None:
         raise CLIError("--interval limits guidance to a noise interval; it needs --guidance W")
+    steps = getattr(args, "guidance_steps", None)
+    if steps is not None and args.guidance is None:
+        raise CLIError("--guidance-steps limits guidance to a range of steps; it needs --guidance W")
+    if steps is not None and args.interval is not None:
+        raise CLIError("give the guided steps as --interval (sigmas) or as --guidance-steps, not both")
+
+
+def _guidance(args: argparse.Namespace) -> Guidance | None:
+    """``--guidance`` with ``--interval`` or ``--guidance-steps`` (checked by :func:`_check_interval`)."""
+    if args.guidance is None:
+        return None
+    return Guidance(args.guidance, args.interval, steps=getattr(args, "guidance_steps", None))
 
 
 def _refuse_unused(args: argparse.Namespace, model) -> None:
@@ -1010,7 +1033,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             sigmas = torch.cat([levels[:-2], levels[-1:]])
         else:
             sigmas = schedules.get(args.schedule, steps, args.sigma_min, args.sigma_max, **kwargs)
-    guidance = Guidance(args.guidance, args.interval) if args.guidance is not None else None
+    guidance = _guidance(args)
     run = _sample_gmm if gmm else _sample_images
     return run(args, model, sigmas, solver, guidance, n)
 
@@ -1142,6 +1165,8 @@ def _image_figure(args, gen, teacher, sigmas, solver, rows: int = 10) -> None:
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     g = f"guidance {args.guidance}" + (f" on ({args.interval[0]}, {args.interval[1]}]" if args.interval else "")
+    if args.guidance_steps:
+        g += f" on steps {args.guidance_steps[0]}-{args.guidance_steps[1]}"
     fig.suptitle(f"{args.model}: same noise, {g if args.guidance else 'no guidance'}", fontsize=10)
     fig.tight_layout()
     _save_figure(fig, args.out, "--out", dpi=120)
@@ -1202,7 +1227,9 @@ def _plot(args, out: torch.Tensor, ref: torch.Tensor, data: torch.Tensor, labels
     lim = 1.2 * float(data.abs().max())
     axes[0].set_xlim(-lim, lim)
     axes[0].set_ylim(-lim, lim)
-    fig.suptitle(f"{args.model}: guidance {args.guidance or 'off'}, interval {args.interval or 'all steps'}")
+    where = args.interval or (f"steps {args.guidance_steps[0]}-{args.guidance_steps[1]}" if args.guidance_steps
+                              else "all steps")  # fmt: skip
+    fig.suptitle(f"{args.model}: guidance {args.guidance or 'off'}, interval {where}")
     fig.tight_layout()
     _save_figure(fig, args.out, "--out", dpi=110)
 

@@ -24,7 +24,11 @@ class Guidance:
         interval: ``(sigma_lo, sigma_hi)``: guide the steps whose start sigma satisfies
             ``sigma_lo < sigma <= sigma_hi``. ``None`` guides every step (ordinary CFG).
         steps: ``(start, stop)``, inclusive step indices to guide, as the official code takes the interval.
-            Mutually exclusive with ``interval``.
+        fractions: ``(start, stop)``, diffusers' guider form (``ClassifierFreeGuidance(start=, stop=)``): the
+            steps ``i`` with ``int(start N) <= i < int(stop N)`` of ``N`` steps, ``0 <= start <= stop <= 1``.
+            ``interval``, ``steps`` and ``fractions`` are three forms of one choice; give at most one
+            (:func:`interval_to_steps`, :func:`steps_to_interval`, :func:`fractions_to_steps` and
+            :func:`steps_to_fractions` convert between them for a schedule).
         uncond_model: a separate model for the unconditional pass (EDM2 guides with a smaller one). By default
             the sampled model is called with the ``uncond`` keyword arguments.
         batch: run the conditional and unconditional passes in one forward call of the shared model (x, sigma
@@ -42,6 +46,7 @@ class Guidance:
         interval: tuple[float, float] | None = None,
         *,
         steps: tuple[int, int] | None = None,
+        fractions: tuple[float, float] | None = None,
         uncond_model: Callable[..., torch.Tensor] | None = None,
         batch: bool = True,
         restart: bool = True,
@@ -53,8 +58,11 @@ class Guidance:
                 "condition. Some research does that on purpose; 1 means no guidance, and the usual scales are above 1",
                 stacklevel=2,
             )
-        if interval is not None and steps is not None:
-            raise ValueError("give the guidance interval either as sigmas (interval=) or as step indices (steps=)")
+        forms = (("interval", interval), ("steps", steps), ("fractions", fractions))
+        given = [name for name, v in forms if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give the guided steps in one form: sigmas (interval=), step indices (steps=) or "
+                             f"diffusers' step fractions (fractions=), not {' and '.join(given)}")  # fmt: skip
         if interval is not None:
             lo, hi = _pair(interval, "interval")
             if not (math.isfinite(lo) and lo >= 0 and not math.isnan(hi)):
@@ -69,11 +77,17 @@ class Guidance:
             if start > stop:
                 raise ValueError(f"guidance steps have start={int(start)} > stop={int(stop)}")
             steps = (int(start), int(stop))
+        if fractions is not None:
+            start, stop = _pair(fractions, "fractions")
+            if not 0 <= start <= stop <= 1:
+                raise ValueError(f"guidance fractions need 0 <= start <= stop <= 1, got {fractions}")
+            fractions = (start, stop)
         if uncond_model is not None and not callable(uncond_model):
             raise TypeError("uncond_model must be callable as model(x, sigma, **uncond)")
         self.scale = scale
         self.interval = interval
         self.steps = steps
+        self.fractions = fractions
         self.uncond_model = uncond_model
         self.batch = batch
         self.restart = restart
@@ -83,8 +97,11 @@ class Guidance:
         s = [float(v) for v in sigmas][:-1]
         if self.scale == 1.0:
             return [False] * len(s)
-        if self.steps is not None:
-            start, stop = self.steps
+        steps = self.steps if self.fractions is None else fractions_to_steps(self.fractions, len(s))
+        if self.fractions is not None and steps is None:
+            return [False] * len(s)
+        if steps is not None:
+            start, stop = steps
             return [start <= i <= stop for i in range(len(s))]
         if self.interval is not None:
             lo, hi = self.interval
@@ -96,8 +113,52 @@ class Guidance:
         return self.uncond_model if self.uncond_model is not None else model
 
     def __repr__(self) -> str:
-        where = f"interval={self.interval}" if self.interval else f"steps={self.steps}" if self.steps else "everywhere"
+        forms = (("interval", self.interval), ("steps", self.steps), ("fractions", self.fractions))
+        where = next((f"{name}={v}" for name, v in forms if v is not None), "everywhere")
         return f"Guidance(scale={self.scale}, {where})"
+
+
+# ------------------------------------------------------------------------------ the three forms of guided steps
+
+
+def _host(sigmas: Sequence[float] | torch.Tensor) -> list[float]:
+    return [float(v) for v in sigmas]
+
+
+def interval_to_steps(interval: tuple[float, float], sigmas: Sequence[float] | torch.Tensor) -> tuple[int, int] | None:
+    """The inclusive step range ``(start, stop)`` that the sigma interval ``(lo, hi]`` guides on ``sigmas``
+    (``[N + 1]``, decreasing, ending in 0), or None when it guides no step. On a decreasing schedule the steps
+    whose start sigma lies in the interval are contiguous."""
+    lo, hi = Guidance(2.0, interval).interval
+    guided = [i for i, s in enumerate(_host(sigmas)[:-1]) if lo < s <= hi]
+    return (guided[0], guided[-1]) if guided else None
+
+
+def steps_to_interval(steps: tuple[int, int], sigmas: Sequence[float] | torch.Tensor) -> tuple[float, float]:
+    """A sigma interval ``(lo, hi]`` that guides exactly the steps ``start..stop`` (inclusive) of ``sigmas``:
+    ``hi`` the start sigma of step ``start``, ``lo`` that of step ``stop + 1`` (0 after the last step)."""
+    s = _host(sigmas)
+    start, stop = Guidance(2.0, steps=steps).steps
+    if stop >= len(s) - 1:
+        raise ValueError(f"guidance steps {steps} go past the schedule's {len(s) - 1} steps")
+    return s[stop + 1], s[start]
+
+
+def fractions_to_steps(fractions: tuple[float, float], n: int) -> tuple[int, int] | None:
+    """The inclusive step range that diffusers' guider fractions ``(start, stop)`` select among ``n`` steps
+    (``int(start n) <= i < int(stop n)``), or None when they select none."""
+    start, stop = Guidance(2.0, fractions=fractions).fractions
+    first, end = int(start * n), min(int(stop * n), n)
+    return (first, end - 1) if first < end else None
+
+
+def steps_to_fractions(steps: tuple[int, int], n: int) -> tuple[float, float]:
+    """diffusers' guider fractions that select exactly the steps ``start..stop`` (inclusive) of ``n``: each is
+    placed half a step inside its bound, so that ``int(f n)`` lands on it despite rounding."""
+    start, stop = Guidance(2.0, steps=steps).steps
+    if stop >= n:
+        raise ValueError(f"guidance steps {steps} go past the schedule's {n} steps")
+    return (start + 0.5) / n, 1.0 if stop + 1 == n else (stop + 1.5) / n
 
 
 def _pair(value, name: str) -> tuple[float, float]:

@@ -362,6 +362,25 @@ def test_interval_without_guidance_is_refused(capsys, tmp_path):
         assert "--interval limits guidance to a noise interval; it needs --guidance W" in _error(capsys, argv)
 
 
+def test_guidance_steps_need_guidance_and_exclude_the_interval(capsys):
+    steps = ["--guidance-steps", "2,4"]
+    needs = "--guidance-steps limits guidance to a range of steps; it needs --guidance W"
+    assert needs in _error(capsys, [*GMM, *steps])
+    both = [*GMM, "--guidance", "3", *steps, "--interval", "0.1,2"]
+    assert "give the guided steps as --interval (sigmas) or as --guidance-steps, not both" in _error(capsys, both)
+    assert "expected two step indices 'start,stop', got '2,x'" in _error(capsys, [*GMM, "--guidance-steps", "2,x"])
+
+
+def test_guidance_steps_guide_those_steps(capsys, tmp_path):
+    """--guidance-steps 2,4 on 8 Euler steps: 3 unconditional evaluations, and the run reports the range."""
+    argv = [*GMM, "--guidance", "3", "--guidance-steps", "2,4", "--steps", "8", "--solver", "euler", "--n", "64",
+            "--out", str(tmp_path / "g.png")]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "NFE            11 per sample (8 conditional + 3 unconditional)" in out
+    assert "Guidance(scale=3.0, steps=(2, 4))" in out
+
+
 def test_negative_guidance_is_refused_by_the_cli(capsys):
     assert "argument --guidance: must be a finite number >= 0, got '-1'" in _error(capsys, [*GMM, "--guidance", "-1"])
 

@@ -132,7 +132,7 @@ def test_guidance_errors():
         Guidance(2.0, interval=(3.0, 1.0))
     with pytest.raises(ValueError, match="start=4 > stop=2"):
         Guidance(2.0, steps=(4, 2))
-    with pytest.raises(ValueError, match="either as sigmas"):
+    with pytest.raises(ValueError, match="one form"):
         Guidance(2.0, interval=(0.1, 1.0), steps=(0, 1))
     with pytest.raises(ValueError, match="finite real number"):
         Guidance(float("nan"))
@@ -169,3 +169,63 @@ def test_negative_scale_warns_but_runs(gmm, noise):
         g = Guidance(-1.0)
     out = fastdiff.sample(gmm, noise, s, guidance=g, cond=_labels(64))
     assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------ the three forms of guided steps
+
+
+@pytest.mark.parametrize("n", [1, 7, 10, 23])
+def test_fractions_select_the_steps_diffusers_guider_selects(n):
+    """Guidance(fractions=(start, stop)) guides the steps diffusers' ClassifierFreeGuidance(start=, stop=) enables
+    (int(start N) <= i < int(stop N)), for a grid of fractions including the ones where float rounding bites."""
+    diffusers = pytest.importorskip("diffusers")
+    sigmas = schedules.karras(n, 0.002, 80.0)
+    for start in (0.0, 0.1, 0.2, 0.3, 0.35, 0.5, 0.7, 0.99):  # diffusers takes start < 1
+        for stop in (start, 0.3, 0.6, 0.7, 0.9, 1.0):
+            if stop < start:
+                continue
+            guider = diffusers.ClassifierFreeGuidance(guidance_scale=5.0, start=start, stop=stop)
+            enabled = []
+            for i in range(n):
+                guider.set_state(step=i, num_inference_steps=n, timestep=torch.tensor(999))
+                enabled.append(guider._is_cfg_enabled())
+            assert Guidance(5.0, fractions=(start, stop)).plan(sigmas) == enabled, (start, stop)
+
+
+def test_the_three_forms_convert_into_each_other():
+    """On a schedule, a sigma interval, a step range and diffusers' fractions describe the same guided steps, and
+    each converter's output gives the plan of its input."""
+    from fastdiff.guidance import fractions_to_steps, interval_to_steps, steps_to_fractions, steps_to_interval
+
+    for n in (3, 10, 32):
+        sigmas = schedules.karras(n, 0.002, 80.0)
+        for start in range(n):
+            for stop in range(start, n):
+                plan = Guidance(3.0, steps=(start, stop)).plan(sigmas)
+                interval = steps_to_interval((start, stop), sigmas)
+                fractions = steps_to_fractions((start, stop), n)
+                assert Guidance(3.0, interval).plan(sigmas) == plan
+                assert Guidance(3.0, fractions=fractions).plan(sigmas) == plan
+                assert interval_to_steps(interval, sigmas) == (start, stop)
+                assert fractions_to_steps(fractions, n) == (start, stop)
+    sigmas = schedules.karras(10, 0.002, 80.0)
+    guided = [i for i, s in enumerate(sigmas.tolist()[:-1]) if 0.28 < s <= 5.42]  # EDM2's interval
+    assert interval_to_steps((0.28, 5.42), sigmas) == (guided[0], guided[-1]) and len(guided) > 1
+    assert interval_to_steps((100.0, 200.0), sigmas) is None
+    assert fractions_to_steps((0.5, 0.5), 10) is None
+    assert not any(Guidance(3.0, fractions=(0.5, 0.5)).plan(sigmas))
+
+
+def test_one_form_at_a_time_and_bad_fractions():
+    with pytest.raises(ValueError, match="one form.*not interval and fractions"):
+        Guidance(3.0, (0.1, 1.0), fractions=(0.0, 0.5))
+    with pytest.raises(ValueError, match="not steps and fractions"):
+        Guidance(3.0, steps=(0, 2), fractions=(0.0, 0.5))
+    for bad in ((0.5, 0.2), (-0.1, 0.5), (0.0, 1.5)):
+        with pytest.raises(ValueError, match="0 <= start <= stop <= 1"):
+            Guidance(3.0, fractions=bad)
+    from fastdiff.guidance import steps_to_interval
+
+    with pytest.raises(ValueError, match="go past"):
+        steps_to_interval((2, 10), schedules.karras(10, 0.002, 80.0))
+    assert repr(Guidance(3.0, fractions=(0.1, 0.6))) == "Guidance(scale=3.0, fractions=(0.1, 0.6))"
