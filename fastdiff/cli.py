@@ -97,20 +97,21 @@ def _integers(minimum: int) -> Callable[[str], list[int]]:
     return parse
 
 
-def _pair(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two numbers 'lo,hi', got {text!r}") from None
-    return lo, hi
+def _two(convert, expected: str):
+    """An argparse type for ``a,b``: two values made by ``convert``."""
+
+    def parse(text: str):
+        try:
+            a, b = (convert(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        return a, b
+
+    return parse
 
 
-def _step_range(text: str) -> tuple[int, int]:
-    try:
-        start, stop = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two step indices 'start,stop', got {text!r}") from None
-    return start, stop
+_pair = _two(float, "two numbers 'lo,hi'")
+_step_range = _two(int, "two step indices 'start,stop'")
 
 
 def _device(text: str) -> str:
