@@ -24,7 +24,7 @@ from fastdiff.bench import baselines as bench_baselines
 from fastdiff.bench import kernels as bench_kernels
 from fastdiff.bench import loops
 from fastdiff.checkpoint import atomic_write, check_regular_file
-from fastdiff.guidance import Guidance
+from fastdiff.guidance import METHODS, Guidance
 from fastdiff.ode import reference_sample
 from fastdiff.train.codi import CoDiStudent, LowResCondition, student_solver
 from fastdiff.train.runtime import RunDirectoryInUse
@@ -326,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance-steps", type=_step_range, default=None, metavar="START,STOP",
                    help="with --guidance, instead of --interval: guide only the steps START..STOP (inclusive, "
                    "counted from 0)")  # fmt: skip
+    s.add_argument("--guidance-method", default="cfg", choices=list(METHODS),
+                   help="with --guidance: how the two estimates combine (see fastdiff.guidance)")  # fmt: skip
+    s.add_argument("--guidance-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="option of --guidance-method, repeatable: phi for rescale; eta, norm_threshold, momentum "
+                   "for apg; zero_init_steps for cfg_zero_star")  # fmt: skip
     s.add_argument("--class", dest="class_label", type=_integer(0), default=None,
                    help="images: sample only this class (default: all classes in turn); a class-conditional CoDi "
                    "student's class")  # fmt: skip
@@ -907,6 +912,10 @@ def _check_interval(args: argparse.Namespace) -> None:
     steps = getattr(args, "guidance_steps", None)
     if steps is not None and args.guidance is None:
         raise CLIError("--guidance-steps limits guidance to a range of steps; it needs --guidance W")
+    if args.guidance is None and (getattr(args, "guidance_method", "cfg") != "cfg" or getattr(
+            args, "guidance_option", None)):  # fmt: skip
+        raise CLIError("--guidance-method and --guidance-option choose how guidance combines; they need "
+                       "--guidance W")  # fmt: skip
     if steps is not None and args.interval is not None:
         raise CLIError("give the guided steps as --interval (sigmas) or as --guidance-steps, not both")
 
@@ -915,7 +924,13 @@ def _guidance(args: argparse.Namespace) -> Guidance | None:
     """``--guidance`` with ``--interval`` or ``--guidance-steps`` (checked by :func:`_check_interval`)."""
     if args.guidance is None:
         return None
-    return Guidance(args.guidance, args.interval, steps=getattr(args, "guidance_steps", None))
+    options = dict(getattr(args, "guidance_option", []))
+    unknown = sorted(set(options) - {"phi", "eta", "norm_threshold", "momentum", "zero_init_steps"})
+    if unknown:
+        raise CLIError(f"--guidance-option {unknown[0]}: unknown; the options are phi (rescale), eta, "
+                       "norm_threshold, momentum (apg) and zero_init_steps (cfg_zero_star)")  # fmt: skip
+    return Guidance(args.guidance, args.interval, steps=getattr(args, "guidance_steps", None),
+                    method=getattr(args, "guidance_method", "cfg"), **options)  # fmt: skip
 
 
 def _refuse_unused(args: argparse.Namespace, model) -> None:
@@ -1189,20 +1204,28 @@ def _sample_gmm(args, model, sigmas, solver, guidance, n: int) -> int:
         eval_sigmas=args.eval_sigmas,
     )  # fmt: skip
     wall = time.perf_counter() - t0
-    ref = reference_sample(model, noise * sigmas[0], sigmas, guidance=guidance, cond=cond)
-    err = (out.double() - ref).norm(dim=1)
+    # APG's momentum and CFG-Zero*'s zero-init depend on the steps taken: there is no exact ODE to solve.
+    step_dependent = guidance is not None and bool(guidance.options.get("momentum") is not None
+                                                   or guidance.options.get("zero_init_steps"))  # fmt: skip
+    ref = None if step_dependent else reference_sample(model, noise * sigmas[0], sigmas, guidance=guidance, cond=cond)
     data = model.sample(n, torch.Generator().manual_seed(args.seed + 1), class_labels=labels)
     data2 = model.sample(n, torch.Generator().manual_seed(args.seed + 2), class_labels=labels)
     # The same projections for all three distances, so that they compare.
     sw_to_data = lambda pts: metrics.sliced_wasserstein(pts, data, generator=torch.Generator().manual_seed(12345))  # noqa: E731
-    sw, sw_ref, sw_floor = sw_to_data(out), sw_to_data(ref), sw_to_data(data2)
+    sw, sw_floor = sw_to_data(out), sw_to_data(data2)
 
     print(f"model {args.model}  {_describe(args, solver, sigmas, guidance)}")
     print(f"NFE            {stats.nfe} per sample ({stats.nfe_cond} conditional + {stats.nfe_uncond} unconditional)")
     print(f"wall time      {wall * 1e3:.1f} ms for {n} samples ({args.dtype}, {x.device})")
-    why = "a stochastic solver leaves the ODE's path, so not its error" if solver.stochastic else "RK45, rtol 1e-10"
-    print(f"error vs exact solve   mean {err.mean():.3e}  max {err.max():.3e}  (L2 per sample; {why})")
-    print(f"sliced W2 to data      {sw:.4f}  (exact ODE solve: {sw_ref:.4f}; two draws of the data: {sw_floor:.4f})")
+    if ref is None:
+        print("error vs exact solve   none: this guidance depends on the steps taken (momentum, zero-init)")
+        print(f"sliced W2 to data      {sw:.4f}  (two draws of the data: {sw_floor:.4f})")
+    else:
+        err = (out.double() - ref).norm(dim=1)
+        why = "a stochastic solver leaves the ODE's path, so not its error" if solver.stochastic else "RK45, rtol 1e-10"
+        print(f"error vs exact solve   mean {err.mean():.3e}  max {err.max():.3e}  (L2 per sample; {why})")
+        print(f"sliced W2 to data      {sw:.4f}  (exact ODE solve: {sw_to_data(ref):.4f}; two draws of the data: "
+              f"{sw_floor:.4f})")  # fmt: skip
     if args.out is not None:
         _plot(args, out.double(), ref, data, labels, len(sigmas) - 1)
         print(f"wrote {args.out}")
@@ -1216,11 +1239,12 @@ def _plot(args, out: torch.Tensor, ref: torch.Tensor, data: torch.Tensor, labels
     import matplotlib.pyplot as plt
 
     color = None if labels is None else labels.numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5), sharex=True, sharey=True)
-    for ax, pts, title in [
-        (axes[0], out, f"fastdiff {args.solver}, {steps} steps"),
-        (axes[1], ref, "exact ODE solve (RK45)"),
-    ]:
+    panels = [(out, f"fastdiff {args.solver}, {steps} steps")] + (
+        [] if ref is None else [(ref, "exact ODE solve (RK45)")]
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), sharex=True, sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, (pts, title) in zip(axes, panels):
         ax.scatter(data[:, 0], data[:, 1], s=2, c="lightgrey", label="data")
         ax.scatter(pts[:, 0], pts[:, 1], s=2, c=color, cmap="tab10", vmin=0, vmax=9)
         ax.set_title(title)
@@ -1230,7 +1254,8 @@ def _plot(args, out: torch.Tensor, ref: torch.Tensor, data: torch.Tensor, labels
     axes[0].set_ylim(-lim, lim)
     where = args.interval or (f"steps {args.guidance_steps[0]}-{args.guidance_steps[1]}" if args.guidance_steps
                               else "all steps")  # fmt: skip
-    fig.suptitle(f"{args.model}: guidance {args.guidance or 'off'}, interval {where}")
+    method = f" ({args.guidance_method})" if args.guidance and args.guidance_method != "cfg" else ""
+    fig.suptitle(f"{args.model}: guidance {args.guidance or 'off'}{method}, interval {where}")
     fig.tight_layout()
     _save_figure(fig, args.out, "--out", dpi=110)
 

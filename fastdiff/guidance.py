@@ -1,8 +1,23 @@
-"""Classifier-free guidance in a limited noise interval (Kynkäänniemi et al. 2024).
+"""Classifier-free guidance in a limited noise interval (Kynkäänniemi et al. 2024), and the methods built on it.
 
 The guided denoiser is ``D_u + w (D_c - D_u)`` for steps whose start sigma lies in ``(sigma_lo, sigma_hi]``
 and ``D_c`` elsewhere; outside the interval the unconditional pass is not run at all. The decision is made
 once per step, at the step's start sigma, and every evaluation of that step (both Heun stages) follows it.
+
+Besides plain CFG (``method="cfg"``), a guided evaluation can combine ``D_c`` and ``D_u`` by
+(:func:`guided_estimate`, the pure-torch reference of each):
+
+* ``"rescale"`` (Lin et al. 2024, section 3.4): the CFG prediction rescaled to the conditional one's standard
+  deviation, mixed by ``phi``; in the v-prediction space of its paper;
+* ``"apg"`` (Sadat et al. 2024, adaptive projected guidance): the update ``D_c - D_u`` with ``momentum``, clipped
+  to ``norm_threshold``, split into parts parallel and orthogonal to ``D_c``, the parallel part weighted by
+  ``eta``: ``D_c + (w - 1)(dD_perp + eta dD_par)``, on the denoised estimates as in its paper;
+* ``"cfg_zero_star"`` (Fan et al. 2025, CFG-Zero*): the unconditional prediction scaled by the optimised
+  ``s* = <v_c, v_u> / |v_u|^2``, and zero velocity on the first ``zero_init_steps`` steps; in the flow-matching
+  velocity ``v = eps - x0`` of its paper.
+
+Each reduces to plain CFG with its neutral options (``phi=0``; ``eta=1``, no threshold, no momentum). The per-
+sample reductions run on the device, with no host reads, so the plan stays fixed and a run can be captured.
 """
 
 from __future__ import annotations
@@ -50,6 +65,12 @@ class Guidance:
         uncond_model: Callable[..., torch.Tensor] | None = None,
         batch: bool = True,
         restart: bool = True,
+        method: str = "cfg",
+        phi: float | None = None,
+        eta: float | None = None,
+        norm_threshold: float | None = None,
+        momentum: float | None = None,
+        zero_init_steps: int | None = None,
     ):
         scale = as_real(scale, "guidance scale")
         if scale < 0:
@@ -82,6 +103,9 @@ class Guidance:
             if not 0 <= start <= stop <= 1:
                 raise ValueError(f"guidance fractions need 0 <= start <= stop <= 1, got {fractions}")
             fractions = (start, stop)
+        self.method, self.options = _method_options(
+            method, phi=phi, eta=eta, norm_threshold=norm_threshold, momentum=momentum, zero_init_steps=zero_init_steps
+        )
         if uncond_model is not None and not callable(uncond_model):
             raise TypeError("uncond_model must be callable as model(x, sigma, **uncond)")
         self.scale = scale
@@ -108,6 +132,12 @@ class Guidance:
             return [lo < v <= hi for v in s]
         return [True] * len(s)
 
+    @property
+    def plain(self) -> bool:
+        """Whether every guided evaluation is plain CFG (the method is ``"cfg"``, or another with its neutral
+        options): the fused step then forms ``D_u + w (D_c - D_u)`` itself."""
+        return self.method == "cfg" or self.options == _NEUTRAL[self.method]
+
     def unconditional_model(self, model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """The model that runs the unconditional pass: ``uncond_model`` if given, else the sampled ``model``."""
         return self.uncond_model if self.uncond_model is not None else model
@@ -115,7 +145,134 @@ class Guidance:
     def __repr__(self) -> str:
         forms = (("interval", self.interval), ("steps", self.steps), ("fractions", self.fractions))
         where = next((f"{name}={v}" for name, v in forms if v is not None), "everywhere")
-        return f"Guidance(scale={self.scale}, {where})"
+        method = (
+            ""
+            if self.method == "cfg"
+            else f", method={self.method!r}" + "".join(f", {k}={v}" for k, v in self.options.items())
+        )
+        return f"Guidance(scale={self.scale}, {where}{method})"
+
+
+# ------------------------------------------------------------------------------------------ guidance methods
+
+METHODS = ("cfg", "rescale", "apg", "cfg_zero_star")
+# Each method's options with their defaults (the papers'), and the options under which it is plain CFG.
+_DEFAULTS = {
+    "cfg": {},
+    "rescale": {"phi": 0.7},
+    "apg": {"eta": 0.0, "norm_threshold": None, "momentum": None},
+    "cfg_zero_star": {"zero_init_steps": 0},
+}
+_NEUTRAL = {
+    "cfg": {},
+    "rescale": {"phi": 0.0},
+    "apg": {"eta": 1.0, "norm_threshold": None, "momentum": None},
+    "cfg_zero_star": None,  # s* never reduces to 1 in general
+}
+
+
+def _method_options(method: str, **given) -> tuple[str, dict]:
+    """``(method, its options with defaults)``; an option of another method, or a bad value, is refused."""
+    if method not in METHODS:
+        raise ValueError(f"guidance method must be one of {', '.join(METHODS)}, got {method!r}")
+    options = dict(_DEFAULTS[method])
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name not in options:
+            owner = next(m for m, opts in _DEFAULTS.items() if name in opts)
+            raise ValueError(f"guidance option {name} belongs to method={owner!r}, not method={method!r}")
+        if name == "zero_init_steps":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"zero_init_steps must be an integer >= 0, got {value!r}")
+        else:
+            value = as_real(value, name)
+            if name == "norm_threshold" and not value > 0:
+                raise ValueError(f"norm_threshold must be > 0 (None: no threshold), got {value!r}")
+        options[name] = value
+    return method, options
+
+
+def _sample_dims(t: torch.Tensor) -> list[int]:
+    return list(range(1, t.ndim))
+
+
+def _per_sample(sigma, x: torch.Tensor):
+    """``sigma`` (a float, a 0-d or ``[B]`` tensor) shaped to broadcast against ``x`` ``[B, ...]``."""
+    if isinstance(sigma, torch.Tensor) and sigma.ndim:
+        return sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    return sigma
+
+
+def _v_prediction(x: torch.Tensor, sigma, d: torch.Tensor) -> torch.Tensor:
+    """The VP v-prediction ``alpha eps - sigma_vp x0`` of the denoised estimate ``d`` at VE state ``x``."""
+    return ((x - d) / sigma - sigma * d) / (1 + sigma**2) ** 0.5
+
+
+def _from_v_prediction(x: torch.Tensor, sigma, v: torch.Tensor) -> torch.Tensor:
+    return (x - sigma * (1 + sigma**2) ** 0.5 * v) / (1 + sigma**2)
+
+
+def _flow_velocity(x: torch.Tensor, sigma, d: torch.Tensor) -> torch.Tensor:
+    """The flow-matching velocity ``eps - x0`` of ``d`` at VE state ``x`` (``x_t = x / (1 + sigma)``)."""
+    return (x - d) / sigma - d
+
+
+def _from_flow_velocity(x: torch.Tensor, sigma, v: torch.Tensor) -> torch.Tensor:
+    return (x - sigma * v) / (1 + sigma)
+
+
+def guided_estimate(
+    guidance: Guidance,
+    x: torch.Tensor,
+    sigma,
+    d_cond: torch.Tensor,
+    d_uncond: torch.Tensor,
+    state: dict,
+) -> torch.Tensor:
+    """The guided denoised estimate of one evaluation by ``guidance.method`` (see the module docstring).
+
+    Args:
+        x: ``[B, ...]`` the state evaluated (VE, ``x = x0 + sigma eps``); sigma: its level (float, 0-d or
+            ``[B]``).
+        d_cond, d_uncond: ``[B, ...]`` the conditional and unconditional estimates, ``x``'s dtype.
+        state: the run's state, carried from one guided evaluation to the next (APG's momentum); start with ``{}``.
+
+    Returns ``[B, ...]`` in ``d_cond``'s dtype. Reductions are per sample over every other dimension.
+    """
+    w, method, o = guidance.scale, guidance.method, guidance.options
+    sigma = _per_sample(sigma, x)
+    if method == "cfg":
+        return d_uncond + w * (d_cond - d_uncond)
+    dims = _sample_dims(x)
+    if method == "rescale":
+        v_c = _v_prediction(x, sigma, d_cond)
+        v_cfg = _v_prediction(x, sigma, d_uncond + w * (d_cond - d_uncond))
+        ratio = v_c.std(dim=dims, keepdim=True) / v_cfg.std(dim=dims, keepdim=True)
+        v = o["phi"] * v_cfg * ratio + (1 - o["phi"]) * v_cfg
+        return _from_v_prediction(x, sigma, v)
+    if method == "apg":
+        diff = d_cond - d_uncond
+        if o["momentum"] is not None:
+            previous = state.get("apg_average")
+            diff = diff if previous is None else diff + o["momentum"] * previous
+            state["apg_average"] = diff
+        if o["norm_threshold"] is not None:
+            norm = diff.flatten(1).norm(dim=1).reshape(-1, *([1] * (x.ndim - 1)))
+            diff = diff * torch.clamp(o["norm_threshold"] / norm, max=1.0)
+        unit = d_cond / d_cond.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *([1] * (x.ndim - 1)))
+        parallel = (diff * unit).sum(dim=dims, keepdim=True) * unit
+        return d_cond + (w - 1) * (diff - parallel + o["eta"] * parallel)
+    # cfg_zero_star
+    v_c, v_u = _flow_velocity(x, sigma, d_cond), _flow_velocity(x, sigma, d_uncond)
+    s_star = (v_c * v_u).sum(dim=dims, keepdim=True) / ((v_u * v_u).sum(dim=dims, keepdim=True) + 1e-8)
+    return _from_flow_velocity(x, sigma, s_star * v_u + w * (v_c - s_star * v_u))
+
+
+def zero_velocity_estimate(x: torch.Tensor, sigma) -> torch.Tensor:
+    """CFG-Zero*'s zero-init: the estimate whose flow velocity is 0, ``x / (1 + sigma)`` (the flow state
+    itself), so that a flow-matching Euler step leaves the state where it is."""
+    return x / (1 + _per_sample(sigma, x))
 
 
 # ------------------------------------------------------------------------------ the three forms of guided steps

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from fastdiff import schedules
-from fastdiff.guidance import Guidance
+from fastdiff.guidance import Guidance, guided_estimate
 
 # Dormand-Prince 5(4) tableau.
 _C = [0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0]
@@ -104,10 +104,15 @@ def reference_sample(
     def plain(x_, s):
         return model(x_, torch.full((x_.shape[0],), s, dtype=torch.float64, device=x_.device), **cond)
 
+    if guidance is not None and (guidance.options.get("momentum") is not None or guidance.options.get(
+            "zero_init_steps")):  # fmt: skip
+        raise ValueError("reference_sample solves an ODE in (x, sigma); APG's momentum and CFG-Zero*'s zero-init "
+                         "depend on the steps a sampler takes")  # fmt: skip
+
     def guided(x_, s):
         sb = torch.full((x_.shape[0],), s, dtype=torch.float64, device=x_.device)
         dc, du = model(x_, sb, **cond), uncond_model(x_, sb, **uncond)
-        return du + guidance.scale * (dc - du)
+        return guided_estimate(guidance, x_, s, dc, du, {})
 
     start = 0
     out = x.to(torch.float64)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from fastdiff import denoisers, ops, schedules, solvers
 from fastdiff.arguments import as_int
-from fastdiff.guidance import Guidance
+from fastdiff.guidance import Guidance, guided_estimate, zero_velocity_estimate
 from fastdiff.solvers import Denoised, Interval, Noise, Scalar, Solver, StageRow, schedule_values
 
 Model = Callable[..., torch.Tensor]
@@ -193,6 +193,11 @@ class _Evaluator:
     ):  # fmt: skip
         self.model, self.uncond_model, self.levels = model, uncond_model, levels
         self.w = guidance.scale if guidance is not None else 1.0
+        # A guidance method other than plain CFG forms the guided estimate here (guidance.guided_estimate), and
+        # the step op takes it as the conditional estimate; its run state (APG's momentum) lives for one run.
+        self.method = guidance if guidance is not None and not guidance.plain else None
+        self.zero_init = guidance.options.get("zero_init_steps", 0) if self.method is not None else 0
+        self.method_state: dict = {}
         self.cond, self.uncond = cond, uncond
         guide = any(plan.guided) and guidance.batch
         self.both = (
@@ -213,16 +218,23 @@ class _Evaluator:
     def __call__(self, x: torch.Tensor, j: int, guided: bool) -> Denoised:
         self.nfe_cond += 1
         if not guided:
-            return Denoised(self._call(self.model, x, j, self.cond, "model"))
-        self.nfe_uncond += 1
-        if self.both is not None:
-            d_cond, d_uncond = self._call(
-                self.model, torch.cat([x, x]), j, self.both, "model (cond+uncond batch)"
-            ).chunk(2)
+            out = Denoised(self._call(self.model, x, j, self.cond, "model"))
         else:
-            d_cond = self._call(self.model, x, j, self.cond, "model")
-            d_uncond = self._call(self.uncond_model, x, j, self.uncond, "unconditional model")
-        return Denoised(d_cond, d_uncond, self.w)
+            self.nfe_uncond += 1
+            if self.both is not None:
+                d_cond, d_uncond = self._call(
+                    self.model, torch.cat([x, x]), j, self.both, "model (cond+uncond batch)"
+                ).chunk(2)
+            else:
+                d_cond = self._call(self.model, x, j, self.cond, "model")
+                d_uncond = self._call(self.uncond_model, x, j, self.uncond, "unconditional model")
+            if self.method is None:
+                return Denoised(d_cond, d_uncond, self.w)
+            sigma = self.levels.value(j)
+            out = Denoised(guided_estimate(self.method, x, sigma, d_cond, d_uncond, self.method_state).to(d_cond.dtype))
+        if self.step < self.zero_init:  # CFG-Zero*: the first steps' estimates have zero velocity
+            return Denoised(zero_velocity_estimate(x, self.levels.value(j)).to(out.cond.dtype))
+        return out
 
 
 @dataclass(frozen=True)

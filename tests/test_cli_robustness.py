@@ -381,6 +381,22 @@ def test_guidance_steps_guide_those_steps(capsys, tmp_path):
     assert "Guidance(scale=3.0, steps=(2, 4))" in out
 
 
+def test_guidance_methods_from_the_command_line(capsys, tmp_path):
+    """--guidance-method with its --guidance-option: the run says which; a step-dependent method (APG's momentum)
+    has no exact ODE to compare with, and says so; options are checked against the method."""
+    argv = [*GMM, "--guidance", "3", "--guidance-method", "apg", "--guidance-option", "momentum=-0.5",
+            "--guidance-option", "eta=0", "--out", str(tmp_path / "a.png")]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "method='apg', eta=0.0, norm_threshold=None, momentum=-0.5" in out
+    assert "error vs exact solve   none: this guidance depends on the steps taken" in out
+    wrong = [*GMM, "--guidance", "3", "--guidance-method", "apg", "--guidance-option", "phi=0.5"]
+    assert "guidance option phi belongs to method='rescale', not method='apg'" in _error(capsys, wrong)
+    unknown = [*GMM, "--guidance", "3", "--guidance-option", "gamma=1"]
+    assert "--guidance-option gamma: unknown" in _error(capsys, unknown)
+    assert "they need --guidance W" in _error(capsys, [*GMM, "--guidance-method", "rescale"])
+
+
 def test_negative_guidance_is_refused_by_the_cli(capsys):
     assert "argument --guidance: must be a finite number >= 0, got '-1'" in _error(capsys, [*GMM, "--guidance", "-1"])
 
