@@ -214,6 +214,17 @@ def test_interval_guidance_with_prompts_spends_the_documented_nfe(sdxl):
     assert torch.isfinite(out.images).all()
 
 
+def test_sample_pipeline_takes_the_interval_guider(sd):
+    """fastdiff's diffusers guider (IntervalGuidance) as sample_pipeline's guidance: the same run as
+    fastdiff.Guidance with its interval."""
+    from fastdiff.integrations.diffusers import IntervalGuidance
+
+    guider = IntervalGuidance(5.0, (0.5, 3.0), scheduler=sd.scheduler)
+    a = _ours(sd, PROMPTS, guidance=guider)
+    b = _ours(sd, PROMPTS, guidance=fastdiff.Guidance(5.0, (0.5, 3.0)))
+    assert torch.equal(a.images, b.images) and a.nfe == b.nfe and 0 < a.nfe[1] < STEPS
+
+
 def test_families_by_class(sd, sdxl, sd3, flux, dit):
     names = [family_of(p).name for p in (sd, sdxl, sd3, flux, dit)]
     assert names == ["StableDiffusion", "StableDiffusionXL", "StableDiffusion3", "Flux", "DiT"]

@@ -1029,3 +1029,48 @@ def test_edm_scheduler_takes_a_fastdiff_schedule():
     assert float(ours.sigmas[0]) == pytest.approx(40.0) and float(ours.sigmas[-2]) == pytest.approx(0.01)
     assert ours.init_noise_sigma == pytest.approx((1 + 40.0**2) ** 0.5)
     assert torch.allclose(ours.timesteps[:2].double(), ours.sigmas[:2].double().log() / 4)  # Heun: s0, then s1
+
+
+# ------------------------------------------------------------------------------ a diffusers guider (issue 21)
+
+
+@pytest.mark.parametrize("solver,cls", [("euler", "EulerDiscreteScheduler"),
+                                        ("dpmpp_2m", "DPMSolverMultistepScheduler")])  # fmt: skip
+def test_interval_guider_in_diffusers_loop_equals_fastdiff_sampler(gmm, solver, cls):
+    """IntervalGuidance in a diffusers-style loop (the guider says how many batches to run, then combines them)
+    guides the steps whose sigma lies in the interval and runs the conditional batch alone elsewhere; the loop
+    equals fastdiff.Sampler with Guidance(w, interval) (restart=False: diffusers' multistep schedulers keep their
+    history across the switches)."""
+    from fastdiff.integrations.diffusers import IntervalGuidance
+
+    reference = getattr(diffusers, cls)(**SD_LINSPACE)
+    net = MixtureNet(gmm, reference.alphas_cumprod.double(), "eps")
+    x, labels = _noise_and_labels()
+    x = x.double()
+    lo, hi, w = 0.5, 4.0, 3.0
+    guider = IntervalGuidance(w, (lo, hi), scheduler=reference)
+    scheduler = FastDiffScheduler.from_config(reference.config, solver=solver)
+    scheduler.set_timesteps(8)
+    z, uncond_calls = x * scheduler.init_noise_sigma, 0
+    for i, t in enumerate(scheduler.timesteps):
+        guider.set_state(step=i, num_inference_steps=8, timestep=t)
+        pred_cond = net(scheduler.scale_model_input(z, t), t, class_labels=labels)
+        pred_uncond = None
+        if guider.num_conditions == 2:
+            uncond_calls += 1
+            pred_uncond = net(scheduler.scale_model_input(z, t), t, class_labels=torch.full_like(labels, -1))
+        z = scheduler.step(guider.forward(pred_cond, pred_uncond).pred, t, z).prev_sample
+
+    sigmas = scheduler.sigmas.double()
+    guided = [lo < s <= hi for s in sigmas.tolist()[:-1]]
+    assert uncond_calls == sum(guided) and 0 < sum(guided) < 8
+    den = denoisers.VPDenoiser(lambda a, b, **c: net(a, b, **c), reference.alphas_cumprod)
+    g = fastdiff.Guidance(w, (lo, hi), restart=False)
+    start = x * scheduler.init_noise_sigma * (1 + sigmas[0] ** 2).sqrt()  # the loop's start, as a VE state
+    ours = fastdiff.Sampler(den, solver=solver, sigmas=sigmas, guidance=g).sample(
+        start, {"class_labels": labels}, {"class_labels": torch.full_like(labels, -1)}
+    )
+    assert (ours / (1 + sigmas[-1] ** 2).sqrt() - z).abs().max() < TOL
+    assert guider.to_guidance().interval == (lo, hi)
+    with pytest.raises(ValueError, match="needs the pipeline's scheduler"):
+        IntervalGuidance(w, (lo, hi))

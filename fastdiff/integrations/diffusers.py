@@ -901,10 +901,15 @@ def codi_student(unet, alphas_cumprod: torch.Tensor, prediction: str, condition,
 
 
 def __getattr__(name: str):
-    """The pipeline path lives in :mod:`fastdiff.integrations.diffusers_pipelines`; its names are importable from
-    here too (imported on first use, since that module builds on this one)."""
+    """The pipeline path (:mod:`fastdiff.integrations.diffusers_pipelines`) and the interval guider
+    (:mod:`fastdiff.integrations.diffusers_guiders`) are importable from here too (imported on first use, since
+    those modules build on this one)."""
     if name in ("PipelineSampler", "sample_pipeline", "FastDiffPipelineOutput"):
         from fastdiff.integrations import diffusers_pipelines
 
         return getattr(diffusers_pipelines, name)
+    if name == "IntervalGuidance":
+        from fastdiff.integrations import diffusers_guiders
+
+        return diffusers_guiders.IntervalGuidance
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -436,6 +436,8 @@ class PipelineSampler:
         if sched._edm is not None and sched.prediction != "eps":
             raise ValueError("the pipeline path runs EDM-preconditioned networks that predict epsilon; for "
                              "v_prediction use FastDiffScheduler in the pipeline's own loop")  # fmt: skip
+        if hasattr(guidance, "to_guidance"):  # a diffusers guider of fastdiff's (IntervalGuidance)
+            guidance = guidance.to_guidance()
         guidance, self.model_guidance = self.family.model_guidance(net, guidance)
         if guidance is not None and not isinstance(guidance, Guidance):
             guidance = Guidance(float(guidance))
