@@ -87,15 +87,8 @@ def test_deis_multistep_reproduces_the_source(gmm, steps, order, prediction):
     diffusers keeps its sigmas in float32, and its third-order update amplifies their rounding: 3e-3 at w = 3 on
     16 steps. With its sigmas promoted to float64 after set_timesteps (as here) the two agree to TOL (5e-8
     unguided)."""
-    reference = _in_float64(diffusers.DEISMultistepScheduler(**SD_LINSPACE, prediction_type=prediction,
+    reference = _sigmas_in_float64(diffusers.DEISMultistepScheduler(**SD_LINSPACE, prediction_type=prediction,
                                                              solver_order=order))  # fmt: skip
-    set_timesteps = reference.set_timesteps
-
-    def set_timesteps_float64(*args, **kwargs):
-        set_timesteps(*args, **kwargs)
-        reference.sigmas = reference.sigmas.double()
-
-    reference.set_timesteps = set_timesteps_float64
     net = MixtureNet(gmm, reference.alphas_cumprod.double(), PREDICTIONS[prediction])
     x, labels = _noise_and_labels()
     x = x.double()
@@ -508,6 +501,20 @@ def _in_float64(scheduler):
     return scheduler
 
 
+def _sigmas_in_float64(scheduler):
+    """:func:`_in_float64`, and the sigmas each ``set_timesteps`` makes promoted too (diffusers keeps them in
+    float32, which its higher-order updates amplify)."""
+    scheduler = _in_float64(scheduler)
+    set_timesteps = scheduler.set_timesteps
+
+    def set_timesteps_float64(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        scheduler.sigmas = scheduler.sigmas.double()
+
+    scheduler.set_timesteps = set_timesteps_float64
+    return scheduler
+
+
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("cls,opts,steps", NATIVE, ids=lambda v: v if isinstance(v, str) else None)
 def test_from_config_alone_reproduces_the_source(gmm, prediction, cls, opts, steps):
@@ -669,18 +676,11 @@ def test_dpm_solver_singlestep_reproduces_the_source(gmm, steps, order, solver_t
     """DPMSolverSinglestepScheduler -> dpmpp_singlestep: the same order list (groups of 1, 2, ... order steps,
     the last group shortened, the step to 0 first order), each step a singlestep update from its group's first
     level through the estimates since. Float64 samples, diffusers' sigmas promoted to float64 as for DEIS."""
-    reference = _in_float64(
+    reference = _sigmas_in_float64(
         diffusers.DPMSolverSinglestepScheduler(
             **SD_LINSPACE, solver_order=order, solver_type=solver_type, final_sigmas_type=final
         )
     )
-    set_timesteps = reference.set_timesteps
-
-    def set_timesteps_float64(*args, **kwargs):
-        set_timesteps(*args, **kwargs)
-        reference.sigmas = reference.sigmas.double()
-
-    reference.set_timesteps = set_timesteps_float64
     net = MixtureNet(gmm, reference.alphas_cumprod.double(), "eps")
     x, labels = _noise_and_labels()
     x = x.double()
@@ -766,15 +766,8 @@ def test_sa_solver_reproduces_the_source(gmm, steps, orders, prediction):
     corrector with the previous step's noise, orders warming up and lowered at the end, tau = 1 on timesteps
     200-800 (as sigmas of the grid): the same draws from the generator, one a step."""
     p, c = orders
-    reference = _in_float64(diffusers.SASolverScheduler(**SD_LINSPACE, prediction_type=prediction,
+    reference = _sigmas_in_float64(diffusers.SASolverScheduler(**SD_LINSPACE, prediction_type=prediction,
                                                         predictor_order=p, corrector_order=c))  # fmt: skip
-    set_timesteps = reference.set_timesteps
-
-    def set_timesteps_float64(*args, **kwargs):
-        set_timesteps(*args, **kwargs)
-        reference.sigmas = reference.sigmas.double()
-
-    reference.set_timesteps = set_timesteps_float64
     net = MixtureNet(gmm, reference.alphas_cumprod.double(), PREDICTIONS[prediction])
     x, labels = _noise_and_labels()
     x = x.double()
