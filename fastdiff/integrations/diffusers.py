@@ -733,20 +733,24 @@ class FastDiffScheduler(SchedulerMixin, ConfigMixin):
         its ``gamma`` on the model's own timesteps."""
         if isinstance(self.solver, solvers.TCD):
             gamma = self.solver.gamma if eta is None else as_real(eta, "eta")
-            key = ("tcd", gamma)
-            if key not in self._step_solvers:
-                self._step_solvers[key] = solvers.get("tcd", gamma=gamma, alphas_cumprod=self.alphas_cumprod)
-            return self._step_solvers[key]
+            return self._step_solver("tcd", gamma=gamma, alphas_cumprod=self.alphas_cumprod)
         eta = 0.0 if eta is None else as_real(eta, "eta")
         if eta == 0:
             return self.solver
         if not eta > 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if isinstance(self.solver, solvers.DDIM) and self._x0_transform is None:
-            return solvers.get("euler_ancestral", eta=eta)
+            return self._step_solver("euler_ancestral", eta=eta)
         raise ValueError(f"eta={eta} (the pipeline's eta) is not reproduced by FastDiffScheduler with "
                          f"{self.solver.name}: only DDIM's (without clipping) is; pass eta=0, or a stochastic "
                          "solver= with its own eta in solver_options")  # fmt: skip
+
+    def _step_solver(self, name: str, **options) -> solvers.Solver:
+        """A solver for the pipeline's ``eta``, made once per value and kept for the run's steps."""
+        key = (name, *(v for k, v in sorted(options.items()) if k != "alphas_cumprod"))
+        if key not in self._step_solvers:
+            self._step_solvers[key] = solvers.get(name, **options)
+        return self._step_solvers[key]
 
     @property
     def _brownian(self) -> bool:
