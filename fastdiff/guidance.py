@@ -258,9 +258,9 @@ def guided_estimate(
             diff = diff if previous is None else diff + o["momentum"] * previous
             state["apg_average"] = diff
         if o["norm_threshold"] is not None:
-            norm = diff.flatten(1).norm(dim=1).reshape(-1, *([1] * (x.ndim - 1)))
+            norm = torch.linalg.vector_norm(diff, dim=dims, keepdim=True)
             diff = diff * torch.clamp(o["norm_threshold"] / norm, max=1.0)
-        unit = d_cond / d_cond.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *([1] * (x.ndim - 1)))
+        unit = d_cond / torch.linalg.vector_norm(d_cond, dim=dims, keepdim=True).clamp_min(1e-12)
         parallel = (diff * unit).sum(dim=dims, keepdim=True) * unit
         return d_cond + (w - 1) * (diff - parallel + o["eta"] * parallel)
     # cfg_zero_star
