@@ -1,6 +1,6 @@
 """What the training comparisons on the digits share (cascade_digits.py, sadm_digits.py): train the runs that are
 missing with the ``fastdiff train`` CLI, read a run's time per step from its log, sample and judge a model, and
-summarise several seeds as their mean and range."""
+summarise several seeds as their mean and range; and the CSV writer other benchmarks use too."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fastdiff import generate
+from fastdiff.checkpoint import atomic_write
 
 
 def train_missing(run_dir: Path, job_args: list[str]) -> None:
@@ -75,8 +76,13 @@ def merge_csv(rows: list[dict], path: Path, key, text: tuple[str, ...]) -> list[
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
+    """``rows`` as a CSV file at ``path`` (its folder made), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)

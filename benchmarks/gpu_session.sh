@@ -9,9 +9,10 @@
 #   sanitizer  compute-sanitizer memcheck over the CUDA kernels' tests (forward and backward, every dtype pair,
 #              aligned and unaligned; the 12M-element case left out for time)
 #   kernels    the fused-step microbenchmark against eager, torch.compile and the copy bandwidth
+#   cache      feature caching on an SD-sized diffusers UNet from config: time per batch, eager and captured
 #   sample     the sampling-loop benchmark: loop overhead against k-diffusion and diffusers, EDM2 interval, e2e
-# $OUT receives at most 8 files: summary.txt, logs.tar.gz (every stage's log), kernels.csv/.png and
-# sample_loops.csv/.png.
+# $OUT receives at most 8 files: summary.txt, logs.tar.gz (every stage's log), kernels.csv/.png, cache_speed.csv
+# and sample_loops.csv/.png.
 #
 #   bash benchmarks/gpu_session.sh              on the GPU machine, from the repository root
 #   bash benchmarks/gpu_session.sh --rehearse   on a CPU machine: each stage runs a CPU form of its command (the
@@ -102,17 +103,19 @@ if [ $REHEARSE = 1 ]; then
     stage tests 110 "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests
     stage sanitizer 40 "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests/test_gpu.py -k "$SANITIZE"
     stage kernels 70 "$PY" -m fastdiff bench kernels --device cpu --sizes 16K --dtypes fp32 \
-        --workloads euler_cfg,unipc_corrector --no-compile --reps 5 --out "$OUT"
-    stage sample 75 "$PY" -m fastdiff bench sample --preset cpu --scenarios overhead --reps 5 --no-progress \
+        --workloads euler_cfg,apg,unipc_corrector --no-compile --reps 5 --out "$OUT"
+    stage cache 40 "$PY" benchmarks/cache_speed.py --size tiny --steps 4 --reps 2 --device cpu --out "$OUT"
+    stage sample 60 "$PY" -m fastdiff bench sample --preset cpu --scenarios overhead --reps 5 --no-progress \
         --out "$OUT"
 else
     stage tests 110 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs tests
     stage sanitizer 40 compute-sanitizer --tool memcheck --error-exitcode 3 \
         "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "$SANITIZE"
-    stage kernels 70 "$PY" -m fastdiff bench kernels --workloads euler_cfg,unipc_corrector --time-budget 50 \
-        --progress --out "$OUT"
-    left=$((DEADLINE + 75 - SECONDS))
-    stage sample 75 "$PY" -m fastdiff bench sample --preset gpu --batches 1,8 \
+    stage kernels 65 "$PY" -m fastdiff bench kernels --workloads euler_cfg,apg,rescale,cfg_zero_star,unipc_corrector \
+        --sizes 16K,50M --time-budget 50 --progress --out "$OUT"
+    stage cache 40 "$PY" benchmarks/cache_speed.py --steps 20 --reps 5 --out "$OUT"
+    left=$((DEADLINE + 50 - SECONDS))
+    stage sample 50 "$PY" -m fastdiff bench sample --preset gpu --batches 1,8 \
         --time-budget $((left > 50 ? left - 35 : 15)) --no-progress --out "$OUT"
 fi
 finish 0

@@ -1,8 +1,9 @@
 """Guidance methods against the guidance scale, over every noise level and limited to the middle ones (runs on the
 CPU; no GPU needed).
 
-For each method of fastdiff.Guidance (plain CFG, rescale, APG, CFG-Zero*), each scale w, and guidance either at
-every step or only in the interval (0.3, 3.0] (Kynkaenniemi et al. 2024's idea: guide the middle noise levels):
+For each method of fastdiff.Guidance (plain CFG, rescale, APG, CFG-Zero*, CFG++), each scale w (CFG++: its lambda,
+0.2 ... 1), and guidance either at every step or only in the interval (0.3, 3.0] (Kynkaenniemi et al. 2024's idea:
+guide the middle noise levels):
 
 * **the exact mixture** (the built-in 2-D Gaussian mixture, 2000 class-conditional samples, DPM-Solver++(2M),
   32 Karras steps): the sliced Wasserstein-2 distance of each class's samples to exact draws of that class,
@@ -36,9 +37,17 @@ METHODS = {
     "rescale": {"phi": 0.7},
     "apg": {"eta": 0.0, "momentum": -0.5},
     "cfg_zero_star": {},
+    "cfg_pp": {},
 }
 INTERVAL = (0.3, 3.0)
 SCALES = [1.5, 2.0, 3.0, 4.0, 6.0]
+LAMBDAS = [0.2, 0.4, 0.6, 0.8, 1.0]  # CFG++'s lambda: D_u + lambda (D_c - D_u), re-noised along D_u
+
+
+def _scales(method: str) -> list[float]:
+    return LAMBDAS if method == "cfg_pp" else SCALES
+
+
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
@@ -65,7 +74,7 @@ def mixture_rows(n: int) -> list[dict]:
     rows.append({"model": "gmm", "method": "none", "interval": "-", "w": 1.0, "sw2": distance(plain)})
     for method in METHODS:
         for interval in (None, INTERVAL):
-            for w in SCALES:
+            for w in _scales(method):
                 g = _guidance(method, w, interval)
                 x = fastdiff.sample(model, noise * SIGMA_MAX, sigmas, guidance=g, cond=cond, uncond=uncond)
                 rows.append({"model": "gmm", "method": method, "interval": _where(interval), "w": w,
@@ -88,7 +97,7 @@ def digits_rows(n: int, batch_size: int) -> list[dict]:
                  **judge(gen.images, gen.labels)})  # fmt: skip
     for method in METHODS:
         for interval in (None, INTERVAL):
-            for w in SCALES:
+            for w in _scales(method):
                 t0 = time.perf_counter()
                 gen = generate.generate(model, indices, sigmas, guidance=_guidance(method, w, interval), **kw)
                 row = {"model": "digits", "method": method, "interval": _where(interval), "w": w, "nfe": gen.nfe,
@@ -122,7 +131,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 pts = [r for r in rows if r["model"] == model and r["method"] == method and r["interval"] == interval]
                 ax.plot([r["w"] for r in pts], [r[key] for r in pts], style, marker="o", ms=3,
                         color=colours[method], label=f"{method}, {interval}")  # fmt: skip
-        ax.set_xlabel("guidance scale w")
+        ax.set_xlabel("guidance scale w (CFG++: its lambda)")
+        ax.set_xscale("log")
         if key != "accuracy":
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)

@@ -57,6 +57,8 @@ auto as_cuda_args(const StepArgs<TX, TD, Acc>& s) {
   c.e_out = as_cuda_or_null(s.e_out);
   c.n = s.n;
   c.coef = s.coef;
+  c.guide = s.guide;
+  c.sample_n = s.sample_n;
   return c;
 }
 
@@ -67,6 +69,21 @@ void guided_step_cuda_on_current_stream(const StepArgs<TX, TD, Acc>& s, c10::Dev
   const c10::cuda::CUDAGuard guard(device);
   const int err = guided_step_cuda(as_cuda_args(s), c10::cuda::getCurrentCUDAStream(device.index()).stream());
   TORCH_CHECK(err == 0, "guided_step: CUDA launch failed with error ", err);
+}
+
+template <typename TX, typename TD, typename Acc>
+void guidance_sums_cuda_on_current_stream(const SumsArgs<TX, TD, Acc>& s, double* partial, c10::Device device) {
+  SumsArgs<typename Cuda<TX>::type, typename Cuda<TD>::type, Acc> c{};
+  c.x = as_cuda(s.x);
+  c.d_cond = as_cuda(s.d_cond);
+  c.d_uncond = as_cuda(s.d_uncond);
+  c.mix = s.mix;
+  c.out = s.out;
+  c.batch = s.batch;
+  c.sample_n = s.sample_n;
+  const c10::cuda::CUDAGuard guard(device);
+  const int err = guidance_sums_cuda(c, partial, c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  TORCH_CHECK(err == 0, "guidance_sums: CUDA launch failed with error ", err);
 }
 
 template <typename TX, typename TD, typename Acc>
@@ -92,6 +109,16 @@ template void guided_step_cuda_on_current_stream(const StepArgs<float, c10::BFlo
 template void guided_step_cuda_on_current_stream(const StepArgs<c10::Half, c10::Half, float>&, c10::Device);
 template void guided_step_cuda_on_current_stream(const StepArgs<c10::BFloat16, c10::BFloat16, float>&, c10::Device);
 template void guided_step_cuda_on_current_stream(const StepArgs<double, double, double>&, c10::Device);
+
+template void guidance_sums_cuda_on_current_stream(const SumsArgs<float, float, float>&, double*, c10::Device);
+template void guidance_sums_cuda_on_current_stream(const SumsArgs<float, c10::Half, float>&, double*, c10::Device);
+template void guidance_sums_cuda_on_current_stream(const SumsArgs<float, c10::BFloat16, float>&, double*,
+                                                   c10::Device);
+template void guidance_sums_cuda_on_current_stream(const SumsArgs<c10::Half, c10::Half, float>&, double*,
+                                                   c10::Device);
+template void guidance_sums_cuda_on_current_stream(const SumsArgs<c10::BFloat16, c10::BFloat16, float>&, double*,
+                                                   c10::Device);
+template void guidance_sums_cuda_on_current_stream(const SumsArgs<double, double, double>&, double*, c10::Device);
 
 
 template void guided_step_backward_cuda_on_current_stream(const StepGradArgs<float, float, float>&, double*, c10::Device);

@@ -3,7 +3,7 @@
 Models follow the k-diffusion/EDM convention ``model(x, sigma, **cond) -> D(x; sigma)``.
 """
 
-from fastdiff import denoisers, guidance, metrics, models, ode, ops, schedules, solvers
+from fastdiff import cache, denoisers, guidance, metrics, models, ode, ops, schedules, solvers
 from fastdiff.guidance import Guidance
 from fastdiff.sampler import CaptureError, Sampler, SampleStats, count_nfe, sample
 from fastdiff.solvers import ODE_SOLVERS, SOLVERS
@@ -16,6 +16,7 @@ __all__ = [
     "ODE_SOLVERS",
     "SampleStats",
     "Sampler",
+    "cache",
     "count_nfe",
     "denoisers",
     "guidance",

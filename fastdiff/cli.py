@@ -24,6 +24,7 @@ from fastdiff.bench import baselines as bench_baselines
 from fastdiff.bench import kernels as bench_kernels
 from fastdiff.bench import loops
 from fastdiff.checkpoint import atomic_write, check_regular_file
+from fastdiff import cache as fastcache
 from fastdiff.guidance import METHODS, Guidance
 from fastdiff.ode import reference_sample
 from fastdiff.train.codi import CoDiStudent, LowResCondition, student_solver
@@ -327,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --guidance, instead of --interval: guide only the steps START..STOP (inclusive, "
                    "counted from 0)")  # fmt: skip
     s.add_argument("--guidance-method", default="cfg", choices=list(METHODS),
-                   help="with --guidance: how the two estimates combine (see fastdiff.guidance)")  # fmt: skip
+                   help="with --guidance: how the two estimates combine (see fastdiff.guidance); cfg_pp (CFG++) "
+                   "changes the solver step, for --solver euler, ddim, euler_ancestral or dpmpp_2m, and takes W as "
+                   "its lambda (usually 0..1)")  # fmt: skip
     s.add_argument("--guidance-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="option of --guidance-method, repeatable: phi for rescale; eta, norm_threshold, momentum "
                    "for apg; zero_init_steps for cfg_zero_star")  # fmt: skip
@@ -354,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float64", choices=["float32", "float64"], help="gmm: sampling dtype")
     s.add_argument("--cuda-graph", action="store_true",
                    help="images on CUDA: replay the whole loop as one captured CUDA graph per batch size")  # fmt: skip
+    s.add_argument("--cache", default=None, metavar="SPEC",
+                   help="images: reuse the network's features between evaluations (fastdiff.cache): deepcache:N "
+                   "(every N-th evaluation full), first_block:T (skip where the first block changed by less than "
+                   "T, decided by a calibration run), first_block:T:dynamic; add :taylor to extrapolate")  # fmt: skip
     s.add_argument("--progress", action="store_true", help="show a progress bar")
     s.set_defaults(func=cmd_sample)
 
@@ -939,8 +946,9 @@ def _refuse_unused(args: argparse.Namespace, model) -> None:
         unused = [("--class", args.class_label is not None), ("--out-dir", args.out_dir is not None),
                   ("--cuda-graph", args.cuda_graph), ("--no-teacher", args.no_teacher),
                   ("--device " + str(args.device), args.device not in (None, "cpu")),
-                  ("--cond-image", args.cond_image is not None)]  # fmt: skip
-        why = "the gmm model samples all its classes on the CPU and always compares with the exact solve"
+                  ("--cond-image", args.cond_image is not None), ("--cache", args.cache is not None)]  # fmt: skip
+        why = ("the gmm model samples all its classes on the CPU and always compares with the exact solve (and has "
+               "no network whose features a cache could reuse)")  # fmt: skip
     else:
         unused = [("--unconditional", args.unconditional)]
         why = "image models sample their classes in turn (or one, with --class)"
@@ -1026,6 +1034,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = _model(args.model, "--model")
     gmm, student = isinstance(model, models.GaussianMixture), isinstance(model, CoDiStudent)
     _refuse_unused(args, model)
+    if args.cache is not None:
+        try:
+            args.cache = fastcache.parse(args.cache)
+        except ValueError as exc:
+            raise CLIError(f"--cache: {exc}") from None
     args.condition = _student_condition(args, model) if student else None
     _sigma_range(args, model)
     args.solver = args.solver or ("lcm" if student else "dpmpp_2m")
@@ -1081,7 +1094,8 @@ def _sample_images(args, model, sigmas, solver, guidance, n: int) -> int:
             indices = generate.shard(n, ctx.rank, ctx.world_size)
             t0 = time.perf_counter()
             gen = generate.generate(model, indices, sigmas, solver=solver, progress=args.progress and ctx.is_main,
-                                    cuda_graph=args.cuda_graph, eval_sigmas=args.eval_sigmas, **kw)  # fmt: skip
+                                    cuda_graph=args.cuda_graph, eval_sigmas=args.eval_sigmas, cache=args.cache,
+                                    **kw)  # fmt: skip
             wall = time.perf_counter() - t0
             if args.out_dir is not None:
                 generate.write_part(args.out_dir, gen, ctx.rank, ctx.world_size)
@@ -1107,6 +1121,9 @@ def _report_images(args, model, sigmas, solver, guidance, gen, wall: float, kw: 
     print(f"model {args.model}  {_describe(args, solver, sigmas, guidance)}")
     print(f"NFE            {gen.nfe} per sample ({gen.nfe - gen.nfe_uncond} conditional + {gen.nfe_uncond} "
           "unconditional)")  # fmt: skip
+    if gen.full_evaluations is not None:
+        print(f"cache          {args.cache.spec()}: {gen.full_evaluations} full + {gen.cached_evaluations} cached "
+              "forward calls of the network per sample")  # fmt: skip
     print(f"wall time      {wall * 1e3:.1f} ms for {n} samples ({kw['device']})")
     teacher = None
     if isinstance(model, CoDiStudent):
@@ -1204,9 +1221,8 @@ def _sample_gmm(args, model, sigmas, solver, guidance, n: int) -> int:
         eval_sigmas=args.eval_sigmas,
     )  # fmt: skip
     wall = time.perf_counter() - t0
-    # APG's momentum and CFG-Zero*'s zero-init depend on the steps taken: there is no exact ODE to solve.
-    step_dependent = guidance is not None and bool(guidance.options.get("momentum") is not None
-                                                   or guidance.options.get("zero_init_steps"))  # fmt: skip
+    # APG's momentum, CFG-Zero*'s zero-init and CFG++ depend on the steps taken: there is no exact ODE to solve.
+    step_dependent = guidance is not None and guidance.step_dependent
     ref = None if step_dependent else reference_sample(model, noise * sigmas[0], sigmas, guidance=guidance, cond=cond)
     data = model.sample(n, torch.Generator().manual_seed(args.seed + 1), class_labels=labels)
     data2 = model.sample(n, torch.Generator().manual_seed(args.seed + 2), class_labels=labels)
@@ -1218,7 +1234,7 @@ def _sample_gmm(args, model, sigmas, solver, guidance, n: int) -> int:
     print(f"NFE            {stats.nfe} per sample ({stats.nfe_cond} conditional + {stats.nfe_uncond} unconditional)")
     print(f"wall time      {wall * 1e3:.1f} ms for {n} samples ({args.dtype}, {x.device})")
     if ref is None:
-        print("error vs exact solve   none: this guidance depends on the steps taken (momentum, zero-init)")
+        print("error vs exact solve   none: this guidance depends on the steps taken (momentum, zero-init, CFG++)")
         print(f"sliced W2 to data      {sw:.4f}  (two draws of the data: {sw_floor:.4f})")
     else:
         err = (out.double() - ref).norm(dim=1)

@@ -86,6 +86,8 @@ class Generated:
     indices: torch.Tensor
     nfe: int
     nfe_uncond: int = 0
+    full_evaluations: int | None = None  # with a feature cache: per sample, the network's full forward calls
+    cached_evaluations: int | None = None  # and those that reused cached features
 
 
 def generate(
@@ -105,6 +107,7 @@ def generate(
     cuda_graph: bool = False,
     eval_sigmas: torch.Tensor | None = None,
     condition: torch.Tensor | None = None,
+    cache: str | fastdiff.cache.Cache | None = None,
 ) -> Generated:
     """Sample the images with the given ``indices [N]`` (int64), ``batch_size`` at a time, on ``device`` in float32,
     over ``sigmas`` (a schedule ending in 0); ``shape`` is one image's ``(C, H, W)``. Returns :class:`Generated`
@@ -114,7 +117,8 @@ def generate(
     solver draws each sample's step noise from that sample's generator (:class:`SampleNoise`); in a CUDA graph it
     draws on the device from one generator seeded per batch, so there its images depend on the batching.
     ``condition``: ``[M, ...]`` condition tensors the model takes as ``cond=`` (a CoDi student's), sample ``i``
-    taking row ``i % M``, so that a sample's condition, like its noise, depends on its index alone."""
+    taking row ``i % M``, so that a sample's condition, like its noise, depends on its index alone. ``cache``: a
+    feature cache (:mod:`fastdiff.cache`); a calibrated one calibrates on the first batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if condition is not None and len(condition) == 0:
@@ -122,7 +126,7 @@ def generate(
     labels = sample_labels(indices, num_classes, class_label)
     images = []
     sampler = fastdiff.Sampler(model, solver=solver, sigmas=sigmas, guidance=guidance, cuda_graph=cuda_graph,
-                               eval_sigmas=eval_sigmas)  # fmt: skip
+                               eval_sigmas=eval_sigmas, cache=cache)  # fmt: skip
     batches = list(indices.split(batch_size))
     label_batches = labels.split(batch_size) if labels is not None else [None] * len(batches)
     steps = tqdm(
@@ -142,7 +146,9 @@ def generate(
     if not images:
         return Generated(torch.empty(0, *shape), labels, indices, 0)
     nfe_cond, nfe_uncond = sampler.nfe
-    return Generated(torch.cat(images), labels, indices, nfe_cond + nfe_uncond, nfe_uncond)
+    stats = sampler.stats()
+    return Generated(torch.cat(images), labels, indices, nfe_cond + nfe_uncond, nfe_uncond, stats.full_evaluations,
+                     stats.cached_evaluations)  # fmt: skip
 
 
 def shard(n: int, rank: int, world_size: int) -> torch.Tensor:

@@ -16,8 +16,17 @@ Besides plain CFG (``method="cfg"``), a guided evaluation can combine ``D_c`` an
   ``s* = <v_c, v_u> / |v_u|^2``, and zero velocity on the first ``zero_init_steps`` steps; in the flow-matching
   velocity ``v = eps - x0`` of its paper.
 
-Each reduces to plain CFG with its neutral options (``phi=0``; ``eta=1``, no threshold, no momentum). The per-
-sample reductions run on the device, with no host reads, so the plan stays fixed and a run can be captured.
+and ``"cfg_pp"`` (Chung et al. 2024, CFG++), which changes the solver step rather than the estimate: the step
+re-noises along the unconditional direction (:mod:`fastdiff.solvers.cfg_pp`; Euler, Euler ancestral and
+DPM-Solver++(2M) only). Its ``scale`` is the paper's lambda, usually in ``[0, 1]``.
+
+Each of the others reduces to plain CFG with its neutral options (``phi=0``; ``eta=1``, no threshold, no momentum).
+In a sampling loop a method's guided estimate is a per-sample combination of ``x``, ``D_c`` and ``D_u``
+(:func:`method_weights`): one reduction pass gives its weights, and the fused step applies them. Nothing is read
+back to the host, so the plan stays fixed and a run can be captured in a CUDA graph.
+
+AutoGuidance (Karras et al. 2024) is plain CFG whose unconditional pass is a weaker version of the same model
+(``uncond_model=``, called with the conditional keyword arguments through ``uncond=``).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fastdiff import ops
 from fastdiff.arguments import as_real
 
 
@@ -119,7 +129,7 @@ class Guidance:
     def plan(self, sigmas: Sequence[float] | torch.Tensor) -> list[bool]:
         """Which of the ``len(sigmas) - 1`` steps run the unconditional pass."""
         s = [float(v) for v in sigmas][:-1]
-        if self.scale == 1.0:
+        if self.scale == 1.0 and self.method != "cfg_pp":  # CFG++ at 1 still re-noises with D_u
             return [False] * len(s)
         steps = self.steps if self.fractions is None else fractions_to_steps(self.fractions, len(s))
         if self.fractions is not None and steps is None:
@@ -135,8 +145,15 @@ class Guidance:
     @property
     def plain(self) -> bool:
         """Whether every guided evaluation is plain CFG (the method is ``"cfg"``, or another with its neutral
-        options): the fused step then forms ``D_u + w (D_c - D_u)`` itself."""
-        return self.method == "cfg" or self.options == _NEUTRAL[self.method]
+        options, or the solver-level ``"cfg_pp"``): the fused step then forms ``D_u + w (D_c - D_u)`` itself."""
+        return self.method in ("cfg", "cfg_pp") or self.options == _NEUTRAL[self.method]
+
+    @property
+    def step_dependent(self) -> bool:
+        """Whether the guided sampler depends on the steps taken, so that no ODE in ``(x, sigma)`` describes it:
+        APG's momentum, CFG-Zero*'s zero-init, and CFG++ (a change of the solver step)."""
+        return self.method == "cfg_pp" or self.options.get("momentum") is not None or bool(
+            self.options.get("zero_init_steps"))  # fmt: skip
 
     def unconditional_model(self, model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """The model that runs the unconditional pass: ``uncond_model`` if given, else the sampled ``model``."""
@@ -155,19 +172,21 @@ class Guidance:
 
 # ------------------------------------------------------------------------------------------ guidance methods
 
-METHODS = ("cfg", "rescale", "apg", "cfg_zero_star")
+METHODS = ("cfg", "rescale", "apg", "cfg_zero_star", "cfg_pp")
 # Each method's options with their defaults (the papers'), and the options under which it is plain CFG.
 _DEFAULTS = {
     "cfg": {},
     "rescale": {"phi": 0.7},
     "apg": {"eta": 0.0, "norm_threshold": None, "momentum": None},
     "cfg_zero_star": {"zero_init_steps": 0},
+    "cfg_pp": {},
 }
 _NEUTRAL = {
     "cfg": {},
     "rescale": {"phi": 0.0},
     "apg": {"eta": 1.0, "norm_threshold": None, "momentum": None},
     "cfg_zero_star": None,  # s* never reduces to 1 in general
+    "cfg_pp": None,  # a solver-level method (fastdiff.solvers.cfg_pp): its evaluations are plain CFG
 }
 
 
@@ -267,6 +286,63 @@ def guided_estimate(
     v_c, v_u = _flow_velocity(x, sigma, d_cond), _flow_velocity(x, sigma, d_uncond)
     s_star = (v_c * v_u).sum(dim=dims, keepdim=True) / ((v_u * v_u).sum(dim=dims, keepdim=True) + 1e-8)
     return _from_flow_velocity(x, sigma, s_star * v_u + w * (v_c - s_star * v_u))
+
+
+def method_weights(
+    guidance: Guidance,
+    x: torch.Tensor,
+    sigma,
+    d_cond: torch.Tensor,
+    d_uncond: torch.Tensor,
+    state: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`guided_estimate` as per-sample weights for the fused step: ``(U, guide)`` with the guided estimate
+    ``D = guide[:, 0] x + guide[:, 1] d_cond + guide[:, 2] U`` (:func:`fastdiff.ops.guided_step_per_sample`).
+
+    ``U`` is ``d_uncond``, or APG's running average under momentum (updated in ``state``); ``guide`` is ``[B, 3]``
+    in x's accumulation dtype on its device. The method's reductions run in one pass of
+    :func:`fastdiff.ops.guidance_sums`, the weights in a few ``[B]``-sized ops: nothing is read back to the host.
+    """
+    w, method, o = guidance.scale, guidance.method, guidance.options
+    ct = ops.acc_dtype(x)
+    batch = x.shape[0]
+    s = torch.as_tensor(sigma, dtype=ct, device=x.device).reshape(-1).expand(batch)
+    zero, one = torch.zeros_like(s), torch.ones_like(s)
+    u = d_uncond
+    if method == "rescale":
+        # v(d) = p x + q d, the v-prediction of d; u = v(D_c), v = v(D_cfg)
+        root = torch.sqrt(1 + s * s)
+        p, q = 1 / (s * root), -root / s
+        mix = torch.stack([p, q, zero, p, q * w, q * (1 - w)], 1)
+    elif method == "apg":
+        if o["momentum"] is not None:
+            previous = state.get("apg_average")
+            u = d_cond - d_uncond if previous is None else torch.add(d_cond - d_uncond, previous, alpha=o["momentum"])
+            state["apg_average"] = u
+            mix = torch.stack([zero, zero, one, zero, one, zero], 1)  # u: the average, v: D_c
+        else:
+            mix = torch.stack([zero, one, -one, zero, one, zero], 1)  # u: D_c - D_u, v: D_c
+    else:  # cfg_zero_star: u = v_c, v = v_u, the flow velocities x / s - (1 + 1 / s) d
+        mix = torch.stack([1 / s, -(1 + 1 / s), zero, 1 / s, zero, -(1 + 1 / s)], 1)
+    su, sv, suu, svv, suv = ops.guidance_sums(x, d_cond, u, mix).unbind(1)
+    if method == "rescale":
+        n = x[0].numel()
+        var_c = (suu - su * su / n) / (n - 1)
+        var_cfg = (svv - sv * sv / n) / (n - 1)
+        k = o["phi"] * torch.sqrt(var_c / var_cfg) + (1 - o["phi"])
+        guide = torch.stack([(1 - k) / (1 + s * s), k * w, k * (1 - w)], 1)
+    elif method == "apg":
+        clip = one if o["norm_threshold"] is None else torch.clamp(o["norm_threshold"] / torch.sqrt(suu), max=1.0)
+        along = suv / torch.sqrt(svv).clamp_min(1e-12) ** 2  # <diff, D_c> / |D_c|^2
+        scaled = (w - 1) * clip
+        if o["momentum"] is not None:  # D = D_c + (w - 1) clip (avg - (1 - eta) along D_c)
+            guide = torch.stack([zero, 1 - scaled * (1 - o["eta"]) * along, scaled], 1)
+        else:
+            guide = torch.stack([zero, 1 + scaled * (1 - (1 - o["eta"]) * along), -scaled], 1)
+    else:
+        s_star = suv / (svv + 1e-8)
+        guide = torch.stack([(1 - w) * (1 - s_star) / (1 + s), w * one, (1 - w) * s_star], 1)
+    return u, guide
 
 
 def zero_velocity_estimate(x: torch.Tensor, sigma) -> torch.Tensor:

@@ -104,10 +104,9 @@ def reference_sample(
     def plain(x_, s):
         return model(x_, torch.full((x_.shape[0],), s, dtype=torch.float64, device=x_.device), **cond)
 
-    if guidance is not None and (guidance.options.get("momentum") is not None or guidance.options.get(
-            "zero_init_steps")):  # fmt: skip
-        raise ValueError("reference_sample solves an ODE in (x, sigma); APG's momentum and CFG-Zero*'s zero-init "
-                         "depend on the steps a sampler takes")  # fmt: skip
+    if guidance is not None and guidance.step_dependent:
+        raise ValueError("reference_sample solves an ODE in (x, sigma); APG's momentum, CFG-Zero*'s zero-init "
+                         "and CFG++ depend on the steps a sampler takes")  # fmt: skip
 
     def guided(x_, s):
         sb = torch.full((x_.shape[0],), s, dtype=torch.float64, device=x_.device)

@@ -753,3 +753,123 @@ def guided_step(
 
 def _dtype_help() -> str:
     return "; ".join(f"{s} state with {'/'.join(map(str, d))}" for s, d in KERNEL_DTYPES.items())
+
+
+# ----------------------------------------------------------------------------- per-sample guidance methods
+#
+# The guidance methods other than plain CFG (fastdiff.guidance) make the guided estimate a per-sample linear
+# combination D = g0 x + g1 D_c + g2 U (U: D_u, or APG's running average) whose weights come from per-sample sums
+# over two other such combinations. Two ops serve every method: guidance_sums (one reduction pass) and
+# guided_step_per_sample (the fused step with the weights read on the device). Inference only: with autograd on, the
+# references run (they are differentiable).
+
+N_SUMS = 5  # sum u, sum v, sum u^2, sum v^2, sum u v
+
+
+def guidance_sums_reference(
+    x: torch.Tensor, d_cond: torch.Tensor, d_uncond: torch.Tensor, mix: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample sums of two combinations of the inputs, the reduction every guidance method needs.
+
+    Args:
+        x, d_cond, d_uncond: ``[B, ...]``, as :func:`guided_step_reference` takes them (``d_uncond`` required).
+        mix: ``[B, 6]`` weights in :func:`acc_dtype`: ``u = mix[:, 0] x + mix[:, 1] D_c + mix[:, 2] D_u`` and
+            ``v = mix[:, 3] x + mix[:, 4] D_c + mix[:, 5] D_u``, element by element within each sample.
+
+    Returns ``[B, 5]`` in the accumulation dtype: ``sum u, sum v, sum u^2, sum v^2, sum u v`` over each sample's
+    elements (the vectors are formed before they are squared, so no cancellation between the inputs).
+    """
+    ct = acc_dtype(x)
+    inputs = torch.stack([t.to(ct).flatten(1) for t in (x, d_cond, d_uncond)], 1)  # [B, 3, n]
+    m = mix.to(ct)
+    u = (m[:, :3, None] * inputs).sum(1)
+    v = (m[:, 3:, None] * inputs).sum(1)
+    return torch.stack([u.sum(1), v.sum(1), (u * u).sum(1), (v * v).sum(1), (u * v).sum(1)], 1)
+
+
+def guided_step_per_sample_reference(
+    x: torch.Tensor,
+    d_cond: torch.Tensor,
+    d_uncond: torch.Tensor,
+    history: Sequence[torch.Tensor],
+    coef: torch.Tensor | Sequence[float],
+    guide: torch.Tensor,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guided step with a per-sample guided estimate ``D = guide[:, 0] x + guide[:, 1] D_c + guide[:, 2] D_u``
+    (``guide`` ``[B, 3]``), then as :func:`guided_step_reference` with ``coef = [a, w, hx, hd, c_noise, b0, ...,
+    bK]`` (``w`` unused). Returns ``(x_next, E)`` as that reference does."""
+    ct = torch.promote_types(torch.promote_types(x.dtype, d_cond.dtype), torch.float32)
+    g = guide.to(ct).reshape(-1, 3, *([1] * (x.ndim - 1)))
+    d = g[:, 0] * x.to(ct) + g[:, 1] * d_cond.to(ct) + g[:, 2] * d_uncond.to(ct)
+    a, _, hx, hd, c_noise, *b = coef.unbind() if isinstance(coef, torch.Tensor) else coef
+    x_out, e_out = guided_step_reference(x, d, None, history, a, b, 1.0, hx, hd, noise, c_noise)
+    return x_out.contiguous(), e_out.to(torch.promote_types(x.dtype, d_cond.dtype)).contiguous()
+
+
+def _check_per_sample(name: str, t: torch.Tensor, width: int, x: torch.Tensor) -> None:
+    """A per-sample weight or sum tensor: ``[B, width]`` in x's accumulation dtype on x's device, B dividing x."""
+    b = t.shape[0] if t.ndim == 2 else 0
+    if t.ndim != 2 or t.shape[1] != width or b == 0 or x.shape[0] != b:
+        raise ValueError(f"{name} must be [B, {width}] with B = x.shape[0] = {x.shape[0]}, got {tuple(t.shape)}")
+    if t.dtype != acc_dtype(x) or t.device != x.device:
+        raise ValueError(f"{name} must be {acc_dtype(x)} on {x.device} (x's accumulation dtype and device), got "
+                         f"{t.dtype} on {t.device}")  # fmt: skip
+
+
+def _per_sample_backend(x, d_cond, d_uncond, history, noise, *weights) -> str:
+    """The backend of a per-sample op: the reference under autograd, else as :func:`_backend` chooses."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, d_cond, d_uncond, noise,
+                                                                                   *history, *weights)):  # fmt: skip
+        return "torch"
+    return _backend(x, d_cond, d_uncond, history, noise, x.device, what="a per-sample guidance op")
+
+
+def guidance_sums(x: torch.Tensor, d_cond: torch.Tensor, d_uncond: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """:func:`guidance_sums_reference` on the chosen backend: one pass over the three inputs, no host sync.
+    Returns ``[B, 5]`` in :func:`acc_dtype`."""
+    _check_args(x, d_cond, d_uncond, [], None, 6)
+    _check_per_sample("mix", mix, 6, x)
+    backend = _per_sample_backend(x, d_cond, d_uncond, [], None, mix)
+    calls[backend] += 1
+    if backend == "torch":
+        return guidance_sums_reference(x, d_cond, d_uncond, mix)
+    x, d_cond, d_uncond, _, _ = _contiguous(x, d_cond, d_uncond, [], None)
+    out = torch.empty(x.shape[0], N_SUMS, dtype=acc_dtype(x), device=x.device)
+    if backend == "triton":
+        _triton_kernels("guidance").guidance_sums(x, d_cond, d_uncond, mix.contiguous(), out)
+    else:
+        _C.guidance_sums(x, d_cond, d_uncond, mix.contiguous(), out)
+    return out
+
+
+def guided_step_per_sample(
+    x: torch.Tensor,
+    d_cond: torch.Tensor,
+    d_uncond: torch.Tensor,
+    history: Sequence[torch.Tensor],
+    coef: torch.Tensor | list[float],
+    guide: torch.Tensor,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`guided_step_per_sample_reference` on the chosen backend, in one pass over memory: the per-sample
+    weights ``guide`` ``[B, 3]`` (:func:`acc_dtype`, on x's device) are read by the kernel, so a loop of these
+    steps needs no host sync and can be captured. ``coef`` as :func:`loop_step` takes it."""
+    history = list(history)
+    n_coef = coef.numel() if isinstance(coef, torch.Tensor) else len(coef)
+    _check_args(x, d_cond, d_uncond, history, noise, n_coef)
+    _check_per_sample("guide", guide, 3, x)
+    coef_tensor = coef if isinstance(coef, torch.Tensor) else None
+    backend = _per_sample_backend(x, d_cond, d_uncond, history, noise, guide, coef_tensor)
+    calls[backend] += 1
+    if backend == "torch":
+        return guided_step_per_sample_reference(x, d_cond, d_uncond, history, coef, guide, noise)
+    coef = _coefficients(coef, x, x.device)
+    args = _contiguous(x, d_cond, d_uncond, history, noise)
+    x_out = torch.empty_like(args[0])
+    e_out = torch.empty_like(args[0])
+    if backend == "triton":
+        _triton_kernels("guidance").guided_step_per_sample(*args, coef, guide.contiguous(), x_out, e_out)
+    else:
+        _C.guided_step_per_sample(*args, coef, guide.contiguous(), x_out, e_out)
+    return x_out, e_out

@@ -6,6 +6,7 @@ guidance and NFE accounting."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,9 +15,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fastdiff import cache as fastcache
 from fastdiff import denoisers, ops, schedules, solvers
 from fastdiff.arguments import as_int
-from fastdiff.guidance import Guidance, guided_estimate, zero_velocity_estimate
+from fastdiff.guidance import Guidance, method_weights, zero_velocity_estimate
+from fastdiff.solvers import cfg_pp
 from fastdiff.solvers import Denoised, Interval, Noise, Scalar, Solver, StageRow, schedule_values
 
 Model = Callable[..., torch.Tensor]
@@ -33,6 +36,8 @@ class SampleStats:
     nfe_uncond: int = 0
     forward_calls: int = 0
     guided_steps: list[int] = field(default_factory=list)
+    full_evaluations: int | None = None  # with a feature cache: forward calls of the cached model in full
+    cached_evaluations: int | None = None  # and those that reused cached features
 
     @property
     def nfe(self) -> int:
@@ -152,6 +157,10 @@ class _Levels:
     def value(self, j: int) -> float | torch.Tensor:
         return self.host[j] if self.host is not None else self._values[j]
 
+    def tensor(self, j: int) -> torch.Tensor:
+        """Level ``j`` as a 0-d tensor on the run's device (no host-to-device copy)."""
+        return self._values[j]
+
     def call(self, model: Model, x: torch.Tensor, j: int, kwargs: Mapping) -> torch.Tensor:
         """``D(x; sigma_j)`` from ``model`` with the keyword arguments ``kwargs``."""
         key = (id(model), j, x.shape[0], x.ndim)
@@ -193,8 +202,8 @@ class _Evaluator:
     ):  # fmt: skip
         self.model, self.uncond_model, self.levels = model, uncond_model, levels
         self.w = guidance.scale if guidance is not None else 1.0
-        # A guidance method other than plain CFG forms the guided estimate here (guidance.guided_estimate), and
-        # the step op takes it as the conditional estimate; its run state (APG's momentum) lives for one run.
+        # A guidance method other than plain CFG gives per-sample weights of the guided estimate here
+        # (guidance.method_weights), which the step op applies; its run state (APG's momentum) lives for one run.
         self.method = guidance if guidance is not None and not guidance.plain else None
         self.zero_init = guidance.options.get("zero_init_steps", 0) if self.method is not None else 0
         self.method_state: dict = {}
@@ -204,6 +213,7 @@ class _Evaluator:
             _cat_kwargs(cond, uncond) if guide and uncond_model is model and _batchable(cond, uncond, batch) else None
         )
         self.check_finite = False
+        self.cache_run: fastcache.CacheRun | None = None
         self.step = 0
         self.nfe_cond = self.nfe_uncond = self.calls = 0
 
@@ -215,23 +225,34 @@ class _Evaluator:
                                      f"(sigma={float(self.levels.value(j)):g})")  # fmt: skip
         return out
 
+    def _cache_at(self, k: int, passes: tuple[str, ...]) -> None:
+        """Tell the run's feature cache which evaluation and passes the next call of ``model`` is."""
+        if self.cache_run is not None:
+            self.cache_run.at(k, passes)
+
     def __call__(self, x: torch.Tensor, j: int, guided: bool) -> Denoised:
+        k = self.nfe_cond
         self.nfe_cond += 1
         if not guided:
+            self._cache_at(k, ("cond",))
             out = Denoised(self._call(self.model, x, j, self.cond, "model"))
         else:
             self.nfe_uncond += 1
             if self.both is not None:
+                self._cache_at(k, ("cond", "uncond"))
                 d_cond, d_uncond = self._call(
                     self.model, torch.cat([x, x]), j, self.both, "model (cond+uncond batch)"
                 ).chunk(2)
             else:
+                self._cache_at(k, ("cond",))
                 d_cond = self._call(self.model, x, j, self.cond, "model")
+                if self.uncond_model is self.model:  # a separate unconditional model has no cache
+                    self._cache_at(k, ("uncond",))
                 d_uncond = self._call(self.uncond_model, x, j, self.uncond, "unconditional model")
             if self.method is None:
                 return Denoised(d_cond, d_uncond, self.w)
-            sigma = self.levels.value(j)
-            out = Denoised(guided_estimate(self.method, x, sigma, d_cond, d_uncond, self.method_state).to(d_cond.dtype))
+            u, guide = method_weights(self.method, x, self.levels.tensor(j), d_cond, d_uncond, self.method_state)
+            out = Denoised(d_cond, u, self.w, guide)
         if self.step < self.zero_init:  # CFG-Zero*: the first steps' estimates have zero velocity
             return Denoised(zero_velocity_estimate(x, self.levels.value(j)).to(out.cond.dtype))
         return out
@@ -479,6 +500,7 @@ def sample(
     eval_sigmas: torch.Tensor | None = None,
     noise_sampler: Callable[[Any, Any], torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    cache: str | fastcache.Cache | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleStats]:
     """Solve the probability-flow ODE, or its stochastic counterpart, from noise ``x`` along ``sigmas``.
 
@@ -506,6 +528,8 @@ def sample(
         generator: for a stochastic solver without ``noise_sampler``, the ``torch.Generator`` (on x's device) the
             noise is drawn from; by default torch's global generator, whose draws are ``torch.randn_like(x)``'s,
             so a run seeded with ``torch.manual_seed`` draws what k-diffusion draws.
+        cache: a feature cache (:mod:`fastdiff.cache`: an object, or a spec such as ``"deepcache:3"``); a
+            calibrated first-block cache calibrates on the first samples of ``x`` first (seeded noise of its own).
 
     Returns:
         The sample at ``sigmas[-1]``, shape and dtype of ``x``; with ``return_stats``, ``(sample, stats)``.
@@ -519,7 +543,7 @@ def sample(
                              "cuda_graph=True or compile=")  # fmt: skip
         sampler = Sampler(
             model, solver=solver, sigmas=sigmas, guidance=guidance, cuda_graph=cuda_graph, compile=compile,
-            eval_sigmas=eval_sigmas,
+            eval_sigmas=eval_sigmas, cache=cache,
         )  # fmt: skip
         out = sampler.sample(x, cond, uncond, noise_sampler=noise_sampler, generator=generator)
         return (out, sampler.stats()) if return_stats else out
@@ -527,8 +551,8 @@ def sample(
     sig_t = _check_inputs(model, x, sigmas)
     sig = sig_t.tolist()
     sig_model = sig if eval_sigmas is None else schedules.check_eval_sigmas(eval_sigmas, sig_t).tolist()
-    solver = solvers.get(solver)
     _check_guidance(guidance)
+    solver = cfg_pp.for_guidance(solvers.get(solver), guidance)
     _check_schedule_for(model, sig_model)
     plan = make_plan(solver, sig, guidance)
     uncond_model = guidance.unconditional_model(model) if guidance is not None else model
@@ -545,12 +569,38 @@ def sample(
     def stages_of(i):
         return solver.stages(sig[plan.starts[i] :], i - plan.starts[i])
 
-    x = _solve(solver, plan, x, stages_of, evaluate, noise, progress, on_step if callback is not None else None)
+    cache = fastcache.parse(cache)
+    if fastcache.needs_calibration(cache, sum(plan.evaluations)):
+        xs, cs, us = fastcache.calibration_inputs(cache, x, evaluate.cond, evaluate.uncond)
+        cache.calibrate(lambda: sample(
+            model, xs, sigmas, solver=solver, guidance=guidance, cond=cs, uncond=us, eval_sigmas=eval_sigmas,
+            cache=cache, generator=_calibration_generator(x),
+        ))  # fmt: skip
+    with _cache_attached(cache, model, plan, evaluate, x.shape[0]):
+        x = _solve(solver, plan, x, stages_of, evaluate, noise, progress, on_step if callback is not None else None)
     if not return_stats:
         return x
     stats = SampleStats(plan.steps, evaluate.nfe_cond, evaluate.nfe_uncond, evaluate.calls)
     stats.guided_steps = [i for i, g in enumerate(plan.guided) if g]
+    if evaluate.cache_run is not None:
+        stats.full_evaluations, stats.cached_evaluations = evaluate.cache_run.counts()
     return x, stats
+
+
+def _calibration_generator(x: torch.Tensor) -> torch.Generator:
+    """The calibration run's own seeded noise: it must not advance the generator the caller samples from."""
+    return torch.Generator(device=x.device).manual_seed(0)
+
+
+@contextlib.contextmanager
+def _cache_attached(cache: fastcache.Cache | None, model: Model, plan: Plan, evaluate: _Evaluator, batch: int):
+    """While the loop runs: ``cache``'s stand-ins in ``model``'s network, and ``evaluate`` telling it each call."""
+    if cache is None:
+        yield
+        return
+    with fastcache.attached(cache, model, sum(plan.evaluations), batch) as run:
+        evaluate.cache_run = run
+        yield
 
 
 def _check_guidance(guidance) -> None:
@@ -684,13 +734,24 @@ class Sampler:
         compile: bool | dict = False,
         warmup: int = 2,
         eval_sigmas: torch.Tensor | Sequence[float] | None = None,
+        cache: str | fastcache.Cache | None = None,
     ):
         _check_model(model)
         _check_guidance(guidance)
+        self.cache = fastcache.parse(cache)
+        if self.cache is not None and self.cache.dynamic and cuda_graph:
+            raise ValueError(f"cache={self.cache.spec()!r} decides at every evaluation from a value it reads back to "
+                             "the host, which a CUDA graph cannot do: use a calibrated plan (drop ':dynamic') or "
+                             "cuda_graph=False")  # fmt: skip
+        if self.cache is not None and compile:
+            raise ValueError("cache= and compile= do not compose: the cache swaps blocks of the network in and out "
+                             "between evaluations, which would recompile the model")  # fmt: skip
+        if self.cache is not None:
+            fastcache.adapter_for(model, self.cache)  # refuse a network without an adapter now
         if isinstance(compile, dict) and compile.get("mode") in ("reduce-overhead", "max-autotune") and cuda_graph:
             raise ValueError(f"compile mode {compile['mode']!r} captures its own CUDA graphs; with cuda_graph=True "
                              "use the default mode (the whole loop is captured here)")  # fmt: skip
-        self.solver = solvers.get(solver)
+        self.solver = cfg_pp.for_guidance(solvers.get(solver), guidance)
         self.guidance = guidance
         self.shape = None if shape is None else tuple(as_int(v, "shape entries", 1) for v in shape)
         self.cuda_graph = bool(cuda_graph)
@@ -706,6 +767,7 @@ class Sampler:
         self._buffers: dict[tuple, _Buffer] = {}
         self._graph: _Graph | None = None
         self._batched = False
+        self._cache_counts: tuple[int, int] | None = None
         self.plan: Plan | None = None
         self.n_history: list[list[int]] = []
         self.set_sigmas(sigmas, eval_sigmas)
@@ -757,7 +819,10 @@ class Sampler:
         """What one :meth:`sample` call spends (``forward_calls`` as of the last run's batching)."""
         cond, uncond = self.plan.nfe
         guided = [i for i, g in enumerate(self.plan.guided) if g]
-        return SampleStats(self.plan.steps, cond, uncond, cond + (0 if self._batched else uncond), guided)
+        stats = SampleStats(self.plan.steps, cond, uncond, cond + (0 if self._batched else uncond), guided)
+        if self.cache is not None and self._cache_counts is not None:
+            stats.full_evaluations, stats.cached_evaluations = self._cache_counts
+        return stats
 
     def _buffer(self, x: torch.Tensor) -> _Buffer:
         """The schedule on x's device in the run's dtype, and what the loop derives from it, made once."""
@@ -818,10 +883,14 @@ class Sampler:
 
         if trajectory is not None:
             trajectory[0].copy_(x)
-        return _solve(
-            self.solver, self.plan, x, rows.__getitem__, evaluate, noise,
-            on_step=record if trajectory is not None else None,
-        )  # fmt: skip
+        with _cache_attached(self.cache, self.model, self.plan, evaluate, x.shape[0]):
+            out = _solve(
+                self.solver, self.plan, x, rows.__getitem__, evaluate, noise,
+                on_step=record if trajectory is not None else None,
+            )  # fmt: skip
+        if evaluate.cache_run is not None:
+            self._cache_counts = evaluate.cache_run.counts()
+        return out
 
     @torch.no_grad()
     def sample(
@@ -846,6 +915,7 @@ class Sampler:
         reproduces it. A ``noise_sampler`` runs on the host, so it cannot be captured and is refused there."""
         self._check_x(x)
         cond, uncond = _cond_kwargs(self.plan, cond, uncond, x)
+        self._calibrate(x, cond, uncond)
         if self.cuda_graph:
             if noise_sampler is not None and self.plan.noisy:
                 raise ValueError("a noise_sampler runs on the host between steps, so it cannot be captured in a "
@@ -857,6 +927,17 @@ class Sampler:
         buf = self._buffer(x)
         out = self._run(x, cond, uncond, buf.levels, buf.rows, noise, traj)
         return (out, traj) if trajectory else out
+
+    def _calibrate(self, x: torch.Tensor, cond: dict, uncond: dict) -> None:
+        """A calibrated first-block cache that has no plan for this sampler's evaluations makes one now, from a
+        dynamic run on the first samples of ``x`` (with seeded noise of its own), before any capture."""
+        if not fastcache.needs_calibration(self.cache, sum(self.plan.evaluations)):
+            return
+        xs, cs, us = fastcache.calibration_inputs(self.cache, x, cond, uncond)
+        buf = self._buffer(x)
+        noise = _noise_source(xs, None, _calibration_generator(x))
+        self.cache.calibrate(lambda: self._run(xs, cs, us, buf.levels, buf.rows, noise))
+        self._graph = None
 
     # ------------------------------------------------------------------------------------------ CUDA graph
 

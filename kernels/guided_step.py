@@ -39,6 +39,29 @@ def _coefficient(coef_ptr, k: tl.constexpr, value, COEF_PTR: tl.constexpr, ACC: 
 
 
 @triton.jit
+def _finish_step(
+    x, d, offs, mask, h0_ptr, h1_ptr, h2_ptr, noise_ptr, coef_ptr, a0, hx0, hd0, cn0, b00, b10, b20, b30,
+    x_out_ptr, e_out_ptr,
+    N_HIST: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_E: tl.constexpr, COEF_PTR: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """The step from the state ``x`` and the guided estimate ``d`` of a block on: ``x_next = a x + b0 d + history +
+    noise`` and ``E = hx x + hd d``, stored (shared by the plain and the per-sample kernels)."""
+    acc = _coefficient(coef_ptr, 0, a0, COEF_PTR, ACC) * x + _coefficient(coef_ptr, 5, b00, COEF_PTR, ACC) * d
+    if N_HIST >= 1:
+        acc += _coefficient(coef_ptr, 6, b10, COEF_PTR, ACC) * tl.load(h0_ptr + offs, mask=mask).to(ACC)
+    if N_HIST >= 2:
+        acc += _coefficient(coef_ptr, 7, b20, COEF_PTR, ACC) * tl.load(h1_ptr + offs, mask=mask).to(ACC)
+    if N_HIST >= 3:
+        acc += _coefficient(coef_ptr, 8, b30, COEF_PTR, ACC) * tl.load(h2_ptr + offs, mask=mask).to(ACC)
+    if HAS_NOISE:
+        acc += _coefficient(coef_ptr, 4, cn0, COEF_PTR, ACC) * tl.load(noise_ptr + offs, mask=mask).to(ACC)
+    if WRITE_E:
+        e = _coefficient(coef_ptr, 2, hx0, COEF_PTR, ACC) * x + _coefficient(coef_ptr, 3, hd0, COEF_PTR, ACC) * d
+        tl.store(e_out_ptr + offs, e.to(e_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_out_ptr + offs, acc.to(x_out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _guided_step_kernel(
     x_ptr, dc_ptr, du_ptr, h0_ptr, h1_ptr, h2_ptr, noise_ptr, coef_ptr,
     a0: tl.float64, w0: tl.float64, hx0: tl.float64, hd0: tl.float64, cn0: tl.float64,
@@ -54,19 +77,10 @@ def _guided_step_kernel(
     if HAS_UNCOND:
         du = tl.load(du_ptr + offs, mask=mask).to(ACC)
         d = du + _coefficient(coef_ptr, 1, w0, COEF_PTR, ACC) * (d - du)
-    acc = _coefficient(coef_ptr, 0, a0, COEF_PTR, ACC) * x + _coefficient(coef_ptr, 5, b00, COEF_PTR, ACC) * d
-    if N_HIST >= 1:
-        acc += _coefficient(coef_ptr, 6, b10, COEF_PTR, ACC) * tl.load(h0_ptr + offs, mask=mask).to(ACC)
-    if N_HIST >= 2:
-        acc += _coefficient(coef_ptr, 7, b20, COEF_PTR, ACC) * tl.load(h1_ptr + offs, mask=mask).to(ACC)
-    if N_HIST >= 3:
-        acc += _coefficient(coef_ptr, 8, b30, COEF_PTR, ACC) * tl.load(h2_ptr + offs, mask=mask).to(ACC)
-    if HAS_NOISE:
-        acc += _coefficient(coef_ptr, 4, cn0, COEF_PTR, ACC) * tl.load(noise_ptr + offs, mask=mask).to(ACC)
-    if WRITE_E:
-        e = _coefficient(coef_ptr, 2, hx0, COEF_PTR, ACC) * x + _coefficient(coef_ptr, 3, hd0, COEF_PTR, ACC) * d
-        tl.store(e_out_ptr + offs, e.to(e_out_ptr.dtype.element_ty), mask=mask)
-    tl.store(x_out_ptr + offs, acc.to(x_out_ptr.dtype.element_ty), mask=mask)
+    _finish_step(
+        x, d, offs, mask, h0_ptr, h1_ptr, h2_ptr, noise_ptr, coef_ptr, a0, hx0, hd0, cn0, b00, b10, b20, b30,
+        x_out_ptr, e_out_ptr, N_HIST, HAS_NOISE, WRITE_E, COEF_PTR, ACC,
+    )  # fmt: skip
 
 
 def _coefficient_args(coef: torch.Tensor | list[float], x: torch.Tensor) -> tuple:

@@ -135,11 +135,11 @@ def flux(guidance_embeds: bool = True) -> diffusers.FluxPipeline:
     ))  # fmt: skip
 
 
-def dit(scheduler=None) -> diffusers.DiTPipeline:
+def dit(scheduler=None, num_layers: int = 1) -> diffusers.DiTPipeline:
     """A class-conditional DiT (ImageNet's 1000 classes plus the null class 1000, learned variance), labelled."""
     torch.manual_seed(0)
     transformer = diffusers.DiTTransformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=1, attention_head_dim=8,
+        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=num_layers, attention_head_dim=8,
         num_attention_heads=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
     ).eval()  # fmt: skip
     scheduler = scheduler or diffusers.DPMSolverMultistepScheduler()

@@ -82,3 +82,14 @@ def test_main_job_writes_grid_and_reports_quality(tmp_path, capsys):
 # accuracy 0.955, FD 2.11 (200 real held-out digits score 1.25). Euler with 4 steps: FD 3.39.
 ACCURACY_MIN = 0.92
 FD_MAX = 2.6
+
+
+def test_sample_with_a_cache_reports_full_and_cached_evaluations(capsys):
+    assert main(["sample", "-n", "20", "--no-teacher", "--cache", "deepcache:2"]) == 0
+    out = capsys.readouterr().out
+    assert "cache          deepcache:2: 5 full + 5 cached forward calls of the network per sample" in out
+    assert re.search(r"NFE\s+10 per sample", out) and "wall time" in out
+    assert main(["sample", "--cache", "deepcache:x"]) == 2
+    assert "--cache: cache spec 'deepcache:x': 'x' is not a number" in capsys.readouterr().err
+    assert main(["sample", "--model", "gmm", "--cache", "deepcache:2"]) == 2
+    assert "--cache does not apply to --model gmm" in capsys.readouterr().err

@@ -112,6 +112,8 @@ def test_bench_kernels_compiles_every_row_and_records_its_threads():
 
     n = torch.get_num_threads()
     with torch._dynamo.config.patch(recompile_limit=1):
-        rows = kernels.bench_kernels([1024, 2048], ["fp32"], ["euler_cfg", "dpmpp_2m"], "cpu", reps=2, threads=1)
-    assert len([r for r in rows if r["provider"] == "compile"]) == 4
+        rows = kernels.bench_kernels([1024, 2048], ["fp32"], ["euler_cfg", "dpmpp_2m", "apg"], "cpu", reps=2,
+                                     threads=1)  # fmt: skip
+    assert len([r for r in rows if r["provider"] == "compile"]) == 6
+    assert {r["workload"] for r in rows if r["provider"] == "cpu"} == {"euler_cfg", "dpmpp_2m", "apg"}
     assert {r["threads"] for r in rows} == {1} and torch.get_num_threads() == n

@@ -397,6 +397,18 @@ def test_guidance_methods_from_the_command_line(capsys, tmp_path):
     assert "they need --guidance W" in _error(capsys, [*GMM, "--guidance-method", "rescale"])
 
 
+def test_cfg_pp_from_the_command_line(capsys):
+    """--guidance-method cfg_pp runs with the solvers CFG++ is defined for, has no exact ODE, and names the
+    solvers where it is refused."""
+    assert cli.main([*GMM, "--guidance", "0.6", "--guidance-method", "cfg_pp", "--solver", "dpmpp_2m"]) == 0
+    out = capsys.readouterr().out
+    assert "method='cfg_pp'" in out and "depends on the steps taken (momentum, zero-init, CFG++)" in out
+    assert "NFE            4 per sample (2 conditional + 2 unconditional)" in out
+    wrong = [*GMM, "--guidance", "0.6", "--guidance-method", "cfg_pp", "--solver", "heun"]
+    assert ("CFG++ (method='cfg_pp') is defined for the solvers euler, ddim, euler_ancestral, dpmpp_2m; 'heun' has "
+            "no CFG++ form") in _error(capsys, wrong)  # fmt: skip
+
+
 def test_negative_guidance_is_refused_by_the_cli(capsys):
     assert "argument --guidance: must be a finite number >= 0, got '-1'" in _error(capsys, [*GMM, "--guidance", "-1"])
 

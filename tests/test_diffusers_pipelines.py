@@ -276,3 +276,18 @@ def test_prompts_need_a_known_pipeline_class():
         sample_pipeline(pipe, "a cat", steps=2)
     assert isinstance(family_of(pipe), type(family_of(object())))
     assert not isinstance(family_of(pipe), FluxFamily)
+
+
+def test_a_network_with_diffusers_own_cache_hooks_samples_as_in_its_pipeline(flux):
+    """diffusers' First-Block-Cache hooks (``enable_cache``) keep their state in a named context that its pipelines
+    set around each call; sample_pipeline sets one too, so the hooks work and give what the pipeline's own loop
+    gives with the same hooks."""
+    kw = dict(height=16, width=16, max_sequence_length=8)
+    plain = _ours(flux, PROMPTS, guidance=3.5, **kw).images
+    flux.transformer.enable_cache(diffusers.FirstBlockCacheConfig(threshold=1e9))  # reuse after the first call
+    try:
+        expected = _pipeline_call(flux, prompt=PROMPTS, guidance_scale=3.5, **kw)
+        out = _ours(flux, PROMPTS, guidance=3.5, **kw).images
+    finally:
+        flux.transformer.disable_cache()
+    assert _close(out, expected) and not _close(out, plain)

@@ -228,3 +228,50 @@ def test_host_noise_sampler_is_refused_under_capture_but_not_eagerly():
         x, cond, uncond, noise_sampler=host
     )
     assert len(drawn) == len(SIGMAS) - 2  # every step but the one to 0
+
+
+METHODS = {
+    "rescale": fastdiff.Guidance(2.0, interval=(0.28, 2.9), method="rescale", phi=0.7),
+    "apg": fastdiff.Guidance(2.0, interval=(0.28, 2.9), method="apg", eta=0.0, momentum=-0.5, norm_threshold=20.0),
+    "cfg_zero_star": fastdiff.Guidance(2.0, method="cfg_zero_star", zero_init_steps=2),
+    "cfg_pp": fastdiff.Guidance(0.6, interval=(0.28, 2.9), method="cfg_pp"),
+}
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_guidance_methods_replay_equals_eager_and_the_reference(method, backend, monkeypatch):
+    """Each guidance method in the captured loop equals the eager loop (twice: APG's momentum starts afresh), the
+    eager loop makes no host sync, and the kernels' result equals the pure-torch reference's."""
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    net, g = _unet(), METHODS[method]
+    eager = fastdiff.Sampler(net, solver="dpmpp_2m", sigmas=SIGMAS, guidance=g)
+    graph = fastdiff.Sampler(net, solver="dpmpp_2m", sigmas=SIGMAS, guidance=g, cuda_graph=True)
+    for seed in (0, 1):
+        x, cond, uncond = _inputs(seed=seed)
+        eager.sample(x, cond, uncond)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with ran_on(backend, at_least=12):
+                ref = eager.sample(x, cond, uncond)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        _close(graph.sample(x, cond, uncond), ref)
+        monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
+        _close(fastdiff.sample(net, x, SIGMAS, solver="dpmpp_2m", guidance=g, cond=cond, uncond=uncond), ref)
+        monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+
+
+@pytest.mark.parametrize("spec", ["deepcache:2", "first_block:0.05", "deepcache:2:taylor"])
+def test_captured_cached_loop_equals_the_eager_cached_loop(spec):
+    """A cached loop's plan is fixed before it runs (a first-block cache calibrates first, eagerly), so the
+    captured loop replays it: under interval guidance, with batched cond+uncond."""
+    net = _unet()
+    eager = fastdiff.Sampler(net, solver="dpmpp_2m", sigmas=SIGMAS, guidance=INTERVAL, cache=spec)
+    graph = fastdiff.Sampler(net, solver="dpmpp_2m", sigmas=SIGMAS, guidance=INTERVAL, cache=spec, cuda_graph=True)
+    for seed in (0, 1):
+        x, cond, uncond = _inputs(seed=seed)
+        ref = eager.sample(x, cond, uncond)
+        _close(graph.sample(x, cond, uncond), ref)
+        assert graph.stats().cached_evaluations == eager.stats().cached_evaluations > 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
-STAGES = ["build", "check", "tests", "sanitizer", "kernels", "sample"]
+STAGES = ["build", "check", "tests", "sanitizer", "kernels", "cache", "sample"]
 
 
 def test_the_stages_fit_eight_minutes():
@@ -29,8 +29,8 @@ def test_rehearsal_runs_every_stage_and_returns_at_most_8_files(tmp_path):
     res = subprocess.run(["bash", str(SCRIPT), "--rehearse"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["kernels.csv", "kernels.png", "logs.tar.gz", "sample_loops.csv", "sample_loops.png",
-                     "summary.txt"]  # fmt: skip
+    assert files == ["cache_speed.csv", "kernels.csv", "kernels.png", "logs.tar.gz", "sample_loops.csv",
+                     "sample_loops.png", "summary.txt"]  # fmt: skip
     summary = (out / "summary.txt").read_text()
     for stage in STAGES:
         line = next(line for line in summary.splitlines() if line.startswith(f"{stage}: "))

@@ -131,8 +131,8 @@ def test_methods_run_in_every_loop_with_the_nfe_of_cfg(gmm, noise, solver, metho
     assert (stats.nfe_cond, stats.nfe_uncond) == fastdiff.count_nfe(solver, s, g) == fastdiff.count_nfe(
         solver, s, Guidance(W, interval=(0.3, 10.0)))  # fmt: skip
     sampler = fastdiff.Sampler(gmm, solver=solver, sigmas=s, guidance=g)
-    torch.testing.assert_close(sampler.sample(noise * 80, cond, uncond), out, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sampler.sample(noise * 80, cond, uncond), out, rtol=1e-12, atol=1e-12)  # state reset
+    torch.testing.assert_close(sampler.sample(noise * 80, cond, uncond), out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sampler.sample(noise * 80, cond, uncond), out, rtol=1e-10, atol=1e-10)  # state reset
     plain = fastdiff.sample(gmm, noise * 80, s, solver=solver, guidance=Guidance(W, interval=(0.3, 10.0)),
                             cond=cond, uncond=uncond)  # fmt: skip
     assert not torch.allclose(out, plain, atol=1e-3)
@@ -165,9 +165,10 @@ def test_memoryless_methods_converge_to_their_guided_ode(gmm, noise):
         ref = reference_sample(gmm, x, s, guidance=g, cond=cond, uncond=uncond)
         errors.append((out - ref).norm(dim=1).mean().item())
     assert errors[1] < 0.5 * errors[0] and errors[1] < 5e-3, errors
-    with pytest.raises(ValueError, match="momentum and CFG-Zero"):
-        reference_sample(gmm, noise * 80, schedules.karras(8, 0.002, 80.0), guidance=Guidance(
-            2.5, method="apg", momentum=-0.5), cond=cond, uncond=uncond)  # fmt: skip
+    for refused in (Guidance(2.5, method="apg", momentum=-0.5), Guidance(0.5, method="cfg_pp")):
+        with pytest.raises(ValueError, match="momentum, CFG-Zero.* and CFG\\+\\+ depend on the steps"):
+            reference_sample(gmm, noise * 80, schedules.karras(8, 0.002, 80.0), guidance=refused, cond=cond,
+                             uncond=uncond)  # fmt: skip
 
 
 def test_options_belong_to_their_method():

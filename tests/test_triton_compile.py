@@ -40,6 +40,24 @@ def test_fp32_forward_kernel_loads_128_bits(compiled):
         assert "ld.global.v4.b32" in compiled[case][0]["global_loads"], compiled[case][0]["global_loads"]
 
 
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_guidance_kernels_compile_for_sm90_with_float64_coefficients(compiled, case):
+    sums, step = compiled[f"guidance {case}"]
+    assert (sums["kernel"], step["kernel"]) == ("_guidance_sums_kernel", "_guided_step_per_sample_kernel")
+    assert sums["cubin_bytes"] > 0 and step["cubin_bytes"] > 0
+    assert sums["float_scalars"] == {}  # the weights are read from memory
+    assert list(step["float_scalars"].values()) == ["fp64"] * 9, step["float_scalars"]
+
+
+def test_guidance_kernels_load_128_bits(compiled):
+    """Each sample starts on a 16-element boundary here, as an image's or latent's does: the per-sample blocks load
+    128 bits at a time (the scalar loads are the per-sample weights)."""
+    for case in STEP_CASES:
+        wide = "ld.global.v2.b64" if case.startswith("fp64") else "ld.global.v4.b32"
+        for launch in compiled[f"guidance {case}"]:
+            assert wide in launch["global_loads"], (case, launch["kernel"], launch["global_loads"])
+
+
 def test_ld3_kernels_compile_for_sm90_with_float64_ends(compiled):
     forward, backward = compiled["ld3"]
     for launch in (forward, backward):

@@ -22,6 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+import fastdiff.kernels.guidance as guidance_kernels  # noqa: E402
 import fastdiff.kernels.guided_step as step_kernels  # noqa: E402
 import fastdiff.kernels.ld3_sigmas as ld3_kernels  # noqa: E402
 
@@ -63,16 +64,18 @@ def compile_launch(kernel, args, kwargs) -> dict:
     }
 
 
+STEP_CASES = {  # state dtype, model-output dtype, coefficients in a device tensor
+    "fp32 host": (torch.float32, torch.float32, False),
+    "fp32 device": (torch.float32, torch.float32, True),
+    "fp32+bf16 host": (torch.float32, torch.bfloat16, False),
+    "bf16 host": (torch.bfloat16, torch.bfloat16, False),
+    "fp64 host": (torch.float64, torch.float64, False),
+}
+
+
 def step_cases() -> dict:
     out, n = {}, 4096
-    cases = {
-        "fp32 host": (torch.float32, torch.float32, False),
-        "fp32 device": (torch.float32, torch.float32, True),
-        "fp32+bf16 host": (torch.float32, torch.bfloat16, False),
-        "bf16 host": (torch.bfloat16, torch.bfloat16, False),
-        "fp64 host": (torch.float64, torch.float64, False),
-    }
-    for name, (tx, td, device_coef) in cases.items():
+    for name, (tx, td, device_coef) in STEP_CASES.items():
         x, h, g = (torch.randn(n).to(tx) for _ in range(3))
         dc, du = (torch.randn(n).to(td) for _ in range(2))
         coef = [0.7, 2.5, 0.4, -0.3, 0.0, 0.3, -0.2]
@@ -84,6 +87,27 @@ def step_cases() -> dict:
         runs += launches(step_kernels, "_guided_step_backward_kernel", step_kernels.guided_step_backward, x, dc, du,
                          [h], None, coef, g, g)  # fmt: skip
         out[name] = [compile_launch(*run) for run in runs]
+    return out
+
+
+def guidance_cases() -> dict:
+    """The per-sample guidance kernels (``guidance <case>``: sums, then step) on two samples of 4096 elements, so
+    that each sample spans several blocks, in the dtypes of the step cases."""
+    out, shape = {}, (2, 4096)
+    for name, (tx, td, device_coef) in STEP_CASES.items():
+        acc = torch.float64 if tx == torch.float64 else torch.float32
+        x, h = (torch.randn(shape).to(tx) for _ in range(2))
+        dc, du = (torch.randn(shape).to(td) for _ in range(2))
+        mix, guide, sums = torch.randn(2, 6, dtype=acc), torch.randn(2, 3, dtype=acc), torch.empty(2, 5, dtype=acc)
+        coef = [0.7, 0.0, 0.4, -0.3, 0.0, 0.3, -0.2]
+        if device_coef:
+            coef = torch.tensor(coef, dtype=acc)
+        out_x, out_e = torch.empty_like(x), torch.empty_like(x)
+        runs = launches(guidance_kernels, "_guidance_sums_kernel", guidance_kernels.guidance_sums, x, dc, du, mix,
+                        sums)  # fmt: skip
+        runs += launches(guidance_kernels, "_guided_step_per_sample_kernel", guidance_kernels.guided_step_per_sample,
+                         x, dc, du, [h], None, coef, guide, out_x, out_e)  # fmt: skip
+        out[f"guidance {name}"] = [compile_launch(*run) for run in runs]
     return out
 
 
@@ -116,4 +140,4 @@ def premise() -> dict:
 
 
 if __name__ == "__main__":
-    json.dump({**step_cases(), **ld3_cases(), **premise()}, sys.stdout)
+    json.dump({**step_cases(), **guidance_cases(), **ld3_cases(), **premise()}, sys.stdout)

@@ -5,7 +5,12 @@ Workloads are solver steps with classifier-free guidance, as the sampler issues 
 * ``euler_cfg``: x, D_c, D_u -> x_next, D;
 * ``heun_corrector``: the same plus one history entry (the predictor's D);
 * ``dpmpp_2m``: the same plus one history entry (the previous D);
-* ``unipc_corrector``: the same plus two history entries (UniC-2 reads D_{i-1} and D_{i-2}).
+* ``unipc_corrector``: the same plus two history entries (UniC-2 reads D_{i-1} and D_{i-2});
+* ``rescale``, ``apg``, ``cfg_zero_star``: a DPM-Solver++(2M) step guided by that method (rescale phi = 0.7; APG
+  eta = 0 with a norm threshold; CFG-Zero*), on a batch of 4 samples: eager and ``compile`` run
+  :func:`fastdiff.guidance.guided_estimate` then the reference step; the kernels run the method's reduction
+  (:func:`fastdiff.ops.guidance_sums`), its ``[B]``-sized weights and the per-sample fused step
+  (:func:`fastdiff.ops.guided_step_per_sample`), two passes over memory, which the bandwidth counts.
 
 Each provider is timed on the same tensors in the same run: ``eager`` (the pure-torch reference), ``compile``
 (``torch.compile`` of that reference, compiled afresh for each row: one compiled function shared by every row would
@@ -36,8 +41,18 @@ import torch
 
 from fastdiff import ops
 from fastdiff.checkpoint import atomic_write
+from fastdiff.guidance import Guidance, guided_estimate, method_weights
 
-WORKLOADS = {"euler_cfg": 0, "heun_corrector": 1, "dpmpp_2m": 1, "unipc_corrector": 2}  # history entries
+WORKLOADS = {  # history entries
+    "euler_cfg": 0, "heun_corrector": 1, "dpmpp_2m": 1, "unipc_corrector": 2, "rescale": 1, "apg": 1,
+    "cfg_zero_star": 1,
+}  # fmt: skip
+METHODS = {
+    "rescale": Guidance(2.0, method="rescale", phi=0.7),
+    "apg": Guidance(2.0, method="apg", eta=0.0, norm_threshold=50.0),
+    "cfg_zero_star": Guidance(2.0, method="cfg_zero_star"),
+}
+METHOD_BATCH = 4
 DTYPES = {"fp32": (torch.float32, torch.float32), "fp32+bf16": (torch.float32, torch.bfloat16)}
 SIZES = {"16K": 16_384, "1M": 1_048_576, "50M": 50_331_648}
 
@@ -93,13 +108,25 @@ def _forced_backend(backend: str | None):
             os.environ["FASTDIFF_BACKEND"] = old
 
 
-def _compiled_reference(args: tuple) -> Callable:
-    """``torch.compile`` of the reference, compiled for ``args`` now, after clearing dynamo's caches; raises if
-    the call did not compile a graph (it would time eager torch under the name ``compile``)."""
+def _method_reference(guidance, x, dc, du, hist, a, b):
+    """A method's step as eager torch runs it: the guided estimate (:func:`guided_estimate`), then the step."""
+    d = guided_estimate(guidance, x, 1.0, dc, du, {})
+    return ops.guided_step_reference(x, d, None, hist, a, b)
+
+
+def _method_fused(guidance, x, dc, du, hist, coef, sigma):
+    """A method's step on fastdiff's kernels: one reduction, the per-sample weights, the fused step."""
+    u, guide = method_weights(guidance, x, sigma, dc, du, {})
+    return ops.guided_step_per_sample(x, dc, u, hist, coef, guide)
+
+
+def _compiled_reference(fn: Callable, args: tuple) -> Callable:
+    """``torch.compile`` of the reference ``fn``, compiled for ``args`` now, after clearing dynamo's caches; raises
+    if the call did not compile a graph (it would time eager torch under the name ``compile``)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    compiled = torch.compile(ops.guided_step_reference, dynamic=False)
+    compiled = torch.compile(fn, dynamic=False)
     before = counters["stats"]["unique_graphs"]
     compiled(*args)
     if counters["stats"]["unique_graphs"] == before:
@@ -148,21 +175,30 @@ def _grid(sizes, dtypes, workloads, device, reps, compile, progress, providers, 
             break
         n_hist = WORKLOADS[name]
         tx, td = DTYPES[dname]
+        method = METHODS.get(name)
+        shape = (n,) if method is None else (METHOD_BATCH, -(-n // METHOD_BATCH))
         g = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(n, device=device, dtype=tx, generator=g)
-        dc, du = (torch.randn(n, device=device, generator=g).to(td) for _ in range(2))
-        hist = [torch.randn(n, device=device, dtype=tx, generator=g) for _ in range(n_hist)]
+        x = torch.randn(shape, device=device, dtype=tx, generator=g)
+        dc, du = (torch.randn(shape, device=device, generator=g).to(td) for _ in range(2))
+        hist = [torch.randn(shape, device=device, dtype=tx, generator=g) for _ in range(n_hist)]
         b = [0.5] + [0.1] * n_hist
-        args = (x, dc, du, hist, 0.9, b, 2.0)
+        n = x.numel()
         moved = (x.element_size() * (3 + n_hist) + 2 * dc.element_size()) * n  # read x, D's, history; write 2
+        if method is None:
+            reference, args = ops.guided_step_reference, (x, dc, du, hist, 0.9, b, 2.0)
+            step = partial(ops.guided_step, x, dc, du, hist, a=0.9, b=b, w=2.0)
+        else:
+            moved += (x.element_size() + 2 * dc.element_size()) * n  # the reduction's pass over x and the D's
+            reference, args = partial(_method_reference, method), (x, dc, du, hist, 0.9, b)
+            sigma = torch.ones((), device=device, dtype=ops.acc_dtype(x))
+            step = partial(_method_fused, method, x, dc, du, hist, [0.9, 0.0, 0.0, 1.0, 0.0, *b], sigma)
         src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
-        calls = {"copy": partial(dst.copy_, src), "eager": partial(ops.guided_step_reference, *args)}
+        calls = {"copy": partial(dst.copy_, src), "eager": partial(reference, *args)}
         if compile:
             if progress:
                 progress(f"{name} {dname} {n} compiling")
-            calls["compile"] = partial(_compiled_reference(args), *args)
-        step = partial(ops.guided_step, x, dc, du, hist, a=0.9, b=b, w=2.0)
+            calls["compile"] = partial(_compiled_reference(reference, args), *args)
         calls.update(dict.fromkeys(providers, step))
         for provider, fn in calls.items():
             if progress:

@@ -20,6 +20,7 @@ network inputs given as ``cond=``/``uncond=``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,9 +59,18 @@ class _PipelineNetwork(torch.nn.Module):
             cond["added_cond_kwargs"] = added
         # The first parameter's dtype: diffusers' ModelMixin.dtype walks every parameter (about 0.1 ms a call).
         dtype = next(self.net.parameters()).dtype
-        out = self.net(**{self.input_name: x.to(dtype)}, timestep=t, return_dict=False, **self.shared, **cond)
+        with self._cache_context(x.shape[0]):
+            out = self.net(**{self.input_name: x.to(dtype)}, timestep=t, return_dict=False, **self.shared, **cond)
         out = network_output(out)
         return out[:, : x.shape[1]] if x.ndim == 4 and out.shape[1] == 2 * x.shape[1] else out
+
+    def _cache_context(self, batch: int):
+        """diffusers' own cache hooks (``enable_cache``) keep their state per named context, which its pipelines set
+        around each call: one context per batch size here, so that the cond-only calls outside a guidance interval
+        and the batched cond+uncond calls inside it each reuse their own state."""
+        if getattr(self.net, "is_cache_enabled", False):
+            return self.net.cache_context(f"fastdiff-batch-{batch}")
+        return contextlib.nullcontext()
 
 
 class _TransformedDenoiser(torch.nn.Module):
@@ -404,7 +414,8 @@ class PipelineSampler:
             (``sigmas``: custom ones in the scheduler's convention). By default those the pipeline asks its
             scheduler for (Flux: ``linspace(1, 1/n, n)`` with the shift ``mu`` of this image size).
         height, width: the image size in pixels (default: the pipeline's).
-        cuda_graph, compile: see :class:`fastdiff.Sampler`.
+        cuda_graph, compile, cache: see :class:`fastdiff.Sampler` (``cache``: a :mod:`fastdiff.cache` feature cache
+            of the UNet, or of a DiT transformer).
     """
 
     def __init__(
@@ -422,6 +433,7 @@ class PipelineSampler:
         width: int | None = None,
         cuda_graph: bool = False,
         compile: bool | dict = False,
+        cache=None,
     ):
         net = getattr(pipe, "unet", None)
         net = getattr(pipe, "transformer", None) if net is None else net
@@ -471,7 +483,7 @@ class PipelineSampler:
         self.sigmas = torch.tensor(sched._schedule.sigmas, dtype=torch.float64)
         self.sampler = Sampler(
             model, solver=sched.solver, sigmas=self.sigmas, guidance=guidance, cuda_graph=cuda_graph,
-            compile=compile, eval_sigmas=torch.tensor(sched._schedule.model_sigmas, dtype=torch.float64),
+            compile=compile, eval_sigmas=torch.tensor(sched._schedule.model_sigmas, dtype=torch.float64), cache=cache,
         )  # fmt: skip
 
     @property

@@ -305,6 +305,11 @@ class UNet(nn.Module):
                     self.up.append(AttentionBlock(cur, cfg.head_channels))
             if level > 0:
                 self.up.append(Upsample(cur))
+        # The skip structure, fixed here rather than read from the blocks' types as the loops run, so that a block
+        # may be replaced by a stand-in (fastdiff.cache). A skip is taken after each ResBlock group (after its
+        # attention, if any) and after each Downsample; each up ResBlock takes one.
+        self._gives_skip = [not isinstance(nxt, AttentionBlock) for nxt in [*list(self.down)[1:], None]]
+        self._takes_skip = [isinstance(block, ResBlock) for block in self.up]
         self.norm_out = nn.GroupNorm(_groups(cur), cur)
         self.conv_out = _zero(nn.Conv2d(cur, cfg.out_channels or cfg.in_channels, 3, padding=1))
 
@@ -363,11 +368,9 @@ class UNet(nn.Module):
     def encode(self, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The down path and the middle from ``h = conv_in(x)``: the middle's output and the skips, in order."""
         skips = [h]
-        for i, block in enumerate(self.down):
+        for block, gives_skip in zip(self.down, self._gives_skip):
             h = block(h, emb)
-            # A skip is taken after each ResBlock group (after its attention, if any) and after each Downsample.
-            nxt = self.down[i + 1] if i + 1 < len(self.down) else None
-            if not isinstance(nxt, AttentionBlock):
+            if gives_skip:
                 skips.append(h)
         for block in self.mid:
             h = block(h, emb)
@@ -376,8 +379,8 @@ class UNet(nn.Module):
     def decode(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
         """The up path from the middle's output and the skips (consumed last first) to the output ``F``."""
         skips = list(skips)
-        for block in self.up:
-            if isinstance(block, ResBlock):
+        for block, takes_skip in zip(self.up, self._takes_skip):
+            if takes_skip:
                 h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -24,11 +24,14 @@ from fastdiff import ops
 
 class Denoised(NamedTuple):
     """One model evaluation: conditional estimate, unconditional one (None outside the guidance interval)
-    and the guidance scale. The guided estimate is ``uncond + w * (cond - uncond)``."""
+    and the guidance scale. The guided estimate is ``uncond + w * (cond - uncond)``; with ``guide`` (``[B, 3]``, a
+    guidance method's per-sample weights, :func:`fastdiff.guidance.method_weights`) it is ``guide[:, 0] x +
+    guide[:, 1] cond + guide[:, 2] uncond`` at the evaluated state ``x``."""
 
     cond: torch.Tensor
     uncond: torch.Tensor | None = None
     w: float = 1.0
+    guide: torch.Tensor | None = None
 
 
 # evaluate(x, point) -> Denoised. ``point`` is a noise level, or (in fastdiff's sampling loops) the index of a level
@@ -107,6 +110,13 @@ def _apply(
     """One op application. ``stage`` is a :class:`Stage` or, from a sampling loop, whose inputs are valid by
     construction, a :class:`StageRow`. A stage with a noise interval draws its noise from ``noise``."""
     z = _draw(noise, stage.noise)
+    if den.guide is not None:
+        if isinstance(stage, StageRow):
+            coef = stage.coef
+        else:
+            coef = [stage.a, 1.0, stage.hx, stage.hd, stage.c_noise, *stage.b]
+        n_history = (coef.numel() if isinstance(coef, torch.Tensor) else len(coef)) - 6
+        return ops.guided_step_per_sample(x, den.cond, den.uncond, list(history[:n_history]), coef, den.guide, z)
     if isinstance(stage, StageRow):
         coef = stage.coef
         return ops.loop_step(x, den.cond, den.uncond, list(history[: len(coef) - 6]), coef, z)
