@@ -52,12 +52,38 @@ KERNEL_DTYPES = {  # state dtype -> model-output dtypes the kernels take with it
     torch.float64: (torch.float64,),
 }
 
+def _shadowed_install() -> str | None:
+    """Where an installed fastdiff with its compiled extension lives, when the fastdiff imported here is another
+    folder (a checkout's ``./fastdiff`` on ``sys.path`` ahead of a non-editable install), else None."""
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution("fastdiff").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    for f in files:
+        if f.name.startswith("_C.") and f.parent.name == "fastdiff":
+            installed = os.path.dirname(os.path.abspath(str(f.locate())))
+            return installed if installed != here and os.path.exists(str(f.locate())) else None
+    return None
+
+
 try:
     _C = importlib.import_module("fastdiff._C")
     _EXT_ERROR: str | None = None
 except ImportError as exc:  # a build with FASTDIFF_SKIP_EXT=1, or a broken one
     _C = None
     _EXT_ERROR = str(exc)
+    _shadowed = _shadowed_install()
+    if _shadowed is not None:
+        # The commonest way to lose the kernels: python started in the checkout after `pip install .`.
+        import warnings
+
+        _EXT_ERROR = (f"the fastdiff imported here ({os.path.dirname(os.path.abspath(__file__))}) is a source folder "
+                      f"that shadows the installed one with its compiled kernels ({_shadowed}): run from outside "
+                      "the checkout, or install with pip install --no-build-isolation -e .")  # fmt: skip
+        warnings.warn(f"fastdiff runs on its pure-torch reference ops: {_EXT_ERROR}", stacklevel=2)
 _warned_missing = False
 
 

@@ -612,3 +612,27 @@ def test_coefficients_overflowing_float32_are_refused(backend, entry, state, mon
     xd = x.double()
     out, _ = _call(entry, xd, xd, a=1e300)  # float64 accumulates it
     assert torch.isfinite(out).all()
+
+
+def test_a_source_folder_shadowing_the_installed_kernels_says_so_at_import(tmp_path):
+    """After a non-editable install, python started in the checkout imports ./fastdiff, which has no compiled
+    extension: the import warns, naming both folders and the fix, instead of a log line on the first op call."""
+    (tmp_path / "fastdiff").mkdir()
+    (tmp_path / "fastdiff" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    code = (
+        "import sys, pathlib, importlib.metadata as md\n"
+        f"root = pathlib.Path({str(tmp_path)!r})\n"
+        "class File(pathlib.PurePosixPath):\n"
+        "    def locate(self): return root / self\n"
+        "class Dist:\n"
+        "    files = [File('fastdiff/__init__.py'), File('fastdiff/_C.cpython-311-x86_64-linux-gnu.so')]\n"
+        "real = md.distribution\n"
+        "md.distribution = lambda name: Dist() if name == 'fastdiff' else real(name)\n"
+        "sys.modules['fastdiff._C'] = None\n"
+        "import fastdiff\n"
+        "assert not fastdiff.ops.extension_available()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "fastdiff runs on its pure-torch reference ops: the fastdiff imported here" in out.stderr
+    assert f"shadows the installed one with its compiled kernels ({tmp_path / 'fastdiff'})" in out.stderr
+    assert "pip install --no-build-isolation -e ." in out.stderr

@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fastdiff.models.classifier import DigitClassifier
 from fastdiff.models.gmm import GaussianMixture, builtin_gmm
-from fastdiff.models.unet import EDMUNet, UNetConfig, load_unet, save_unet
+from fastdiff.models.unet import EDMUNet, UNet, UNetConfig, load_unet, save_unet
 
 WEIGHTS = Path(__file__).parent / "weights"
 DIGITS_UNET = WEIGHTS / "digits_unet.safetensors"
@@ -60,6 +61,6 @@ def get(name: str | os.PathLike):
 
 
 __all__ = [
-    "GaussianMixture", "EDMUNet", "UNetConfig", "builtin_gmm", "builtin_digits", "get", "load_unet", "save_unet",
-    "MODELS", "WEIGHTS", "DIGITS_UNET", "DIGITS_CLASSIFIER",
+    "GaussianMixture", "EDMUNet", "UNet", "UNetConfig", "DigitClassifier", "builtin_gmm", "builtin_digits", "get",
+    "load_unet", "save_unet", "MODELS", "WEIGHTS", "DIGITS_UNET", "DIGITS_CLASSIFIER",
 ]  # fmt: skip
