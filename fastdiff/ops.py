@@ -52,6 +52,7 @@ KERNEL_DTYPES = {  # state dtype -> model-output dtypes the kernels take with it
     torch.float64: (torch.float64,),
 }
 
+
 def _shadowed_install() -> str | None:
     """Where an installed fastdiff with its compiled extension lives, when the fastdiff imported here is another
     folder (a checkout's ``./fastdiff`` on ``sys.path`` ahead of a non-editable install), else None."""
