@@ -6,7 +6,8 @@ train split of the UCI digits) and the feature statistics of all 1797 real digit
 * **Fréchet distance** (FD) between the classifier's penultimate features of generated and real digits (of the
   same classes), the FID formula in a feature space that knows digits. Like FID it is biased upwards for small
   sample counts, so only compare numbers computed from the same number of samples;
-  :meth:`DigitsJudge.real_floor` gives the FD of real held-out digits for that count.
+  :meth:`DigitsJudge.real_floor` gives the FD of real held-out digits for that count (no floor where they are few:
+  the held-out split has 359, and the FD of a few hundred or fewer is biased upward, so samples can score below it).
 * **Class accuracy** of class-conditional samples: how often the classifier reads the requested digit.
 
 The teacher error (a few-step sample against a high-NFE sample from the same noise) is in
@@ -79,7 +80,8 @@ class DigitsJudge:
 
     def real_floor(self, n: int, labels: torch.Tensor | None = None) -> tuple[float, int]:
         """``(FD, count)`` that up to ``n`` real held-out digits of ``labels``' classes score; the held-out split
-        has 359 digits, about 36 per class."""
+        has 359 digits, about 36 per class. Only a floor for ``n`` samples where ``count`` reaches ``n`` and is
+        large: the FD of a small set is biased upward, the more the smaller it is."""
         classes = self._classes(labels)
         held = self.held_out.images
         if classes:

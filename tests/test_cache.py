@@ -190,11 +190,11 @@ def test_dit_pipeline_with_first_block_cache(tiny):
     which it does not call."""
     pipe = tiny.dit(num_layers=3)
     kw = dict(steps=6, guidance=Guidance(4.0), output_type="latent")
-    run = lambda **extra: (
-        sample_pipeline(  # noqa: E731
-            pipe, ["goldfish", "tench"], generator=torch.Generator().manual_seed(0), **kw, **extra
-        ).images
-    )
+
+    def run(**extra):
+        out = sample_pipeline(pipe, ["goldfish", "tench"], generator=torch.Generator().manual_seed(0), **kw, **extra)
+        return out.images
+
     ref = run()
     assert torch.equal(run(cache="first_block:0"), ref)
     later = [0]

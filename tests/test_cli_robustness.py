@@ -318,7 +318,7 @@ def test_unreadable_schedule_files_are_one_line(capsys, tmp_path):
         (["train", "edm", "--seed", str(2**70)], "argument --seed: must be an integer in [0, 4294967295]"),
         (["bench", "kernels", "--reps", "0"], "argument --reps: must be an integer >= 1, got '0'"),
         (["bench", "sample", "--reps", "0"], "argument --reps: must be an integer >= 1, got '0'"),
-        (["bench", "kernels", "--sizes", "0"], "--sizes 0: expected comma-separated element counts >= 1"),
+        (["bench", "kernels", "--sizes", "0"], "argument --sizes: '0' is not an element count >= 1"),
         ([*GMM, "--n", "1"], "argument --n/-n/--num-samples: must be an integer >= 2, got '1'"),
         ([*GMM, "--sigma-min", "nan"], "argument --sigma-min: must be a finite number > 0, got 'nan'"),
     ],

@@ -58,11 +58,19 @@ SIZES = {"16K": 16_384, "1M": 1_048_576, "50M": 50_331_648}
 
 
 def parse_size(text: str) -> int:
-    text = text.strip().upper()
-    if text in SIZES:
-        return SIZES[text]
-    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-    return int(float(text.rstrip("KM")) * scale)
+    """An element count: one of ``SIZES``, or a number with an optional ``K`` (2^10) or ``M`` (2^20) suffix, at
+    least 1; ``ValueError`` naming ``text`` for anything else."""
+    name = text.strip().upper()
+    if name in SIZES:
+        return SIZES[name]
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(name[-1:], 1)
+    try:
+        value = int(float(name[:-1] if scale > 1 else name) * scale)
+    except (ValueError, OverflowError):  # OverflowError: inf
+        value = 0
+    if value < 1:
+        raise ValueError(f"{text!r} is not an element count >= 1 (a number, with K for 2^10 or M for 2^20)")
+    return value
 
 
 def _time(fn: Callable[[], object], device: torch.device, reps: int) -> float:

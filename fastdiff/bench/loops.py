@@ -90,6 +90,8 @@ OVERHEAD_TARGET = 1 / 3  # fastdiff's per-step overhead at most a third of the p
 # Variants that need diffusers in every cell, and that need the k-diffusion package.
 NEEDS = {"diffusers": "diffusers", "fastdiff_scheduler": "diffusers", "pipeline_interval": "diffusers",
          "kdiffusion": "k-diffusion"}  # fmt: skip
+DIFFUSERS_MODELS = ("dit", "unet", "unet_cond")  # families built from diffusers' classes
+PEER_LOADERS = {"diffusers": "diffusers", "k-diffusion": "k_diffusion_sampling"}  # peer -> its loader in peers
 
 # What each preset runs; ``size`` picks the diffusers configs of ``_diffusers_config``.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -528,6 +530,7 @@ def bench_sample(
     time_budget: float | None = None,
     threads: int | None = None,
     progress: bool = True,
+    echo: Callable[[str], object] | None = None,
 ) -> list[dict]:
     """Run the end-to-end benchmark; returns one row (dict with ``COLUMNS``) per (case, variant).
 
@@ -541,6 +544,9 @@ def bench_sample(
         threads: torch's intra-op threads during the run (the CPU preset: 1). Small networks run as fast on one
             thread as on two, and two OpenMP threads on a shared 2-core machine turn every other timing into an
             outlier when the other core is busy.
+        echo: called once before the run, with one line, where an optional peer (diffusers, k-diffusion) that
+            some rows need does not import here: which rows need which package, and that they are skipped. Those
+            rows are recorded as ``skipped: needs ...`` without being tried.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
@@ -576,6 +582,17 @@ def bench_sample(
             for res in [16] if family == "digits" else sorted(resolutions):
                 cells += [("e2e", family, res, b, solver, steps, variants, reps) for b in batches]
     total_rows = sum(len(cell[6]) for cell in cells)
+    # Each peer some row needs is imported once, up front: a missing one is said before the run, in one line, and
+    # its rows are skipped rather than each trying the import again.
+    needed = {p for cell in cells for v in cell[6] for p in _peers_needed(cell[1], v)}
+    missing = {}
+    for peer in [p for p in PEER_LOADERS if p in needed]:
+        try:
+            getattr(peers, PEER_LOADERS[peer])()
+        except peers.PeerMissing as exc:
+            missing[peer] = str(exc)
+    if missing and echo is not None:
+        echo(_missing_peers_line(cells, missing))
 
     from tqdm.auto import tqdm
 
@@ -591,6 +608,9 @@ def bench_sample(
             key = (family, res)
             shape = (1, 16, 16) if family == "digits" else (4, res, res)
             try:
+                lacking = [p for p in _peers_needed(family, None) if p in missing]
+                if lacking:
+                    raise peers.PeerMissing(missing[lacking[0]])
                 if key not in workloads:
                     workloads.clear()  # one network on the device at a time
                     if device.type == "cuda":
@@ -608,8 +628,11 @@ def bench_sample(
                 desc, failed = _describe(scenario, family, shape, batch, slv, n), f"failed: {_reason(exc)}"
             for variant in cell_variants:
                 bar.set_description(f"{scenario} {family} {shape[1]}px b={batch} {variant}")
+                lacking = [p for p in _peers_needed(family, variant) if p in missing]
                 if failed:
                     row = _row(desc, variant, device, failed)
+                elif lacking:
+                    row = _row(desc, variant, device, f"skipped: {missing[lacking[0]]}")
                 elif time_budget is not None and time.perf_counter() - t_start > time_budget:
                     row = _row(desc, variant, device, f"skipped: time budget of {time_budget:g} s spent")
                 else:
@@ -620,6 +643,40 @@ def bench_sample(
         bar.close()
         torch.set_num_threads(old_threads)
     return rows
+
+
+def _peers_needed(family: str, variant: str | None) -> list[str]:
+    """The optional peers a row of ``family`` and ``variant`` needs (``variant`` None: building the model), in the
+    order the row would import them."""
+    return [p for p in ("diffusers" if family in DIFFUSERS_MODELS else None, NEEDS.get(variant)) if p]
+
+
+def _missing_peers_line(cells: list[tuple], missing: dict[str, str]) -> str:
+    """One line: how many rows are skipped, and for each missing peer its install line, the models and variants
+    that need it and its count of rows (a row that needs two missing peers counts for the first it imports)."""
+    counts = dict.fromkeys(missing, 0)
+    models: dict[str, dict] = {p: {} for p in missing}  # dicts as ordered sets
+    variants: dict[str, dict] = {p: {} for p in missing}
+    for cell in cells:
+        family = cell[1]
+        for variant in cell[6]:
+            lacking = [p for p in _peers_needed(family, variant) if p in missing]
+            if not lacking:
+                continue
+            counts[lacking[0]] += 1
+            if lacking[0] in _peers_needed(family, None):
+                models[lacking[0]][family] = None
+            else:
+                variants[lacking[0]][variant] = None
+    install = {"diffusers": peers.DIFFUSERS_INSTALL, "k-diffusion": peers.K_DIFFUSION_INSTALL}
+    parts = []
+    for peer, count in counts.items():
+        groups = (("model", list(models[peer])), ("variant", list(variants[peer])))
+        what = [f"{kind}{'s' if len(names) > 1 else ''} {', '.join(names)}" for kind, names in groups if names]
+        parts.append(f"{peer} ({install[peer]}) for {' and '.join(what)}: {count} row{'s' if count != 1 else ''}")
+    total = sum(len(cell[6]) for cell in cells)
+    return (f"{sum(counts.values())} of {total} rows skipped, their optional packages not importable here: "
+            + "; ".join(parts))  # fmt: skip
 
 
 def _describe(scenario: str, family: str, shape: Sequence[int], batch: int, solver: str, steps: int,
