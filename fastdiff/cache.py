@@ -122,6 +122,7 @@ class FirstBlockCache(Cache):
         self.max_cached = as_int(max_cached, "max_cached", 0)
         self.taylor = bool(taylor)
         self.calibrated: list[bool] | None = None
+        self._recorder: _Recorder | None = None  # set while a calibration run records its decisions
 
     def plan(self, evaluations: int) -> list[bool] | None:
         if self.dynamic or self.calibrated is None:
@@ -161,7 +162,7 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(cache: FirstBlockCache, recorder: _Recorder):
-    old = cache.dynamic, getattr(cache, "_recorder", None)
+    old = cache.dynamic, cache._recorder
     cache.dynamic, cache._recorder = True, recorder
     try:
         yield
@@ -403,7 +404,7 @@ class CacheRun:
             change = ((value - before).abs().mean() / before.abs().mean().clamp_min(1e-12)).item()
             self.full = self.cache.decide(change, self._cached_in_a_row)
             self._count()
-        recorder = getattr(self.cache, "_recorder", None)
+        recorder = getattr(self.cache, "_recorder", None)  # DeepCache has none
         if recorder is not None:
             recorder.record(self.k, self.full)
         self._cached_in_a_row = 0 if self.full else self._cached_in_a_row + 1
