@@ -58,15 +58,14 @@ def _shadowed_install() -> str | None:
     folder (a checkout's ``./fastdiff`` on ``sys.path`` ahead of a non-editable install), else None."""
     from importlib import metadata
 
-    try:
-        files = metadata.distribution("fastdiff").files or []
-    except metadata.PackageNotFoundError:
-        return None
     here = os.path.dirname(os.path.abspath(__file__))
-    for f in files:
-        if f.name.startswith("_C.") and f.parent.name == "fastdiff":
-            installed = os.path.dirname(os.path.abspath(str(f.locate())))
-            return installed if installed != here and os.path.exists(str(f.locate())) else None
+    # Every distribution of that name: inside a checkout the first found is the build's own fastdiff.egg-info.
+    for dist in metadata.distributions(name="fastdiff"):
+        for f in dist.files or []:
+            if f.name.startswith("_C.") and f.parent.name == "fastdiff":
+                installed = os.path.dirname(os.path.abspath(str(f.locate())))
+                if installed != here and os.path.exists(str(f.locate())):
+                    return installed
     return None
 
 
