@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _training_runs import write_csv
 
 from fastdiff import count_nfe, evaluate, generate, metrics, models, schedules, solvers
 from fastdiff.checkpoint import atomic_write
@@ -165,14 +166,7 @@ def main() -> None:
         rows = run(args.n, args.batch_size, names)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.replot:
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
-
-        atomic_write(csv_path, write)
+        write_csv(rows, csv_path)
     plot(rows, args.out / "digits_quality.png")
     print("\n| solver | " + " | ".join(f"NFE {v}" for v in NFES) + " |")
     print("|---|" + "---|" * len(NFES))

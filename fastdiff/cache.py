@@ -43,9 +43,6 @@ from torch import nn
 
 from fastdiff.arguments import as_int, as_real
 
-PASSES = ("cond", "uncond")
-
-
 # ------------------------------------------------------------------------------------------------- the caches
 
 
@@ -219,15 +216,15 @@ def calibration_inputs(cache: FirstBlockCache, x: torch.Tensor, cond: dict, unco
 
 @dataclass
 class Blocks:
-    """Where a network's computation is cut. ``signal``: the first block, whose output decides a first-block
-    cache; ``cached``: the blocks a cached evaluation does not call, in call order; ``residual``: a transformer's
+    """Where a network's computation is cut, each block given as ``(parent, attribute or index, block)``, the slot a
+    stand-in takes. ``signal``: the first block, whose output decides a first-block cache; ``cached``: the blocks a
+    cached evaluation does not call, in call order; ``residual``: a transformer's
     form, where the cached blocks are a chain from the signal block's output and a cached evaluation adds their
     stored residual (``last output - signal output``) to the signal's output (else each cached block's stored
     output stands in for it: a UNet's)."""
 
-    network: nn.Module
-    signal: nn.Module
-    cached: list[tuple[nn.Module, str, nn.Module]]  # (parent, attribute or index, block)
+    signal: tuple[nn.Module, str, nn.Module]
+    cached: list[tuple[nn.Module, str, nn.Module]]
     residual: bool = False
 
 
@@ -244,26 +241,27 @@ def _fastdiff_unet(net) -> Blocks:
     up = (cfg.num_blocks + 1) * per_block
     if len(cfg.channel_mult) < 2:
         raise ValueError("DeepCache needs a UNet with at least two levels (channel_mult of length >= 2)")
-    cached = _children(net, "down")[down:] + _children(net, "mid") + _children(net, "up")[: len(net.up) - up]
-    return Blocks(net, net.down[0], cached)
+    downs = _children(net, "down")
+    return Blocks(downs[0], downs[down:] + _children(net, "mid") + _children(net, "up")[: len(net.up) - up])
 
 
 def _diffusers_unet(net) -> Blocks:
     """diffusers' UNet2DModel and UNet2DConditionModel: the first down block and the last up block are shallow."""
-    cached = _children(net, "down_blocks")[1:]
+    downs = _children(net, "down_blocks")
+    cached = downs[1:]
     if getattr(net, "mid_block", None) is not None:
         cached.append((net, "mid_block", net.mid_block))
     cached += _children(net, "up_blocks")[:-1]
     if len(net.down_blocks) < 2:
         raise ValueError("DeepCache needs a UNet with at least two down blocks")
-    return Blocks(net, net.down_blocks[0], cached)
+    return Blocks(downs[0], cached)
 
 
 def _diffusers_transformer(net) -> Blocks:
-    blocks = net.transformer_blocks
-    if len(blocks) < 2:
+    slots = _children(net, "transformer_blocks")
+    if len(slots) < 2:
         raise ValueError("first-block caching needs a transformer with at least two blocks")
-    return Blocks(net, blocks[0], _children(net, "transformer_blocks")[1:], residual=True)
+    return Blocks(slots[0], slots[1:], residual=True)
 
 
 def _known() -> list[tuple[type, Any, str]]:
@@ -469,33 +467,24 @@ def _set(parent: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def attached(cache: Cache, model, evaluations: int, batch: int) -> Iterator[CacheRun]:
-    """Install ``cache``'s stand-ins in the network inside ``model`` for one run of ``evaluations`` evaluations of
-    batch ``batch`` (per pass), and remove them afterwards."""
-    blocks = adapter_for(model, cache)
+def attached(cache: Cache, blocks: Blocks, evaluations: int, batch: int) -> Iterator[CacheRun]:
+    """Install ``cache``'s stand-ins in the network's ``blocks`` (:func:`adapter_for`) for one run of
+    ``evaluations`` evaluations of batch ``batch`` (per pass), and remove them afterwards."""
     run = CacheRun(cache, evaluations, batch)
     uses_signal = cache.kind == "first_block" or blocks.residual
     originals = list(blocks.cached)
     for i, (parent, name, block) in enumerate(originals):
         _set(parent, name, _StandIn(block, run, i, blocks.residual, i == 0, i == len(originals) - 1))
-    signal_slot = _find(blocks.network, blocks.signal) if uses_signal else None
-    if signal_slot is not None:
-        _set(*signal_slot, _Signal(blocks.signal, run))
+    parent, name, signal = blocks.signal
+    if uses_signal:
+        _set(parent, name, _Signal(signal, run))
     try:
         yield run
     finally:
-        for parent, name, block in originals:
-            _set(parent, name, block)
-        if signal_slot is not None:
-            _set(*signal_slot, blocks.signal)
-
-
-def _find(network: nn.Module, block: nn.Module) -> tuple[nn.Module, str]:
-    for parent in network.modules():
-        for name, child in parent.named_children():
-            if child is block:
-                return parent, name
-    raise ValueError("the signal block is not a child of the network")
+        for slot in originals:
+            _set(*slot)
+        if uses_signal:
+            _set(parent, name, signal)
 
 
 __all__ = ["Cache", "DeepCache", "FirstBlockCache", "parse", "adapter_for", "attached", "CacheRun", "Blocks"]

@@ -576,7 +576,8 @@ def sample(
             model, xs, sigmas, solver=solver, guidance=guidance, cond=cs, uncond=us, eval_sigmas=eval_sigmas,
             cache=cache, generator=_calibration_generator(x),
         ))  # fmt: skip
-    with _cache_attached(cache, model, plan, evaluate, x.shape[0]):
+    blocks = fastcache.adapter_for(model, cache) if cache is not None else None
+    with _cache_attached(cache, blocks, plan, evaluate, x.shape[0]):
         x = _solve(solver, plan, x, stages_of, evaluate, noise, progress, on_step if callback is not None else None)
     if not return_stats:
         return x
@@ -593,12 +594,15 @@ def _calibration_generator(x: torch.Tensor) -> torch.Generator:
 
 
 @contextlib.contextmanager
-def _cache_attached(cache: fastcache.Cache | None, model: Model, plan: Plan, evaluate: _Evaluator, batch: int):
-    """While the loop runs: ``cache``'s stand-ins in ``model``'s network, and ``evaluate`` telling it each call."""
+def _cache_attached(
+    cache: fastcache.Cache | None, blocks: fastcache.Blocks | None, plan: Plan, evaluate: _Evaluator, batch: int
+):
+    """While the loop runs: ``cache``'s stand-ins in the network's ``blocks``, and ``evaluate`` telling it each
+    call."""
     if cache is None:
         yield
         return
-    with fastcache.attached(cache, model, sum(plan.evaluations), batch) as run:
+    with fastcache.attached(cache, blocks, sum(plan.evaluations), batch) as run:
         evaluate.cache_run = run
         yield
 
@@ -746,8 +750,8 @@ class Sampler:
         if self.cache is not None and compile:
             raise ValueError("cache= and compile= do not compose: the cache swaps blocks of the network in and out "
                              "between evaluations, which would recompile the model")  # fmt: skip
-        if self.cache is not None:
-            fastcache.adapter_for(model, self.cache)  # refuse a network without an adapter now
+        # Found once, here: a network without an adapter is refused at build.
+        self._cache_blocks = fastcache.adapter_for(model, self.cache) if self.cache is not None else None
         if isinstance(compile, dict) and compile.get("mode") in ("reduce-overhead", "max-autotune") and cuda_graph:
             raise ValueError(f"compile mode {compile['mode']!r} captures its own CUDA graphs; with cuda_graph=True "
                              "use the default mode (the whole loop is captured here)")  # fmt: skip
@@ -883,7 +887,7 @@ class Sampler:
 
         if trajectory is not None:
             trajectory[0].copy_(x)
-        with _cache_attached(self.cache, self.model, self.plan, evaluate, x.shape[0]):
+        with _cache_attached(self.cache, self._cache_blocks, self.plan, evaluate, x.shape[0]):
             out = _solve(
                 self.solver, self.plan, x, rows.__getitem__, evaluate, noise,
                 on_step=record if trajectory is not None else None,
