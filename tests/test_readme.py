@@ -126,3 +126,32 @@ def test_the_readme_table_names_what_each_module_has():
             continue
         for name in re.findall(r"`([A-Z][A-Za-z0-9]+)\b", cells):
             assert hasattr(module, name), f"README says {module_name} provides {name}"
+
+
+# BENCHMARKS.md's scripts at their smallest settings (the same code paths as its tables, few samples): each runs
+# to the end and writes its CSV. The training comparisons (cascade, sadm, codi) and the LD3 grid train first and
+# are left out; `fastdiff bench kernels` and `bench sample` run in tests/test_cli.py and test_bench_sample.py.
+SMALLEST = {
+    "cache_digits.py": (["--samples", "8", "--batch-size", "8", "--reps", "1"], "cache_digits.csv"),
+    "guidance_methods.py": (
+        ["--mixture-samples", "40", "--digits-samples", "8", "--batch-size", "8"],
+        "guidance_methods.csv",
+    ),  # fmt: skip
+    "digits_quality.py": (["--n", "8", "--batch-size", "8", "--solvers", "euler,dpmpp_2m"], "digits_quality.csv"),
+    "schedules_quality.py": (["--quick", "--solvers", "dpmpp_2m"], "schedules_quality.csv"),
+    "solver_convergence.py": (["--n", "16"], "solver_convergence.csv"),
+    "cache_speed.py": (["--size", "tiny", "--steps", "2", "--reps", "1", "--device", "cpu"], "cache_speed.csv"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SMALLEST))
+def test_benchmark_scripts_run_at_their_smallest_settings(script, tmp_path):
+    import subprocess
+    import sys
+
+    args, csv_name = SMALLEST[script]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert (tmp_path / csv_name).read_text().count("\n") >= 2
